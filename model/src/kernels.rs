@@ -1,0 +1,297 @@
+//! Hand-written matmul kernels: `y[T, N] = x[T, K] · W[N, K]ᵀ` with f32
+//! activations, bf16 or f32 weights and f32 accumulation.
+//!
+//! Why hand-written: decode is memory-bound, so the kernel must stream bf16
+//! weights once and widen them in registers (a shift) instead of materialising
+//! f32 copies; for prefill it reuses each weight tile across four tokens. The
+//! AVX-512 path is chosen at run time; a portable path covers other CPUs.
+//! `docs/benchmarks.md` compares it with torch on the same shapes.
+
+use crate::tensor::MatView;
+use rayon::prelude::*;
+
+/// Output rows handled together by one micro-kernel call.
+const ROWS: usize = 4;
+/// Tokens handled together by one micro-kernel call.
+const TOKS: usize = 4;
+
+/// `out[t * n + j] = Σ_k x[t * k_dim + k] · w[j * k_dim + k]` for a weight view
+/// of `n` rows of `k_dim` columns. `out` is overwritten.
+pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), t * k_dim, "matmul: activation length");
+    assert_eq!(w.len(), n * k_dim, "matmul: weight length");
+    assert_eq!(out.len(), t * n, "matmul: output length");
+    if t == 0 || n == 0 {
+        return;
+    }
+    let flops = t * n * k_dim;
+    // Below this much work the fork/join costs more than it saves.
+    let par = flops >= 1 << 18 && rayon::current_num_threads() > 1;
+    let block = if par {
+        let per = n.div_ceil(rayon::current_num_threads() * 4);
+        per.next_multiple_of(ROWS).max(ROWS)
+    } else {
+        n
+    };
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let run = |j0: usize| {
+        let j1 = (j0 + block).min(n);
+        // SAFETY: every task writes only columns j0..j1 of `out`, disjoint
+        // from all other tasks, and `out` outlives the parallel loop.
+        unsafe { matmul_block(x, t, w, n, k_dim, j0, j1, out_ptr) }
+    };
+    if par {
+        (0..n).into_par_iter().step_by(block).for_each(run);
+    } else {
+        run(0);
+    }
+}
+
+/// Allocating form of [`matmul_into`].
+pub fn matmul(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize) -> Vec<f32> {
+    let mut out = vec![0.0; t * n];
+    matmul_into(x, t, w, n, k_dim, &mut out);
+    out
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for disjoint writes inside `matmul_into`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// # Safety
+/// `out` must point to `t * n` floats and no other thread may write columns
+/// `j0..j1`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_block(
+    x: &[f32],
+    t: usize,
+    w: MatView<'_>,
+    n: usize,
+    k_dim: usize,
+    j0: usize,
+    j1: usize,
+    out: SendPtr,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: feature checked above; bounds as documented.
+        unsafe {
+            match w {
+                MatView::F32(ws) => avx512::block(x, t, ws, n, k_dim, j0, j1, out.0),
+                MatView::Bf16(ws) => avx512::block(x, t, ws, n, k_dim, j0, j1, out.0),
+            }
+        }
+        return;
+    }
+    for j in j0..j1 {
+        for ti in 0..t {
+            let xr = &x[ti * k_dim..(ti + 1) * k_dim];
+            let mut acc = [0f32; 8];
+            for (c, xv) in xr.iter().enumerate() {
+                acc[c % 8] += xv * w.get(j * k_dim + c);
+            }
+            // SAFETY: ti < t, j < n; column j belongs to this block.
+            unsafe { *out.0.add(ti * n + j) = acc.iter().sum() };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{ROWS, TOKS};
+    use crate::tensor::bf16_to_f32;
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && std::env::var_os("EXPERTMESH_NO_AVX512").is_none()
+        })
+    }
+
+    /// A weight element type the kernel can widen to f32 lanes.
+    pub trait Lanes: Copy {
+        /// # Safety
+        /// `p` must point to 16 readable elements; AVX-512F must be available.
+        unsafe fn load16(p: *const Self) -> __m512;
+        fn widen(self) -> f32;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Lanes for u16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            // bf16 → f32 is a 16-bit left shift of the zero-extended bits.
+            unsafe {
+                let h = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            bf16_to_f32(self)
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F available; `out` points to `t * n` floats; columns `j0..j1`
+    /// belong to the caller alone.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block<W: Lanes>(
+        x: &[f32],
+        t: usize,
+        w: &[W],
+        n: usize,
+        k: usize,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+    ) {
+        let mut j = j0;
+        while j < j1 {
+            let r = (j1 - j).min(ROWS);
+            let mut ti = 0;
+            while ti < t {
+                let tb = (t - ti).min(TOKS);
+                // SAFETY: r ≤ ROWS rows from j and tb ≤ TOKS tokens from ti
+                // are in bounds by construction.
+                unsafe {
+                    match (r, tb) {
+                        (4, 4) => tile::<W, 4, 4>(x, w, n, k, j, ti, out),
+                        (4, 3) => tile::<W, 4, 3>(x, w, n, k, j, ti, out),
+                        (4, 2) => tile::<W, 4, 2>(x, w, n, k, j, ti, out),
+                        (4, 1) => tile::<W, 4, 1>(x, w, n, k, j, ti, out),
+                        (_, 4) => {
+                            for jj in j..j + r {
+                                tile::<W, 1, 4>(x, w, n, k, jj, ti, out)
+                            }
+                        }
+                        _ => {
+                            for jj in j..j + r {
+                                for tt in ti..ti + tb {
+                                    tile::<W, 1, 1>(x, w, n, k, jj, tt, out)
+                                }
+                            }
+                        }
+                    }
+                }
+                ti += tb;
+            }
+            j += r;
+        }
+    }
+
+    /// R weight rows × B tokens, 16 lanes at a time, each weight vector loaded
+    /// once and used B times.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<W: Lanes, const R: usize, const B: usize>(
+        x: &[f32],
+        w: &[W],
+        n: usize,
+        k: usize,
+        j: usize,
+        ti: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        let main = k - k % 16;
+        let mut c = 0;
+        while c < main {
+            let mut xv = [_mm512_setzero_ps(); B];
+            for (b, v) in xv.iter_mut().enumerate() {
+                // SAFETY: token ti+b exists and c+16 ≤ k.
+                *v = unsafe { _mm512_loadu_ps(xp.add((ti + b) * k + c)) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: row j+r exists and c+16 ≤ k.
+                let wv = unsafe { W::load16(wp.add((j + r) * k + c)) };
+                for (b, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(wv, xv[b], *a);
+                }
+            }
+            c += 16;
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (b, a) in row.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*a);
+                for cc in main..k {
+                    s += w[(j + r) * k + cc].widen() * x[(ti + b) * k + cc];
+                }
+                // SAFETY: (ti+b, j+r) is inside the output and this block.
+                unsafe { *out.add((ti + b) * n + j + r) = s };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::f32_to_bf16;
+    use proptest::prelude::*;
+
+    fn reference(x: &[f32], t: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0f64; t * n];
+        for ti in 0..t {
+            for j in 0..n {
+                out[ti * n + j] = (0..k)
+                    .map(|c| x[ti * k + c] as f64 * w[j * k + c] as f64)
+                    .sum();
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn matches_reference(t in 1usize..9, n in 1usize..23, k in 1usize..70, seed in 0u64..1000) {
+            let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5 };
+            let x: Vec<f32> = (0..t * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let want = reference(&x, t, &w, n, k);
+            let got = matmul(&x, t, MatView::F32(&w), n, k);
+            for (a, b) in got.iter().zip(&want) { prop_assert!((a - b).abs() < 1e-4, "{a} vs {b}"); }
+            let wb: Vec<u16> = w.iter().map(|&v| f32_to_bf16(v)).collect();
+            let wbf: Vec<f32> = wb.iter().map(|&v| crate::tensor::bf16_to_f32(v)).collect();
+            let want = reference(&x, t, &wbf, n, k);
+            let got = matmul(&x, t, MatView::Bf16(&wb), n, k);
+            for (a, b) in got.iter().zip(&want) { prop_assert!((a - b).abs() < 1e-4, "{a} vs {b}"); }
+        }
+    }
+
+    #[test]
+    fn large_parallel_matches() {
+        let (t, n, k) = (5, 300, 515);
+        let x: Vec<f32> = (0..t * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) / 10.0)
+            .collect();
+        let want = reference(&x, t, &w, n, k);
+        let got = matmul(&x, t, MatView::F32(&w), n, k);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+    }
+}

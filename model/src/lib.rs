@@ -1,0 +1,15 @@
+//! ExpertMesh model engine.
+//!
+//! Loads Hugging Face Mixture-of-Experts checkpoints (DeepSeek-V3/V2,
+//! Qwen3-MoE, Mixtral) from safetensors and runs them on CPU with a KV cache,
+//! matching transformers' float32 results. The routed experts sit behind the
+//! [`ExpertExecutor`] seam so the cluster can move them into other processes
+//! without touching the model code.
+
+pub mod config;
+pub mod error;
+pub mod kernels;
+pub mod tensor;
+pub mod weights;
+
+pub use error::{ModelError, Result};

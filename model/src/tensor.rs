@@ -1,0 +1,124 @@
+//! Weight matrices in their storage dtype.
+//!
+//! Weights stay in the dtype the checkpoint gives (bf16 halves memory traffic,
+//! which is what decode is bound by); F16 and FP8 are widened to f32 on load
+//! because this CPU has no fast path for them and widening is exact.
+//! Activations are always f32, so every product is bf16/f32 × f32 with f32
+//! accumulation: the same numbers transformers gets when it runs in float32.
+
+/// Storage of a row-major matrix.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    F32(Vec<f32>),
+    /// Raw bfloat16 bits.
+    Bf16(Vec<u16>),
+}
+
+/// A 2-D row-major weight matrix `[rows, cols]` (`nn.Linear` layout: one row per
+/// output feature).
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    rows: usize,
+    cols: usize,
+    data: Storage,
+}
+
+/// A borrowed matrix, so kernels run equally on owned weights, slices of a
+/// fused tensor or an f32 KV cache.
+#[derive(Debug, Clone, Copy)]
+pub enum MatView<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Matrix {
+    /// Builds a matrix; the caller guarantees `data` holds `rows * cols` values.
+    pub(crate) fn new(rows: usize, cols: usize, data: Storage) -> Self {
+        debug_assert_eq!(
+            match &data {
+                Storage::F32(v) => v.len(),
+                Storage::Bf16(v) => v.len(),
+            },
+            rows * cols
+        );
+        Matrix { rows, cols, data }
+    }
+
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix data length");
+        Matrix::new(rows, cols, Storage::F32(data))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn view(&self) -> MatView<'_> {
+        match &self.data {
+            Storage::F32(v) => MatView::F32(v),
+            Storage::Bf16(v) => MatView::Bf16(v),
+        }
+    }
+
+    /// Rows `r0..r1` as a view (used to split fused projections per head).
+    pub fn rows_view(&self, r0: usize, r1: usize) -> MatView<'_> {
+        let (a, b) = (r0 * self.cols, r1 * self.cols);
+        match &self.data {
+            Storage::F32(v) => MatView::F32(&v[a..b]),
+            Storage::Bf16(v) => MatView::Bf16(&v[a..b]),
+        }
+    }
+
+    /// Bytes the weights occupy in memory.
+    pub fn size_bytes(&self) -> usize {
+        match &self.data {
+            Storage::F32(v) => v.len() * 4,
+            Storage::Bf16(v) => v.len() * 2,
+        }
+    }
+
+    /// The whole matrix widened to f32 (used to precompute absorbed weights).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            Storage::F32(v) => v.clone(),
+            Storage::Bf16(v) => v.iter().map(|&b| bf16_to_f32(b)).collect(),
+        }
+    }
+}
+
+impl MatView<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            MatView::F32(v) => v.len(),
+            MatView::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` widened to f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            MatView::F32(v) => v[i],
+            MatView::Bf16(v) => bf16_to_f32(v[i]),
+        }
+    }
+}
+
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Round-to-nearest-even f32 → bf16, as torch does.
+#[inline]
+pub fn f32_to_bf16(f: f32) -> u16 {
+    half::bf16::from_f32(f).to_bits()
+}
