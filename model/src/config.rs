@@ -178,6 +178,19 @@ impl Fields<'_> {
             }),
         }
     }
+    /// The first of several spellings that is present (transformers'
+    /// `attribute_map` aliases, e.g. `num_experts` / `num_local_experts`).
+    fn usize_alias(&self, keys: &[&str]) -> Result<usize> {
+        for k in keys {
+            if let Some(v) = self.opt_usize(k)? {
+                return Ok(v);
+            }
+        }
+        Err(ModelError::Config(format!(
+            "missing field `{}`",
+            keys.join("` or `")
+        )))
+    }
     fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
         Ok(self.opt_usize(k)?.unwrap_or(d))
     }
@@ -509,7 +522,11 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
                 });
             }
             MoeConfig {
-                n_routed_experts: f.usize("n_routed_experts")?,
+                n_routed_experts: f.usize_alias(&[
+                    "n_routed_experts",
+                    "num_local_experts",
+                    "num_experts",
+                ])?,
                 experts_per_tok: f.usize("num_experts_per_tok")?,
                 moe_intermediate_size: f.usize("moe_intermediate_size")?,
                 n_shared_experts: f.usize_or("n_shared_experts", 0)?,
@@ -525,7 +542,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
             }
         }
         Arch::Qwen3Moe => MoeConfig {
-            n_routed_experts: f.usize("num_experts")?,
+            n_routed_experts: f.usize_alias(&["num_experts", "num_local_experts"])?,
             experts_per_tok: f.usize("num_experts_per_tok")?,
             moe_intermediate_size: f.usize("moe_intermediate_size")?,
             n_shared_experts: 0,

@@ -295,3 +295,90 @@ mod tests {
         }
     }
 }
+
+/// `Σ a[i] · b[i]` in f32.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: feature checked; slices of equal length.
+        return unsafe { vec512::dot(a, b) };
+    }
+    let mut acc = [0f32; 8];
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        acc[i % 8] += x * y;
+    }
+    acc.iter().sum()
+}
+
+/// `y += alpha · x`.
+#[inline]
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: feature checked; slices of equal length.
+        unsafe { vec512::axpy(alpha, x, y) };
+        return;
+    }
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vec512 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let main = n - n % 32;
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i < main {
+            // SAFETY: i + 32 ≤ n for both slices.
+            unsafe {
+                s0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    _mm512_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i + 16)),
+                    _mm512_loadu_ps(b.as_ptr().add(i + 16)),
+                    s1,
+                );
+            }
+            i += 32;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        for j in main..n {
+            s += a[j] * b[j];
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let main = n - n % 16;
+        let av = _mm512_set1_ps(alpha);
+        let mut i = 0;
+        while i < main {
+            // SAFETY: i + 16 ≤ n for both slices.
+            unsafe {
+                let p = y.as_mut_ptr().add(i);
+                _mm512_storeu_ps(
+                    p,
+                    _mm512_fmadd_ps(av, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(p)),
+                );
+            }
+            i += 16;
+        }
+        for j in main..n {
+            y[j] += alpha * x[j];
+        }
+    }
+}

@@ -6,9 +6,14 @@
 //! [`ExpertExecutor`] seam so the cluster can move them into other processes
 //! without touching the model code.
 
+pub mod attention;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod kernels;
+pub mod model;
+pub mod moe;
+pub mod ops;
 pub mod tensor;
 pub mod weights;
 

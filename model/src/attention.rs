@@ -1,0 +1,338 @@
+//! Attention: MLA (DeepSeek) over the compressed latent cache with absorbed
+//! weights, and GQA (Qwen3-MoE, Mixtral).
+
+use crate::cache::{KvCache, LayerCache};
+use crate::config::{GqaConfig, MlaConfig};
+use crate::error::{ModelError, Result};
+use crate::kernels::{axpy, dot, matmul};
+use crate::moe::add_bias;
+use crate::ops::{Rope, rms_norm, softmax};
+use crate::tensor::Matrix;
+use rayon::prelude::*;
+
+/// A linear layer with an optional bias.
+pub struct Linear {
+    pub w: Matrix,
+    pub b: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &[f32], tokens: usize) -> Vec<f32> {
+        let mut y = matmul(x, tokens, self.w.view(), self.w.rows(), self.w.cols());
+        if let Some(b) = &self.b {
+            add_bias(&mut y, b);
+        }
+        y
+    }
+}
+
+/// The rows of a forward step that belong to one sequence.
+pub struct SeqSlice<'a> {
+    pub cache: &'a mut KvCache,
+    /// First row of this sequence in the flattened batch.
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Softmax attention of `rows` query rows over `ctx` cached keys, causal
+/// (row r sees keys `lo(r)..=pos(r)`). Values are `val_dim` wide at
+/// `val_stride` in `values`. Returns `[rows, val_dim]`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    q_dim: usize,
+    key_range: impl Fn(usize) -> (usize, usize) + Sync,
+    keys: &[f32],
+    values: &[f32],
+    val_stride: usize,
+    val_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let rows = q.len() / q_dim;
+    let mut out = vec![0f32; rows * val_dim];
+    let work: usize = (0..rows)
+        .map(|r| key_range(r).1 - key_range(r).0)
+        .sum::<usize>()
+        * (q_dim + val_dim);
+    let body = |(r, o): (usize, &mut [f32])| {
+        let qr = &q[r * q_dim..(r + 1) * q_dim];
+        let (lo, hi) = key_range(r);
+        let mut s: Vec<f32> = (lo..hi)
+            .map(|t| dot(qr, &keys[t * q_dim..(t + 1) * q_dim]) * scale)
+            .collect();
+        softmax(&mut s);
+        for (t, p) in (lo..hi).zip(&s) {
+            axpy(*p, &values[t * val_stride..t * val_stride + val_dim], o);
+        }
+    };
+    if work > 1 << 16 {
+        out.par_chunks_mut(val_dim).enumerate().for_each(body);
+    } else {
+        out.chunks_mut(val_dim).enumerate().for_each(body);
+    }
+    out
+}
+
+pub enum QProj {
+    Direct(Linear),
+    Lora {
+        a: Linear,
+        norm: Vec<f32>,
+        b: Linear,
+    },
+}
+
+pub struct Mla {
+    pub cfg: MlaConfig,
+    pub q: QProj,
+    pub kv_a: Linear,
+    pub kv_norm: Vec<f32>,
+    /// `[heads * (qk_nope + v), kv_lora_rank]`.
+    pub kv_b: Matrix,
+    /// Per head `W_ukᵀ` (`[kv_lora_rank, qk_nope]`, f32): folds the key
+    /// up-projection into the query so scores are taken against the latent.
+    pub w_uk_t: Vec<Matrix>,
+    pub o: Linear,
+    pub eps: f32,
+    pub scale: f32,
+}
+
+impl Mla {
+    pub fn new(
+        cfg: MlaConfig,
+        q: QProj,
+        kv_a: Linear,
+        kv_norm: Vec<f32>,
+        kv_b: Matrix,
+        o: Linear,
+        eps: f32,
+        scale: f32,
+    ) -> Self {
+        let (dn, dv, r) = (cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let full = kv_b.to_f32();
+        let w_uk_t = (0..cfg.num_heads)
+            .map(|h| {
+                let base = h * (dn + dv);
+                let mut t = vec![0f32; r * dn];
+                for d in 0..dn {
+                    for c in 0..r {
+                        t[c * dn + d] = full[(base + d) * r + c];
+                    }
+                }
+                Matrix::from_f32(r, dn, t)
+            })
+            .collect();
+        Mla {
+            cfg,
+            q,
+            kv_a,
+            kv_norm,
+            kv_b,
+            w_uk_t,
+            o,
+            eps,
+            scale,
+        }
+    }
+
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &[f32],
+        tokens: usize,
+        seqs: &mut [SeqSlice<'_>],
+        rope: &Rope,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let (nh, dn, dr, dv, r) = (
+            c.num_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let qd = dn + dr;
+        let mut q = match &self.q {
+            QProj::Direct(p) => p.forward(x, tokens),
+            QProj::Lora { a, norm, b } => {
+                let mut qa = a.forward(x, tokens);
+                rms_norm(&mut qa, norm, self.eps);
+                b.forward(&qa, tokens)
+            }
+        };
+        let mut ckv = self.kv_a.forward(x, tokens);
+        let lat = r + dr;
+        for s in seqs.iter() {
+            let p0 = s.cache.len();
+            for i in 0..s.len {
+                let t = s.start + i;
+                let row = &mut ckv[t * lat..(t + 1) * lat];
+                rms_norm(&mut row[..r], &self.kv_norm, self.eps);
+                rope.apply(&mut row[r..], p0 + i);
+                for h in 0..nh {
+                    let off = t * nh * qd + h * qd + dn;
+                    rope.apply(&mut q[off..off + dr], p0 + i);
+                }
+            }
+        }
+        // Absorbed query: per head, q_nope · W_uk gives a kv_lora_rank vector,
+        // so scores are taken directly against the cached latent.
+        let mut qfull = vec![0f32; tokens * nh * lat];
+        let mut qn = vec![0f32; tokens * dn];
+        for h in 0..nh {
+            for t in 0..tokens {
+                let off = t * nh * qd + h * qd;
+                qn[t * dn..(t + 1) * dn].copy_from_slice(&q[off..off + dn]);
+            }
+            let qa = matmul(&qn, tokens, self.w_uk_t[h].view(), r, dn);
+            for t in 0..tokens {
+                let dst = (t * nh + h) * lat;
+                qfull[dst..dst + r].copy_from_slice(&qa[t * r..(t + 1) * r]);
+                let off = t * nh * qd + h * qd + dn;
+                qfull[dst + r..dst + lat].copy_from_slice(&q[off..off + dr]);
+            }
+        }
+        let mut latent_out = vec![0f32; tokens * nh * r];
+        for s in seqs.iter_mut() {
+            let p0 = s.cache.len();
+            let LayerCache::Mla { latent } = &mut s.cache.layers[layer] else {
+                return Err(ModelError::InvalidInput(
+                    "KV cache does not belong to an MLA model".into(),
+                ));
+            };
+            latent.extend_from_slice(&ckv[s.start * lat..(s.start + s.len) * lat]);
+            let rows = &qfull[s.start * nh * lat..(s.start + s.len) * nh * lat];
+            let o = attend(
+                rows,
+                lat,
+                |row| (0, p0 + row / nh + 1),
+                latent,
+                latent,
+                lat,
+                r,
+                self.scale,
+            );
+            latent_out[s.start * nh * r..(s.start + s.len) * nh * r].copy_from_slice(&o);
+        }
+        // Absorbed output: per head, W_uv maps the attended latent to v_head_dim.
+        let mut heads = vec![0f32; tokens * nh * dv];
+        let mut lh = vec![0f32; tokens * r];
+        for h in 0..nh {
+            for t in 0..tokens {
+                let src = (t * nh + h) * r;
+                lh[t * r..(t + 1) * r].copy_from_slice(&latent_out[src..src + r]);
+            }
+            let base = h * (dn + dv) + dn;
+            let vh = matmul(&lh, tokens, self.kv_b.rows_view(base, base + dv), dv, r);
+            for t in 0..tokens {
+                let dst = t * nh * dv + h * dv;
+                heads[dst..dst + dv].copy_from_slice(&vh[t * dv..(t + 1) * dv]);
+            }
+        }
+        Ok(self.o.forward(&heads, tokens))
+    }
+}
+
+pub struct Gqa {
+    pub cfg: GqaConfig,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub eps: f32,
+    pub scale: f32,
+}
+
+impl Gqa {
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &[f32],
+        tokens: usize,
+        seqs: &mut [SeqSlice<'_>],
+        rope: &Rope,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let rep = nh / nkv;
+        let mut q = self.q.forward(x, tokens);
+        let mut k = self.k.forward(x, tokens);
+        let v = self.v.forward(x, tokens);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            rms_norm(&mut q, qn, self.eps);
+            rms_norm(&mut k, kn, self.eps);
+        }
+        for s in seqs.iter() {
+            let p0 = s.cache.len();
+            for i in 0..s.len {
+                let t = s.start + i;
+                for h in q[t * nh * hd..(t + 1) * nh * hd].chunks_exact_mut(hd) {
+                    rope.apply(h, p0 + i);
+                }
+                for h in k[t * nkv * hd..(t + 1) * nkv * hd].chunks_exact_mut(hd) {
+                    rope.apply(h, p0 + i);
+                }
+            }
+        }
+        let mut heads = vec![0f32; tokens * nh * hd];
+        let window = c.sliding_window.unwrap_or(usize::MAX);
+        for s in seqs.iter_mut() {
+            let p0 = s.cache.len();
+            let LayerCache::Gqa { k: kc, v: vc } = &mut s.cache.layers[layer] else {
+                return Err(ModelError::InvalidInput(
+                    "KV cache does not belong to a GQA model".into(),
+                ));
+            };
+            for g in 0..nkv {
+                for i in 0..s.len {
+                    let t = s.start + i;
+                    kc[g].extend_from_slice(&k[(t * nkv + g) * hd..(t * nkv + g + 1) * hd]);
+                    vc[g].extend_from_slice(&v[(t * nkv + g) * hd..(t * nkv + g + 1) * hd]);
+                }
+                // Rows: this sequence's tokens × the query heads of group g.
+                let mut rows = Vec::with_capacity(s.len * rep * hd);
+                for i in 0..s.len {
+                    let t = s.start + i;
+                    rows.extend_from_slice(
+                        &q[(t * nh + g * rep) * hd..(t * nh + (g + 1) * rep) * hd],
+                    );
+                }
+                let range = |row: usize| {
+                    let pos = p0 + row / rep;
+                    ((pos + 1).saturating_sub(window), pos + 1)
+                };
+                let o = attend(&rows, hd, range, &kc[g], &vc[g], hd, hd, self.scale);
+                for i in 0..s.len {
+                    let t = s.start + i;
+                    let dst = (t * nh + g * rep) * hd;
+                    heads[dst..dst + rep * hd]
+                        .copy_from_slice(&o[i * rep * hd..(i + 1) * rep * hd]);
+                }
+            }
+        }
+        Ok(self.o.forward(&heads, tokens))
+    }
+}
+
+pub enum Attention {
+    Mla(Box<Mla>),
+    Gqa(Box<Gqa>),
+}
+
+impl Attention {
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &[f32],
+        tokens: usize,
+        seqs: &mut [SeqSlice<'_>],
+        rope: &Rope,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Attention::Mla(m) => m.forward(layer, x, tokens, seqs, rope),
+            Attention::Gqa(g) => g.forward(layer, x, tokens, seqs, rope),
+        }
+    }
+}

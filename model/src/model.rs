@@ -1,0 +1,403 @@
+//! The decoder: loading by architecture and the batched forward step.
+
+use crate::attention::{Attention, Gqa, Linear, Mla, QProj, SeqSlice};
+use crate::cache::KvCache;
+use crate::config::{Arch, AttentionConfig, FfnKind, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::kernels::matmul;
+use crate::moe::{ExpertExecutor, Gate, LocalExperts, Mlp, MlpBias, RoutedBatch};
+use crate::ops::{Rope, rms_norm};
+use crate::tensor::{MatView, Matrix};
+use crate::weights::WeightStore;
+use std::path::Path;
+use std::sync::Arc;
+
+enum Ffn {
+    Dense(Mlp),
+    Moe { gate: Gate, shared: Option<Mlp> },
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    attn: Attention,
+    ffn: Ffn,
+}
+
+/// The dense part of a model (everything except the routed experts), plus the
+/// executor that computes those.
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Matrix>,
+    rope: Rope,
+    executor: Arc<dyn ExpertExecutor>,
+}
+
+/// One sequence's new tokens in a forward step.
+pub struct SeqChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Which logits a forward step returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only each sequence's last new token (generation).
+    Last,
+    /// Every new token (scoring, tests).
+    All,
+}
+
+/// Tensor names of one routed expert: `[gate, up, down]`.
+pub fn expert_tensor_names(cfg: &ModelConfig, layer: usize, expert: usize) -> [String; 3] {
+    let p = format!("model.layers.{layer}.");
+    match cfg.arch {
+        Arch::Mixtral => {
+            ["w1", "w3", "w2"].map(|w| format!("{p}block_sparse_moe.experts.{expert}.{w}.weight"))
+        }
+        _ => ["gate_proj", "up_proj", "down_proj"]
+            .map(|w| format!("{p}mlp.experts.{expert}.{w}.weight")),
+    }
+}
+
+fn mlp(
+    ws: &WeightStore,
+    prefix: &str,
+    names: [&str; 3],
+    hidden: usize,
+    inter: usize,
+) -> Result<Mlp> {
+    let [g, u, d] = names.map(|n| format!("{prefix}{n}.weight"));
+    let bias = match ws.opt_vector(&format!("{prefix}{}.bias", names[0]), inter)? {
+        Some(gb) => {
+            let ub = ws.vector(&format!("{prefix}{}.bias", names[1]), inter)?;
+            let db = ws.vector(&format!("{prefix}{}.bias", names[2]), hidden)?;
+            Some(MlpBias {
+                gate_up: [gb, ub].concat(),
+                down: db,
+            })
+        }
+        None => None,
+    };
+    Ok(Mlp::new(
+        ws.matrix(&g, inter, hidden)?,
+        ws.matrix(&u, inter, hidden)?,
+        ws.matrix(&d, hidden, inter)?,
+        bias,
+    ))
+}
+
+fn linear(ws: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear {
+        w: ws.matrix(&format!("{name}.weight"), out, inp)?,
+        b: ws.opt_vector(&format!("{name}.bias"), out)?,
+    })
+}
+
+/// Loads the routed experts accepted by `want(layer, expert)`.
+pub fn load_experts(
+    cfg: &ModelConfig,
+    ws: &WeightStore,
+    mut want: impl FnMut(usize, usize) -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LocalExperts> {
+    let mut experts = LocalExperts::new(Vec::new());
+    let (h, inter) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
+    let layers: Vec<usize> = cfg.moe_layers().collect();
+    for (n, &l) in layers.iter().enumerate() {
+        for e in 0..cfg.moe.n_routed_experts {
+            if !want(l, e) {
+                continue;
+            }
+            let [g, u, d] = expert_tensor_names(cfg, l, e);
+            let m = Mlp::new(
+                ws.matrix(&g, inter, h)?,
+                ws.matrix(&u, inter, h)?,
+                ws.matrix(&d, h, inter)?,
+                None,
+            );
+            experts.insert(l, e, m);
+        }
+        progress(n + 1, layers.len());
+    }
+    Ok(experts)
+}
+
+impl Model {
+    /// Loads config, dense weights and all routed experts into one process.
+    pub fn load(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ws = WeightStore::open(dir, cfg.fp8_block)?;
+        let experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
+        Model::load_dense(cfg, &ws, Arc::new(experts), progress)
+    }
+
+    /// Loads everything but the routed experts, which `executor` computes.
+    pub fn load_dense(
+        cfg: ModelConfig,
+        ws: &WeightStore,
+        executor: Arc<dyn ExpertExecutor>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Model> {
+        let h = cfg.hidden_size;
+        let eps = cfg.rms_norm_eps;
+        let scale = cfg.attention_scale();
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}.");
+            let a = format!("{p}self_attn.");
+            let attn = match &cfg.attention {
+                AttentionConfig::Mla(m) => {
+                    let nh = m.num_heads;
+                    let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                    let q = match m.q_lora_rank {
+                        None => QProj::Direct(linear(ws, &format!("{a}q_proj"), nh * qd, h)?),
+                        Some(r) => QProj::Lora {
+                            a: linear(ws, &format!("{a}q_a_proj"), r, h)?,
+                            norm: ws.vector(&format!("{a}q_a_layernorm.weight"), r)?,
+                            b: linear(ws, &format!("{a}q_b_proj"), nh * qd, r)?,
+                        },
+                    };
+                    let kv_a = linear(
+                        ws,
+                        &format!("{a}kv_a_proj_with_mqa"),
+                        m.kv_lora_rank + m.qk_rope_head_dim,
+                        h,
+                    )?;
+                    let kv_norm =
+                        ws.vector(&format!("{a}kv_a_layernorm.weight"), m.kv_lora_rank)?;
+                    let kv_b = ws.matrix(
+                        &format!("{a}kv_b_proj.weight"),
+                        nh * (m.qk_nope_head_dim + m.v_head_dim),
+                        m.kv_lora_rank,
+                    )?;
+                    let o = linear(ws, &format!("{a}o_proj"), h, nh * m.v_head_dim)?;
+                    Attention::Mla(Box::new(Mla::new(
+                        m.clone(),
+                        q,
+                        kv_a,
+                        kv_norm,
+                        kv_b,
+                        o,
+                        eps,
+                        scale,
+                    )))
+                }
+                AttentionConfig::Gqa(g) => {
+                    let (qd, kvd) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);
+                    let (q_norm, k_norm) = if g.qk_norm {
+                        (
+                            Some(ws.vector(&format!("{a}q_norm.weight"), g.head_dim)?),
+                            Some(ws.vector(&format!("{a}k_norm.weight"), g.head_dim)?),
+                        )
+                    } else {
+                        (None, None)
+                    };
+                    Attention::Gqa(Box::new(Gqa {
+                        cfg: g.clone(),
+                        q: linear(ws, &format!("{a}q_proj"), qd, h)?,
+                        k: linear(ws, &format!("{a}k_proj"), kvd, h)?,
+                        v: linear(ws, &format!("{a}v_proj"), kvd, h)?,
+                        o: linear(ws, &format!("{a}o_proj"), h, qd)?,
+                        q_norm,
+                        k_norm,
+                        eps,
+                        scale,
+                    }))
+                }
+            };
+            let ffn = match cfg.layer_ffn[i] {
+                FfnKind::Dense => Ffn::Dense(mlp(
+                    ws,
+                    &format!("{p}mlp."),
+                    ["gate_proj", "up_proj", "down_proj"],
+                    h,
+                    cfg.intermediate_size,
+                )?),
+                FfnKind::Moe => {
+                    let m = if cfg.arch == Arch::Mixtral {
+                        "block_sparse_moe"
+                    } else {
+                        "mlp"
+                    };
+                    let gate = Gate {
+                        weight: ws.matrix(
+                            &format!("{p}{m}.gate.weight"),
+                            cfg.moe.n_routed_experts,
+                            h,
+                        )?,
+                        correction_bias: ws.opt_vector(
+                            &format!("{p}{m}.gate.e_score_correction_bias"),
+                            cfg.moe.n_routed_experts,
+                        )?,
+                    };
+                    let shared = match cfg.moe.n_shared_experts {
+                        0 => None,
+                        n => Some(mlp(
+                            ws,
+                            &format!("{p}mlp.shared_experts."),
+                            ["gate_proj", "up_proj", "down_proj"],
+                            h,
+                            cfg.moe.moe_intermediate_size * n,
+                        )?),
+                    };
+                    Ffn::Moe { gate, shared }
+                }
+            };
+            layers.push(Layer {
+                input_norm: ws.vector(&format!("{p}input_layernorm.weight"), h)?,
+                post_norm: ws.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
+                attn,
+                ffn,
+            });
+            progress(i + 1, cfg.num_layers);
+        }
+        let embed = ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
+            None
+        } else {
+            Some(ws.matrix("lm_head.weight", cfg.vocab_size, h)?)
+        };
+        Ok(Model {
+            norm: ws.vector("model.norm.weight", h)?,
+            rope: Rope::new(&cfg.rope),
+            cfg,
+            embed,
+            layers,
+            lm_head,
+            executor,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.cfg)
+    }
+
+    /// Checks a chunk before any state changes, so a bad request in a batch is
+    /// refused without touching the others.
+    pub fn validate(&self, tokens: &[u32], cached: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidInput("empty token chunk".into()));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {t} is out of range (vocab size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        if cached + tokens.len() > self.cfg.max_position_embeddings {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence of {} tokens exceeds max_position_embeddings ({})",
+                cached + tokens.len(),
+                self.cfg.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs one forward step over several sequences at once (each with its
+    /// own cache and any number of new tokens), appending to their caches.
+    /// Returns per sequence the logits rows requested by `mode`.
+    pub fn forward(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
+        for s in batch.iter() {
+            self.validate(s.tokens, s.cache.len())?;
+        }
+        let h = self.cfg.hidden_size;
+        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let mut x = Vec::with_capacity(tokens * h);
+        for s in batch.iter() {
+            for &t in s.tokens {
+                let row = self.embed.rows_view(t as usize, t as usize + 1);
+                x.extend((0..h).map(|i| row.get(i)));
+            }
+        }
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for s in batch.iter_mut() {
+            seqs.push(SeqSlice {
+                cache: &mut *s.cache,
+                start,
+                len: s.tokens.len(),
+            });
+            start += s.tokens.len();
+        }
+        let mut hbuf = vec![0f32; tokens * h];
+        for (li, layer) in self.layers.iter().enumerate() {
+            hbuf.copy_from_slice(&x);
+            rms_norm(&mut hbuf, &layer.input_norm, self.cfg.rms_norm_eps);
+            let a = layer
+                .attn
+                .forward(li, &hbuf, tokens, &mut seqs, &self.rope)?;
+            x.iter_mut().zip(&a).for_each(|(v, d)| *v += d);
+            hbuf.copy_from_slice(&x);
+            rms_norm(&mut hbuf, &layer.post_norm, self.cfg.rms_norm_eps);
+            let y = match &layer.ffn {
+                Ffn::Dense(m) => m.forward(&hbuf, tokens),
+                Ffn::Moe { gate, shared } => {
+                    let routing = gate.route(&self.cfg.moe, &hbuf, tokens);
+                    let routed = self.executor.execute(RoutedBatch {
+                        layer: li,
+                        hidden: &hbuf,
+                        hidden_size: h,
+                        routing: &routing,
+                    })?;
+                    if routed.len() != tokens * h {
+                        return Err(ModelError::Executor(format!(
+                            "executor returned {} values for {tokens} tokens of width {h}",
+                            routed.len()
+                        )));
+                    }
+                    match shared {
+                        Some(m) => m
+                            .forward(&hbuf, tokens)
+                            .iter()
+                            .zip(&routed)
+                            .map(|(a, b)| a + b)
+                            .collect(),
+                        None => routed,
+                    }
+                }
+            };
+            x.iter_mut().zip(&y).for_each(|(v, d)| *v += d);
+        }
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.len);
+        }
+        // Final norm and LM head only on the rows whose logits are wanted.
+        let rows: Vec<usize> = match mode {
+            Logits::All => (0..tokens).collect(),
+            Logits::Last => seqs.iter().map(|s| s.start + s.len - 1).collect(),
+        };
+        let mut last = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        rms_norm(&mut last, &self.norm, self.cfg.rms_norm_eps);
+        let head: MatView<'_> = self.lm_head.as_ref().unwrap_or(&self.embed).view();
+        let v = self.cfg.vocab_size;
+        let logits = matmul(&last, rows.len(), head, v, h);
+        if let Some(i) = logits.iter().position(|l| !l.is_finite()) {
+            return Err(ModelError::Numerical(format!(
+                "non-finite logit {} at vocab index {} (the checkpoint or an expert produced NaN/inf)",
+                logits[i],
+                i % v
+            )));
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for s in &seqs {
+            let n = if mode == Logits::All { s.len } else { 1 };
+            out.push(logits[off * v..(off + n) * v].to_vec());
+            off += n;
+        }
+        Ok(out)
+    }
+}

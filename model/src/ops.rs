@@ -1,0 +1,163 @@
+//! Element-wise and row-wise operations of the forward pass.
+
+use crate::config::{RopeConfig, RopeScaling};
+
+/// RMSNorm over each `dim`-wide row, in place: `w * x / sqrt(mean(x²) + eps)`.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = w * (*v * inv);
+        }
+    }
+}
+
+/// `silu(gate) * up` for rows laid out `[gate | up]` of width `2 * inter`,
+/// written compactly into `out` (`[rows, inter]`).
+pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut Vec<f32>) {
+    out.clear();
+    for row in gate_up.chunks_exact(2 * inter) {
+        let (g, u) = row.split_at(inter);
+        out.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// `log_softmax(x)[i]`, computed in f64 so tiny probabilities keep precision.
+pub fn log_softmax_at(x: &[f32], i: usize) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    (x[i] as f64 - lse) as f32
+}
+
+/// Rotary embedding tables, computed the way transformers does (f32 inverse
+/// frequencies, f32 angles).
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    attention_factor: f32,
+    interleaved: bool,
+}
+
+impl Rope {
+    pub fn new(cfg: &RopeConfig) -> Self {
+        let dim = cfg.dim;
+        let half = dim / 2;
+        let base = cfg.theta as f32;
+        let pos_freqs: Vec<f32> = (0..half)
+            .map(|i| base.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        let (inv_freq, attention_factor) = match &cfg.scaling {
+            RopeScaling::Default => (pos_freqs.iter().map(|p| 1.0 / p).collect(), 1.0),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+                ..
+            } => {
+                let corr = |rot: f64| {
+                    dim as f64
+                        * (*original_max_position_embeddings as f64
+                            / (rot * 2.0 * std::f64::consts::PI))
+                            .ln()
+                        / (2.0 * cfg.theta.ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0) as f32;
+                let mut high = high.min(dim as f64 - 1.0) as f32;
+                if low == high {
+                    high += 0.001;
+                }
+                let inv = pos_freqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extra = 1.0 - ramp;
+                        let interp = 1.0 / (*factor as f32 * p);
+                        interp * (1.0 - extra) + (1.0 / p) * extra
+                    })
+                    .collect();
+                (inv, *attention_factor as f32)
+            }
+        };
+        Rope {
+            inv_freq,
+            attention_factor,
+            interleaved: cfg.interleaved,
+        }
+    }
+
+    /// Rotates one head vector `x` (length `dim`) for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = self.inv_freq.len();
+        for (i, f) in self.inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            let (cos, sin) = (
+                angle.cos() * self.attention_factor,
+                angle.sin() * self.attention_factor,
+            );
+            let (a, b) = if self.interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
+            let (x1, x2) = (x[a], x[b]);
+            x[a] = x1 * cos - x2 * sin;
+            x[b] = x2 * cos + x1 * sin;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_preserves_norm_and_relative_angle() {
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            dim: 8,
+            interleaved: true,
+            scaling: RopeScaling::Default,
+        };
+        let r = Rope::new(&cfg);
+        let q: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let k: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 * 0.2).collect();
+        let dot = |p: usize, s: usize| {
+            let (mut a, mut b) = (q.clone(), k.clone());
+            r.apply(&mut a, p);
+            r.apply(&mut b, s);
+            a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+        };
+        assert!((dot(5, 2) - dot(13, 10)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_agree() {
+        let mut x = vec![1.0, 2.0, 3.0];
+        let l = log_softmax_at(&x, 2);
+        softmax(&mut x);
+        assert!((x[2].ln() - l).abs() < 1e-6);
+    }
+}
