@@ -98,6 +98,7 @@ pub struct Mla {
 }
 
 impl Mla {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: MlaConfig,
         q: QProj,
@@ -195,7 +196,7 @@ impl Mla {
         let mut latent_out = vec![0f32; tokens * nh * r];
         for s in seqs.iter_mut() {
             let p0 = s.cache.len();
-            let LayerCache::Mla { latent } = &mut s.cache.layers[layer] else {
+            let LayerCache::Mla { latent, .. } = &mut s.cache.layers[layer] else {
                 return Err(ModelError::InvalidInput(
                     "KV cache does not belong to an MLA model".into(),
                 ));
@@ -280,7 +281,7 @@ impl Gqa {
         let window = c.sliding_window.unwrap_or(usize::MAX);
         for s in seqs.iter_mut() {
             let p0 = s.cache.len();
-            let LayerCache::Gqa { k: kc, v: vc } = &mut s.cache.layers[layer] else {
+            let LayerCache::Gqa { k: kc, v: vc, .. } = &mut s.cache.layers[layer] else {
                 return Err(ModelError::InvalidInput(
                     "KV cache does not belong to a GQA model".into(),
                 ));

@@ -9,10 +9,14 @@ use crate::config::{AttentionConfig, ModelConfig};
 
 #[derive(Debug, Clone)]
 pub(crate) enum LayerCache {
-    /// `[len, kv_lora_rank + qk_rope_head_dim]`.
-    Mla { latent: Vec<f32> },
+    /// `[len, width]`, width = `kv_lora_rank + qk_rope_head_dim`.
+    Mla { latent: Vec<f32>, width: usize },
     /// `[kv_heads][len, head_dim]` for keys and values.
-    Gqa { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    Gqa {
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+        head_dim: usize,
+    },
 }
 
 /// The cache of one sequence: every position before `len()` has been run
@@ -26,10 +30,14 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: &ModelConfig) -> Self {
         let layer = match &cfg.attention {
-            AttentionConfig::Mla(_) => LayerCache::Mla { latent: Vec::new() },
+            AttentionConfig::Mla(m) => LayerCache::Mla {
+                latent: Vec::new(),
+                width: m.kv_lora_rank + m.qk_rope_head_dim,
+            },
             AttentionConfig::Gqa(g) => LayerCache::Gqa {
                 k: vec![Vec::new(); g.num_kv_heads],
                 v: vec![Vec::new(); g.num_kv_heads],
+                head_dim: g.head_dim,
             },
         };
         KvCache {
@@ -51,13 +59,29 @@ impl KvCache {
         self.len += n;
     }
 
+    /// Drops every layer's entries past `len` tokens: undoes a forward step
+    /// that failed part-way, so a failed step leaves the sequence as it was.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        for l in &mut self.layers {
+            match l {
+                LayerCache::Mla { latent, width } => latent.truncate(len * *width),
+                LayerCache::Gqa { k, v, head_dim } => {
+                    for x in k.iter_mut().chain(v.iter_mut()) {
+                        x.truncate(len * *head_dim);
+                    }
+                }
+            }
+        }
+    }
+
     /// Bytes held by cached values.
     pub fn size_bytes(&self) -> usize {
         self.layers
             .iter()
             .map(|l| match l {
-                LayerCache::Mla { latent } => latent.len() * 4,
-                LayerCache::Gqa { k, v } => k.iter().chain(v).map(|x| x.len() * 4).sum(),
+                LayerCache::Mla { latent, .. } => latent.len() * 4,
+                LayerCache::Gqa { k, v, .. } => k.iter().chain(v).map(|x| x.len() * 4).sum(),
             })
             .sum()
     }

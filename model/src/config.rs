@@ -315,7 +315,7 @@ impl ModelConfig {
                     attention_bias: f.bool_or("attention_bias", false)?,
                     sliding_window: sliding,
                 };
-                if gqa.num_kv_heads == 0 || gqa.num_heads % gqa.num_kv_heads != 0 {
+                if gqa.num_kv_heads == 0 || !gqa.num_heads.is_multiple_of(gqa.num_kv_heads) {
                     return Err(ModelError::Config(format!(
                         "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                         gqa.num_heads, gqa.num_kv_heads

@@ -10,11 +10,14 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod generate;
+pub mod genmodel;
 pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod ops;
 pub mod tensor;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{ModelError, Result};

@@ -310,6 +310,19 @@ impl Model {
         for s in batch.iter() {
             self.validate(s.tokens, s.cache.len())?;
         }
+        let before: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
+        let out = self.forward_unchecked(batch, mode);
+        if out.is_err() {
+            // An executor or numerical failure part-way must not leave
+            // half-written caches behind.
+            for (s, len) in batch.iter_mut().zip(before) {
+                s.cache.truncate(len);
+            }
+        }
+        out
+    }
+
+    fn forward_unchecked(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
         let h = self.cfg.hidden_size;
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut x = Vec::with_capacity(tokens * h);

@@ -141,9 +141,7 @@ impl Gate {
             }
             match cfg.topk_method {
                 TopkMethod::Greedy => {}
-                TopkMethod::NoauxTc => {
-                    mask_groups(&mut choice, cfg, |g| top2_sum(g), f32::NEG_INFINITY)
-                }
+                TopkMethod::NoauxTc => mask_groups(&mut choice, cfg, top2_sum, f32::NEG_INFINITY),
                 TopkMethod::GroupLimitedGreedy => mask_groups(
                     &mut choice,
                     cfg,

@@ -1,0 +1,401 @@
+//! Subcommands. Every flag can also be set through its `EXPERTMESH_…`
+//! environment variable.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use expertmesh_model::config::Arch;
+use expertmesh_model::generate::{SamplingParams, generate};
+use expertmesh_model::genmodel::{GenDtype, GenSpec, generate_checkpoint};
+use expertmesh_model::model::Model;
+use expertmesh_model::tokenizer::{ChatMessage, TextTokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "expertmesh",
+    version,
+    about = "ExpertMesh: expert-parallel MoE serving"
+)]
+pub struct Cli {
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true, env = "EXPERTMESH_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text offline with the model in this process.
+    Generate(GenerateArgs),
+    /// Write a random checkpoint in Hugging Face layout.
+    GenModel(GenModelArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, env = "EXPERTMESH_MODEL")]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap --prompt as a user message in the checkpoint's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    #[arg(long, default_value_t = 16, env = "EXPERTMESH_MAX_TOKENS")]
+    max_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past EOS tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ArchArg {
+    DeepseekV3,
+    DeepseekV2,
+    Qwen3Moe,
+    Mixtral,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Bf16,
+    F32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Preset {
+    /// Small: loads and generates in well under a second.
+    Demo,
+    /// ~0.5B parameters: hidden 1024, 6 layers, 64 experts of width 512, 6 per token.
+    Bench,
+}
+
+#[derive(Args)]
+struct GenModelArgs {
+    #[arg(
+        long,
+        value_enum,
+        default_value = "deepseek-v3",
+        env = "EXPERTMESH_ARCH"
+    )]
+    arch: ArchArg,
+    #[arg(long, env = "EXPERTMESH_OUT")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DtypeArg,
+    /// Starting sizes; the flags below override single fields.
+    #[arg(long, value_enum, default_value = "demo")]
+    preset: Preset,
+    /// Upper bound; the trained tokenizer's size is used when smaller.
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    #[arg(long)]
+    hidden_size: Option<usize>,
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    /// KV heads (GQA architectures).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Head size (GQA architectures).
+    #[arg(long)]
+    head_dim: Option<usize>,
+    /// Dense-layer FFN width.
+    #[arg(long)]
+    intermediate_size: Option<usize>,
+    /// Routed-expert FFN width.
+    #[arg(long)]
+    moe_intermediate_size: Option<usize>,
+    #[arg(long)]
+    experts: Option<usize>,
+    #[arg(long)]
+    experts_per_tok: Option<usize>,
+    #[arg(long)]
+    shared_experts: Option<usize>,
+    /// Leading dense layers.
+    #[arg(long)]
+    first_dense: Option<usize>,
+    /// Expert groups (group-limited routing).
+    #[arg(long)]
+    groups: Option<usize>,
+    #[arg(long)]
+    topk_groups: Option<usize>,
+    /// MLA query LoRA rank; 0 writes `q_lora_rank: null`.
+    #[arg(long)]
+    q_lora_rank: Option<usize>,
+    #[arg(long)]
+    kv_lora_rank: Option<usize>,
+    #[arg(long)]
+    max_position_embeddings: Option<usize>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("--threads")?;
+    }
+    match cli.cmd {
+        Command::Generate(a) => cmd_generate(a),
+        Command::GenModel(a) => cmd_gen_model(a),
+    }
+}
+
+/// Loads a model, with a progress bar on stderr unless `quiet`.
+fn load_model(dir: &Path, quiet: bool) -> Result<Model> {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.set_message(dir.display().to_string());
+        b
+    };
+    let m = Model::load(dir, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("loading model from {}", dir.display()))?;
+    bar.finish_and_clear();
+    Ok(m)
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    params.validate().context("--temperature/--top-p")?;
+    let t0 = Instant::now();
+    let model = load_model(&a.model, a.json)?;
+    let tok = TextTokenizer::from_dir(&a.model).ok();
+    let load_s = t0.elapsed().as_secs_f64();
+    let prompt_ids = match (&a.prompt_ids, &a.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tok
+                .as_ref()
+                .context("--prompt needs the checkpoint's tokenizer.json (or use --prompt-ids)")?;
+            let text = if a.chat {
+                tok.apply_chat_template(
+                    &[ChatMessage {
+                        role: "user".into(),
+                        content: text.clone(),
+                    }],
+                    true,
+                )?
+            } else {
+                text.clone()
+            };
+            tok.encode(&text)?
+        }
+        (None, None) => bail!("one of --prompt or --prompt-ids is required"),
+    };
+    let stream = !a.json && tok.is_some();
+    let mut printed = 0;
+    let mut so_far = Vec::new();
+    let g = generate(
+        &model,
+        &prompt_ids,
+        a.max_tokens,
+        params,
+        a.ignore_eos,
+        |t, _| {
+            // Stream text as it becomes decodable (multi-byte characters may span tokens).
+            if let (true, Some(tok)) = (stream, &tok) {
+                so_far.push(t);
+                if let Ok(text) = tok.decode(&so_far, true)
+                    && !text.ends_with('\u{fffd}')
+                    // A decoder may rewrite earlier text; `get` never splits a character.
+                    && let Some(new) = text.get(printed..).filter(|n| !n.is_empty())
+                {
+                    print!("{new}");
+                    let _ = std::io::stdout().flush();
+                    printed = text.len();
+                }
+            }
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let text = match &tok {
+        Some(t) => t.decode(&g.token_ids, true)?,
+        None => String::new(),
+    };
+    if a.json {
+        let out = json!({
+            "prompt_token_ids": prompt_ids,
+            "token_ids": g.token_ids,
+            "logprobs": g.logprobs,
+            "text": text,
+            "finish_reason": g.finish_reason.as_str(),
+            "timing": {"load_s": load_s, "prefill_s": g.prefill_s, "decode_s": g.decode_s},
+        });
+        println!("{out}");
+    } else {
+        if !stream {
+            println!(
+                "{}",
+                g.token_ids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        } else {
+            println!();
+        }
+        let n = g.token_ids.len();
+        eprintln!(
+            "[{n} tokens, finish_reason={}, prefill {:.3}s, decode {:.1} tok/s]",
+            g.finish_reason.as_str(),
+            g.prefill_s,
+            if n > 1 {
+                (n - 1) as f64 / g.decode_s
+            } else {
+                0.0
+            }
+        );
+    }
+    Ok(())
+}
+
+fn cmd_gen_model(a: GenModelArgs) -> Result<()> {
+    let arch = match a.arch {
+        ArchArg::DeepseekV3 => Arch::DeepseekV3,
+        ArchArg::DeepseekV2 => Arch::DeepseekV2,
+        ArchArg::Qwen3Moe => Arch::Qwen3Moe,
+        ArchArg::Mixtral => Arch::Mixtral,
+    };
+    let mut s = GenSpec::demo(arch);
+    if let Preset::Bench = a.preset {
+        s.vocab_size = 32000;
+        s.hidden_size = 1024;
+        s.num_layers = 6;
+        s.num_heads = 8;
+        s.num_kv_heads = 4;
+        s.head_dim = 128;
+        s.intermediate_size = 2816;
+        s.moe_intermediate_size = 512;
+        s.n_experts = 64;
+        s.experts_per_tok = 6;
+        s.n_group = 8;
+        s.topk_group = 4;
+        s.q_lora_rank = Some(384);
+        s.kv_lora_rank = 256;
+        s.qk_nope_head_dim = 64;
+        s.qk_rope_head_dim = 32;
+        s.v_head_dim = 64;
+    }
+    s.seed = a.seed;
+    s.dtype = match a.dtype {
+        DtypeArg::Bf16 => GenDtype::Bf16,
+        DtypeArg::F32 => GenDtype::F32,
+    };
+    let set = |dst: &mut usize, v: Option<usize>| {
+        if let Some(v) = v {
+            *dst = v;
+        }
+    };
+    set(&mut s.vocab_size, a.vocab_size);
+    set(&mut s.hidden_size, a.hidden_size);
+    set(&mut s.num_layers, a.layers);
+    set(&mut s.num_heads, a.heads);
+    set(&mut s.num_kv_heads, a.kv_heads);
+    set(&mut s.head_dim, a.head_dim);
+    set(&mut s.intermediate_size, a.intermediate_size);
+    set(&mut s.moe_intermediate_size, a.moe_intermediate_size);
+    set(&mut s.n_experts, a.experts);
+    set(&mut s.experts_per_tok, a.experts_per_tok);
+    set(&mut s.n_shared_experts, a.shared_experts);
+    set(&mut s.first_k_dense, a.first_dense);
+    set(&mut s.n_group, a.groups);
+    set(&mut s.topk_group, a.topk_groups);
+    set(&mut s.kv_lora_rank, a.kv_lora_rank);
+    set(&mut s.max_position_embeddings, a.max_position_embeddings);
+    if let Some(r) = a.q_lora_rank {
+        s.q_lora_rank = (r > 0).then_some(r);
+    }
+    for (flag, v) in [
+        ("--hidden-size", s.hidden_size),
+        ("--layers", s.num_layers),
+        ("--heads", s.num_heads),
+        ("--experts", s.n_experts),
+        ("--experts-per-tok", s.experts_per_tok),
+        ("--vocab-size", s.vocab_size),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be positive");
+        }
+    }
+    if s.experts_per_tok > s.n_experts {
+        bail!(
+            "--experts-per-tok ({}) exceeds --experts ({})",
+            s.experts_per_tok,
+            s.n_experts
+        );
+    }
+    if s.n_group == 0 || !s.n_experts.is_multiple_of(s.n_group) {
+        bail!(
+            "--groups ({}) must divide --experts ({})",
+            s.n_group,
+            s.n_experts
+        );
+    }
+    if s.num_kv_heads == 0 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
+        bail!(
+            "--heads ({}) must be a multiple of --kv-heads ({})",
+            s.num_heads,
+            s.num_kv_heads
+        );
+    }
+    let t0 = Instant::now();
+    generate_checkpoint(&s, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    // Read it back: a written checkpoint must parse.
+    expertmesh_model::config::ModelConfig::from_dir(&a.out)
+        .context("re-reading the generated config")?;
+    eprintln!(
+        "wrote {} ({}) in {:.1}s",
+        a.out.display(),
+        arch.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

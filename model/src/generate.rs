@@ -1,0 +1,272 @@
+//! Sampling and single-sequence generation.
+
+use crate::error::{ModelError, Result};
+use crate::model::{Logits, Model, SeqChunk};
+use crate::moe::top_k_indices;
+use crate::ops::{log_softmax_at, softmax};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+/// How to pick each next token.
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 1.0 disables nucleus filtering.
+    pub top_p: f32,
+    /// 0 disables top-k filtering.
+    pub top_k: usize,
+    /// Same seed, same tokens.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(ModelError::InvalidInput(format!(
+                "temperature must be ≥ 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::InvalidInput(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A seeded sampler; one per sequence so results do not depend on batching.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(s) => ChaCha8Rng::seed_from_u64(s),
+            None => ChaCha8Rng::from_rng(&mut rand::rng()),
+        };
+        Ok(Sampler { params, rng })
+    }
+
+    /// Picks a token; returns it with its log-probability under the raw
+    /// logits (before temperature), as OpenAI-style APIs report it.
+    pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
+        let p = &self.params;
+        let tok = if p.temperature == 0.0 || p.top_k == 1 {
+            top_k_indices(logits, 1)[0]
+        } else {
+            let k = if p.top_k == 0 {
+                logits.len()
+            } else {
+                p.top_k.min(logits.len())
+            };
+            let cand = top_k_indices(logits, k);
+            let mut probs: Vec<f32> = cand.iter().map(|&i| logits[i] / p.temperature).collect();
+            softmax(&mut probs);
+            // Nucleus: the smallest prefix (by probability) reaching top_p.
+            let mut keep = probs.len();
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                for (i, q) in probs.iter().enumerate() {
+                    acc += q;
+                    if acc >= p.top_p {
+                        keep = i + 1;
+                        break;
+                    }
+                }
+            }
+            let total: f32 = probs[..keep].iter().sum();
+            let mut u = self.rng.random::<f32>() * total;
+            let mut pick = cand[keep - 1];
+            for (i, q) in probs[..keep].iter().enumerate() {
+                if u < *q {
+                    pick = cand[i];
+                    break;
+                }
+                u -= q;
+            }
+            pick
+        };
+        (tok as u32, log_softmax_at(logits, tok))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+    /// Prompt forward up to the first token.
+    pub prefill_s: f64,
+    /// The remaining tokens.
+    pub decode_s: f64,
+}
+
+/// Checks that a prompt and token budget fit the model before any work.
+pub fn check_request(model: &Model, prompt: &[u32], max_tokens: usize) -> Result<()> {
+    if max_tokens == 0 {
+        return Err(ModelError::InvalidInput(
+            "max_tokens must be at least 1".into(),
+        ));
+    }
+    let ctx = model.config().max_position_embeddings;
+    if prompt.len() + max_tokens > ctx {
+        return Err(ModelError::InvalidInput(format!(
+            "prompt ({} tokens) + max_tokens ({max_tokens}) exceeds the context of {ctx} tokens",
+            prompt.len()
+        )));
+    }
+    model.validate(prompt, 0)
+}
+
+/// Generates up to `max_tokens` tokens for one prompt, stopping at an EOS
+/// token unless `ignore_eos`. `on_token` sees each token as it is chosen.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    max_tokens: usize,
+    params: SamplingParams,
+    ignore_eos: bool,
+    mut on_token: impl FnMut(u32, f32),
+) -> Result<Generation> {
+    check_request(model, prompt, max_tokens)?;
+    let mut sampler = Sampler::new(params)?;
+    let eos = &model.config().eos_token_ids;
+    let mut cache = model.new_cache();
+    let t0 = Instant::now();
+    let mut logits = model
+        .forward(
+            &mut [SeqChunk {
+                tokens: prompt,
+                cache: &mut cache,
+            }],
+            Logits::Last,
+        )?
+        .remove(0);
+    let mut g = Generation {
+        token_ids: Vec::with_capacity(max_tokens),
+        logprobs: Vec::with_capacity(max_tokens),
+        finish_reason: FinishReason::Length,
+        prefill_s: 0.0,
+        decode_s: 0.0,
+    };
+    let mut t1 = t0;
+    loop {
+        let (tok, lp) = sampler.sample(&logits);
+        if g.token_ids.is_empty() {
+            t1 = Instant::now();
+            g.prefill_s = (t1 - t0).as_secs_f64();
+        }
+        g.token_ids.push(tok);
+        g.logprobs.push(lp);
+        on_token(tok, lp);
+        if !ignore_eos && eos.contains(&tok) {
+            g.finish_reason = FinishReason::Stop;
+            break;
+        }
+        if g.token_ids.len() == max_tokens {
+            break;
+        }
+        logits = model
+            .forward(
+                &mut [SeqChunk {
+                    tokens: &[tok],
+                    cache: &mut cache,
+                }],
+                Logits::Last,
+            )?
+            .remove(0);
+    }
+    g.decode_s = t1.elapsed().as_secs_f64();
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_respects_top_k() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 5,
+            seed: Some(7),
+        };
+        let run = || {
+            let mut s = Sampler::new(params.clone()).unwrap();
+            (0..20).map(|_| s.sample(&logits).0).collect::<Vec<_>>()
+        };
+        let a = run();
+        assert_eq!(a, run());
+        let top5: Vec<u32> = top_k_indices(&logits, 5)
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        assert!(a.iter().all(|t| top5.contains(t)));
+        let mut g = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(g.sample(&logits).0 as usize, top_k_indices(&logits, 1)[0]);
+    }
+
+    #[test]
+    fn bad_params_are_refused() {
+        assert!(
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! End-to-end tests of the `expertmesh` binary: offline generation matches
+//! the transformers fixtures, and bad input fails cleanly.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A scratch directory removed on drop, even when the test fails.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("em-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fail(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn log_softmax(v: &[f64], i: usize) -> f64 {
+    let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = v.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
+    v[i] - lse
+}
+
+#[test]
+fn generate_json_matches_transformers_on_every_fixture() {
+    for entry in std::fs::read_dir(fixtures()).unwrap() {
+        let dir = entry.unwrap().path();
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let ids: Vec<String> = r["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        let out = run_json(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert_eq!(out["token_ids"], r["greedy_ids"], "{}", dir.display());
+        assert_eq!(out["prompt_token_ids"], r["prompt_ids"]);
+        for (i, lp) in out["logprobs"].as_array().unwrap().iter().enumerate() {
+            let logits: Vec<f64> = r["greedy_logits"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let tok = r["greedy_ids"][i].as_u64().unwrap() as usize;
+            let want = log_softmax(&logits, tok);
+            assert!(
+                (lp.as_f64().unwrap() - want).abs() < 2e-4,
+                "{}: logprob {i}",
+                dir.display()
+            );
+        }
+        for k in ["load_s", "prefill_s", "decode_s"] {
+            assert!(out["timing"][k].as_f64().unwrap() >= 0.0);
+        }
+    }
+}
+
+#[test]
+fn gen_model_then_chat_generate_for_every_arch() {
+    let tmp = TempDir::new("gen");
+    for arch in ["deepseek-v3", "deepseek-v2", "qwen3-moe", "mixtral"] {
+        let dir = tmp.0.join(arch);
+        let d = dir.to_str().unwrap();
+        let out = bin()
+            .args([
+                "gen-model",
+                "--arch",
+                arch,
+                "--out",
+                d,
+                "--hidden-size",
+                "64",
+                "--layers",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            assert!(dir.join(f).exists(), "{arch}: {f}");
+        }
+        let g = run_json(&[
+            "generate",
+            "--model",
+            d,
+            "--chat",
+            "--prompt",
+            "Hi there",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+            "--json",
+        ]);
+        assert_eq!(g["token_ids"].as_array().unwrap().len(), 6);
+        let again = run_json(&[
+            "generate",
+            "--model",
+            d,
+            "--chat",
+            "--prompt",
+            "Hi there",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+            "--json",
+        ]);
+        assert_eq!(
+            g["token_ids"], again["token_ids"],
+            "seeded sampling is reproducible"
+        );
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let fx = fixtures().join("mixtral");
+    let m = fx.to_str().unwrap();
+    let e = fail(&["generate", "--model", m, "--prompt-ids", "3,4096"]);
+    assert!(e.contains("token id 4096"), "{e}");
+    let e = fail(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        "3",
+        "--max-tokens",
+        "0",
+    ]);
+    assert!(e.contains("max_tokens"), "{e}");
+    let e = fail(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        "3",
+        "--max-tokens",
+        "1000",
+    ]);
+    assert!(e.contains("context"), "{e}");
+    let long: Vec<String> = (0..100).map(|_| "3".to_string()).collect();
+    let e = fail(&["generate", "--model", m, "--prompt-ids", &long.join(",")]);
+    assert!(
+        e.contains("context") || e.contains("max_position_embeddings"),
+        "{e}"
+    );
+    let e = fail(&["generate", "--model", m, "--prompt", "hello"]);
+    assert!(e.contains("tokenizer.json"), "{e}");
+
+    let tmp = TempDir::new("bad");
+    let broken = tmp.0.join("m");
+    copy_dir(&fx, &broken);
+    let st = broken.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fail(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt-ids",
+        "3",
+    ]);
+    assert!(e.contains("truncated"), "{e}");
+    std::fs::write(&st, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+    fail(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt-ids",
+        "3",
+    ]);
+
+    copy_dir(&fx, &broken);
+    let cfg = std::fs::read_to_string(broken.join("config.json"))
+        .unwrap()
+        .replace("\"hidden_size\"", "\"hidden_sizeX\"");
+    std::fs::write(broken.join("config.json"), cfg).unwrap();
+    let e = fail(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt-ids",
+        "3",
+    ]);
+    assert!(e.contains("hidden_size"), "{e}");
+
+    copy_dir(&fx, &broken);
+    let cfg = std::fs::read_to_string(broken.join("config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 64", "\"hidden_size\": 32");
+    std::fs::write(broken.join("config.json"), cfg).unwrap();
+    let e = fail(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt-ids",
+        "3",
+    ]);
+    assert!(e.contains("expected shape"), "{e}");
+}
