@@ -31,11 +31,7 @@ impl Drop for TempDir {
 
 fn run_json(args: &[&str]) -> Value {
     let out = bin().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -57,15 +53,8 @@ fn log_softmax(v: &[f64], i: usize) -> f64 {
 fn generate_json_matches_transformers_on_every_fixture() {
     for entry in std::fs::read_dir(fixtures()).unwrap() {
         let dir = entry.unwrap().path();
-        let r: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-                .unwrap();
-        let ids: Vec<String> = r["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_string())
-            .collect();
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let ids: Vec<String> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
         let out = run_json(&[
             "generate",
             "--model",
@@ -80,19 +69,11 @@ fn generate_json_matches_transformers_on_every_fixture() {
         assert_eq!(out["token_ids"], r["greedy_ids"], "{}", dir.display());
         assert_eq!(out["prompt_token_ids"], r["prompt_ids"]);
         for (i, lp) in out["logprobs"].as_array().unwrap().iter().enumerate() {
-            let logits: Vec<f64> = r["greedy_logits"][i]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
+            let logits: Vec<f64> =
+                r["greedy_logits"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             let tok = r["greedy_ids"][i].as_u64().unwrap() as usize;
             let want = log_softmax(&logits, tok);
-            assert!(
-                (lp.as_f64().unwrap() - want).abs() < 2e-4,
-                "{}: logprob {i}",
-                dir.display()
-            );
+            assert!((lp.as_f64().unwrap() - want).abs() < 2e-4, "{}: logprob {i}", dir.display());
         }
         for k in ["load_s", "prefill_s", "decode_s"] {
             assert!(out["timing"][k].as_f64().unwrap() >= 0.0);
@@ -107,31 +88,13 @@ fn gen_model_then_chat_generate_for_every_arch() {
         let dir = tmp.0.join(arch);
         let d = dir.to_str().unwrap();
         let out = bin()
-            .args([
-                "gen-model",
-                "--arch",
-                arch,
-                "--out",
-                d,
-                "--hidden-size",
-                "64",
-                "--layers",
-                "2",
-            ])
+            .args(["gen-model", "--arch", arch, "--out", d, "--hidden-size", "64", "--layers", "2"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for f in [
-            "config.json",
-            "model.safetensors",
-            "generation_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ] {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for f in
+            ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+        {
             assert!(dir.join(f).exists(), "{arch}: {f}");
         }
         let g = run_json(&[
@@ -167,10 +130,7 @@ fn gen_model_then_chat_generate_for_every_arch() {
             "3",
             "--json",
         ]);
-        assert_eq!(
-            g["token_ids"], again["token_ids"],
-            "seeded sampling is reproducible"
-        );
+        assert_eq!(g["token_ids"], again["token_ids"], "seeded sampling is reproducible");
     }
 }
 
@@ -188,32 +148,13 @@ fn bad_input_fails_cleanly() {
     let m = fx.to_str().unwrap();
     let e = fail(&["generate", "--model", m, "--prompt-ids", "3,4096"]);
     assert!(e.contains("token id 4096"), "{e}");
-    let e = fail(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt-ids",
-        "3",
-        "--max-tokens",
-        "0",
-    ]);
+    let e = fail(&["generate", "--model", m, "--prompt-ids", "3", "--max-tokens", "0"]);
     assert!(e.contains("max_tokens"), "{e}");
-    let e = fail(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt-ids",
-        "3",
-        "--max-tokens",
-        "1000",
-    ]);
+    let e = fail(&["generate", "--model", m, "--prompt-ids", "3", "--max-tokens", "1000"]);
     assert!(e.contains("context"), "{e}");
     let long: Vec<String> = (0..100).map(|_| "3".to_string()).collect();
     let e = fail(&["generate", "--model", m, "--prompt-ids", &long.join(",")]);
-    assert!(
-        e.contains("context") || e.contains("max_position_embeddings"),
-        "{e}"
-    );
+    assert!(e.contains("context") || e.contains("max_position_embeddings"), "{e}");
     let e = fail(&["generate", "--model", m, "--prompt", "hello"]);
     assert!(e.contains("tokenizer.json"), "{e}");
 
@@ -223,35 +164,16 @@ fn bad_input_fails_cleanly() {
     let st = broken.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    let e = fail(&[
-        "generate",
-        "--model",
-        broken.to_str().unwrap(),
-        "--prompt-ids",
-        "3",
-    ]);
+    let e = fail(&["generate", "--model", broken.to_str().unwrap(), "--prompt-ids", "3"]);
     assert!(e.contains("truncated"), "{e}");
     std::fs::write(&st, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
-    fail(&[
-        "generate",
-        "--model",
-        broken.to_str().unwrap(),
-        "--prompt-ids",
-        "3",
-    ]);
+    fail(&["generate", "--model", broken.to_str().unwrap(), "--prompt-ids", "3"]);
 
     copy_dir(&fx, &broken);
-    let cfg = std::fs::read_to_string(broken.join("config.json"))
-        .unwrap()
-        .replace("\"hidden_size\"", "\"hidden_sizeX\"");
+    let cfg =
+        std::fs::read_to_string(broken.join("config.json")).unwrap().replace("\"hidden_size\"", "\"hidden_sizeX\"");
     std::fs::write(broken.join("config.json"), cfg).unwrap();
-    let e = fail(&[
-        "generate",
-        "--model",
-        broken.to_str().unwrap(),
-        "--prompt-ids",
-        "3",
-    ]);
+    let e = fail(&["generate", "--model", broken.to_str().unwrap(), "--prompt-ids", "3"]);
     assert!(e.contains("hidden_size"), "{e}");
 
     copy_dir(&fx, &broken);
@@ -259,12 +181,6 @@ fn bad_input_fails_cleanly() {
         .unwrap()
         .replace("\"hidden_size\": 64", "\"hidden_size\": 32");
     std::fs::write(broken.join("config.json"), cfg).unwrap();
-    let e = fail(&[
-        "generate",
-        "--model",
-        broken.to_str().unwrap(),
-        "--prompt-ids",
-        "3",
-    ]);
+    let e = fail(&["generate", "--model", broken.to_str().unwrap(), "--prompt-ids", "3"]);
     assert!(e.contains("expected shape"), "{e}");
 }

@@ -15,11 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(
-    name = "expertmesh",
-    version,
-    about = "ExpertMesh: expert-parallel MoE serving"
-)]
+#[command(name = "expertmesh", version, about = "ExpertMesh: expert-parallel MoE serving")]
 pub struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true, env = "EXPERTMESH_THREADS")]
@@ -42,11 +38,7 @@ struct GenerateArgs {
     #[arg(long, env = "EXPERTMESH_MODEL")]
     model: PathBuf,
     /// Prompt text.
-    #[arg(
-        long,
-        conflicts_with = "prompt_ids",
-        required_unless_present = "prompt_ids"
-    )]
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
@@ -98,12 +90,7 @@ enum Preset {
 
 #[derive(Args)]
 struct GenModelArgs {
-    #[arg(
-        long,
-        value_enum,
-        default_value = "deepseek-v3",
-        env = "EXPERTMESH_ARCH"
-    )]
+    #[arg(long, value_enum, default_value = "deepseek-v3", env = "EXPERTMESH_ARCH")]
     arch: ArchArg,
     #[arg(long, env = "EXPERTMESH_OUT")]
     out: PathBuf,
@@ -163,10 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("--threads")?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
     match cli.cmd {
         Command::Generate(a) => cmd_generate(a),
@@ -197,12 +181,7 @@ fn load_model(dir: &Path, quiet: bool) -> Result<Model> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        seed: a.seed,
-    };
+    let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed };
     params.validate().context("--temperature/--top-p")?;
     let t0 = Instant::now();
     let model = load_model(&a.model, a.json)?;
@@ -211,17 +190,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let prompt_ids = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
-            let tok = tok
-                .as_ref()
-                .context("--prompt needs the checkpoint's tokenizer.json (or use --prompt-ids)")?;
+            let tok = tok.as_ref().context("--prompt needs the checkpoint's tokenizer.json (or use --prompt-ids)")?;
             let text = if a.chat {
-                tok.apply_chat_template(
-                    &[ChatMessage {
-                        role: "user".into(),
-                        content: text.clone(),
-                    }],
-                    true,
-                )?
+                tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: text.clone() }], true)?
             } else {
                 text.clone()
             };
@@ -232,28 +203,21 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let stream = !a.json && tok.is_some();
     let mut printed = 0;
     let mut so_far = Vec::new();
-    let g = generate(
-        &model,
-        &prompt_ids,
-        a.max_tokens,
-        params,
-        a.ignore_eos,
-        |t, _| {
-            // Stream text as it becomes decodable (multi-byte characters may span tokens).
-            if let (true, Some(tok)) = (stream, &tok) {
-                so_far.push(t);
-                if let Ok(text) = tok.decode(&so_far, true)
+    let g = generate(&model, &prompt_ids, a.max_tokens, params, a.ignore_eos, |t, _| {
+        // Stream text as it becomes decodable (multi-byte characters may span tokens).
+        if let (true, Some(tok)) = (stream, &tok) {
+            so_far.push(t);
+            if let Ok(text) = tok.decode(&so_far, true)
                     && !text.ends_with('\u{fffd}')
                     // A decoder may rewrite earlier text; `get` never splits a character.
                     && let Some(new) = text.get(printed..).filter(|n| !n.is_empty())
-                {
-                    print!("{new}");
-                    let _ = std::io::stdout().flush();
-                    printed = text.len();
-                }
+            {
+                print!("{new}");
+                let _ = std::io::stdout().flush();
+                printed = text.len();
             }
-        },
-    )
+        }
+    })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let text = match &tok {
         Some(t) => t.decode(&g.token_ids, true)?,
@@ -271,14 +235,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         println!("{out}");
     } else {
         if !stream {
-            println!(
-                "{}",
-                g.token_ids
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            println!("{}", g.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
         } else {
             println!();
         }
@@ -287,11 +244,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "[{n} tokens, finish_reason={}, prefill {:.3}s, decode {:.1} tok/s]",
             g.finish_reason.as_str(),
             g.prefill_s,
-            if n > 1 {
-                (n - 1) as f64 / g.decode_s
-            } else {
-                0.0
-            }
+            if n > 1 { (n - 1) as f64 / g.decode_s } else { 0.0 }
         );
     }
     Ok(())
@@ -366,36 +319,18 @@ fn cmd_gen_model(a: GenModelArgs) -> Result<()> {
         }
     }
     if s.experts_per_tok > s.n_experts {
-        bail!(
-            "--experts-per-tok ({}) exceeds --experts ({})",
-            s.experts_per_tok,
-            s.n_experts
-        );
+        bail!("--experts-per-tok ({}) exceeds --experts ({})", s.experts_per_tok, s.n_experts);
     }
     if s.n_group == 0 || !s.n_experts.is_multiple_of(s.n_group) {
-        bail!(
-            "--groups ({}) must divide --experts ({})",
-            s.n_group,
-            s.n_experts
-        );
+        bail!("--groups ({}) must divide --experts ({})", s.n_group, s.n_experts);
     }
     if s.num_kv_heads == 0 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
-        bail!(
-            "--heads ({}) must be a multiple of --kv-heads ({})",
-            s.num_heads,
-            s.num_kv_heads
-        );
+        bail!("--heads ({}) must be a multiple of --kv-heads ({})", s.num_heads, s.num_kv_heads);
     }
     let t0 = Instant::now();
     generate_checkpoint(&s, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     // Read it back: a written checkpoint must parse.
-    expertmesh_model::config::ModelConfig::from_dir(&a.out)
-        .context("re-reading the generated config")?;
-    eprintln!(
-        "wrote {} ({}) in {:.1}s",
-        a.out.display(),
-        arch.name(),
-        t0.elapsed().as_secs_f64()
-    );
+    expertmesh_model::config::ModelConfig::from_dir(&a.out).context("re-reading the generated config")?;
+    eprintln!("wrote {} ({}) in {:.1}s", a.out.display(), arch.name(), t0.elapsed().as_secs_f64());
     Ok(())
 }

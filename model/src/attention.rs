@@ -50,16 +50,11 @@ fn attend(
 ) -> Vec<f32> {
     let rows = q.len() / q_dim;
     let mut out = vec![0f32; rows * val_dim];
-    let work: usize = (0..rows)
-        .map(|r| key_range(r).1 - key_range(r).0)
-        .sum::<usize>()
-        * (q_dim + val_dim);
+    let work: usize = (0..rows).map(|r| key_range(r).1 - key_range(r).0).sum::<usize>() * (q_dim + val_dim);
     let body = |(r, o): (usize, &mut [f32])| {
         let qr = &q[r * q_dim..(r + 1) * q_dim];
         let (lo, hi) = key_range(r);
-        let mut s: Vec<f32> = (lo..hi)
-            .map(|t| dot(qr, &keys[t * q_dim..(t + 1) * q_dim]) * scale)
-            .collect();
+        let mut s: Vec<f32> = (lo..hi).map(|t| dot(qr, &keys[t * q_dim..(t + 1) * q_dim]) * scale).collect();
         softmax(&mut s);
         for (t, p) in (lo..hi).zip(&s) {
             axpy(*p, &values[t * val_stride..t * val_stride + val_dim], o);
@@ -75,11 +70,7 @@ fn attend(
 
 pub enum QProj {
     Direct(Linear),
-    Lora {
-        a: Linear,
-        norm: Vec<f32>,
-        b: Linear,
-    },
+    Lora { a: Linear, norm: Vec<f32>, b: Linear },
 }
 
 pub struct Mla {
@@ -123,17 +114,7 @@ impl Mla {
                 Matrix::from_f32(r, dn, t)
             })
             .collect();
-        Mla {
-            cfg,
-            q,
-            kv_a,
-            kv_norm,
-            kv_b,
-            w_uk_t,
-            o,
-            eps,
-            scale,
-        }
+        Mla { cfg, q, kv_a, kv_norm, kv_b, w_uk_t, o, eps, scale }
     }
 
     pub fn forward(
@@ -145,13 +126,7 @@ impl Mla {
         rope: &Rope,
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
-        let (nh, dn, dr, dv, r) = (
-            c.num_heads,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-            c.kv_lora_rank,
-        );
+        let (nh, dn, dr, dv, r) = (c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let qd = dn + dr;
         let mut q = match &self.q {
             QProj::Direct(p) => p.forward(x, tokens),
@@ -197,22 +172,11 @@ impl Mla {
         for s in seqs.iter_mut() {
             let p0 = s.cache.len();
             let LayerCache::Mla { latent, .. } = &mut s.cache.layers[layer] else {
-                return Err(ModelError::InvalidInput(
-                    "KV cache does not belong to an MLA model".into(),
-                ));
+                return Err(ModelError::InvalidInput("KV cache does not belong to an MLA model".into()));
             };
             latent.extend_from_slice(&ckv[s.start * lat..(s.start + s.len) * lat]);
             let rows = &qfull[s.start * nh * lat..(s.start + s.len) * nh * lat];
-            let o = attend(
-                rows,
-                lat,
-                |row| (0, p0 + row / nh + 1),
-                latent,
-                latent,
-                lat,
-                r,
-                self.scale,
-            );
+            let o = attend(rows, lat, |row| (0, p0 + row / nh + 1), latent, latent, lat, r, self.scale);
             latent_out[s.start * nh * r..(s.start + s.len) * nh * r].copy_from_slice(&o);
         }
         // Absorbed output: per head, W_uv maps the attended latent to v_head_dim.
@@ -282,9 +246,7 @@ impl Gqa {
         for s in seqs.iter_mut() {
             let p0 = s.cache.len();
             let LayerCache::Gqa { k: kc, v: vc, .. } = &mut s.cache.layers[layer] else {
-                return Err(ModelError::InvalidInput(
-                    "KV cache does not belong to a GQA model".into(),
-                ));
+                return Err(ModelError::InvalidInput("KV cache does not belong to a GQA model".into()));
             };
             for g in 0..nkv {
                 for i in 0..s.len {
@@ -296,9 +258,7 @@ impl Gqa {
                 let mut rows = Vec::with_capacity(s.len * rep * hd);
                 for i in 0..s.len {
                     let t = s.start + i;
-                    rows.extend_from_slice(
-                        &q[(t * nh + g * rep) * hd..(t * nh + (g + 1) * rep) * hd],
-                    );
+                    rows.extend_from_slice(&q[(t * nh + g * rep) * hd..(t * nh + (g + 1) * rep) * hd]);
                 }
                 let range = |row: usize| {
                     let pos = p0 + row / rep;
@@ -308,8 +268,7 @@ impl Gqa {
                 for i in 0..s.len {
                     let t = s.start + i;
                     let dst = (t * nh + g * rep) * hd;
-                    heads[dst..dst + rep * hd]
-                        .copy_from_slice(&o[i * rep * hd..(i + 1) * rep * hd]);
+                    heads[dst..dst + rep * hd].copy_from_slice(&o[i * rep * hd..(i + 1) * rep * hd]);
                 }
             }
         }

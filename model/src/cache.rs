@@ -12,11 +12,7 @@ pub(crate) enum LayerCache {
     /// `[len, width]`, width = `kv_lora_rank + qk_rope_head_dim`.
     Mla { latent: Vec<f32>, width: usize },
     /// `[kv_heads][len, head_dim]` for keys and values.
-    Gqa {
-        k: Vec<Vec<f32>>,
-        v: Vec<Vec<f32>>,
-        head_dim: usize,
-    },
+    Gqa { k: Vec<Vec<f32>>, v: Vec<Vec<f32>>, head_dim: usize },
 }
 
 /// The cache of one sequence: every position before `len()` has been run
@@ -30,20 +26,16 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: &ModelConfig) -> Self {
         let layer = match &cfg.attention {
-            AttentionConfig::Mla(m) => LayerCache::Mla {
-                latent: Vec::new(),
-                width: m.kv_lora_rank + m.qk_rope_head_dim,
-            },
+            AttentionConfig::Mla(m) => {
+                LayerCache::Mla { latent: Vec::new(), width: m.kv_lora_rank + m.qk_rope_head_dim }
+            }
             AttentionConfig::Gqa(g) => LayerCache::Gqa {
                 k: vec![Vec::new(); g.num_kv_heads],
                 v: vec![Vec::new(); g.num_kv_heads],
                 head_dim: g.head_dim,
             },
         };
-        KvCache {
-            len: 0,
-            layers: vec![layer; cfg.num_layers],
-        }
+        KvCache { len: 0, layers: vec![layer; cfg.num_layers] }
     }
 
     /// Tokens cached so far (the position of the next token).

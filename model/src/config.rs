@@ -27,9 +27,7 @@ impl Arch {
             other => {
                 return Err(ModelError::Unsupported {
                     field: "model_type".into(),
-                    value: format!(
-                        "{other:?} (supported: deepseek_v3, deepseek_v2, qwen3_moe, mixtral)"
-                    ),
+                    value: format!("{other:?} (supported: deepseek_v3, deepseek_v2, qwen3_moe, mixtral)"),
                 });
             }
         })
@@ -165,17 +163,15 @@ impl Fields<'_> {
         self.0.get(k).filter(|v| !v.is_null())
     }
     fn usize(&self, k: &str) -> Result<usize> {
-        self.opt_usize(k)?
-            .ok_or_else(|| ModelError::Config(format!("missing field `{k}`")))
+        self.opt_usize(k)?.ok_or_else(|| ModelError::Config(format!("missing field `{k}`")))
     }
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
         match self.opt(k) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                ModelError::Config(format!(
-                    "field `{k}` must be a non-negative integer, got {v}"
-                ))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| ModelError::Config(format!("field `{k}` must be a non-negative integer, got {v}"))),
         }
     }
     /// The first of several spellings that is present (transformers'
@@ -186,10 +182,7 @@ impl Fields<'_> {
                 return Ok(v);
             }
         }
-        Err(ModelError::Config(format!(
-            "missing field `{}`",
-            keys.join("` or `")
-        )))
+        Err(ModelError::Config(format!("missing field `{}`", keys.join("` or `"))))
     }
     fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
         Ok(self.opt_usize(k)?.unwrap_or(d))
@@ -197,9 +190,9 @@ impl Fields<'_> {
     fn opt_f64(&self, k: &str) -> Result<Option<f64>> {
         match self.opt(k) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                ModelError::Config(format!("field `{k}` must be a number, got {v}"))
-            }),
+            Some(v) => {
+                v.as_f64().map(Some).ok_or_else(|| ModelError::Config(format!("field `{k}` must be a number, got {v}")))
+            }
         }
     }
     fn f64_or(&self, k: &str, d: f64) -> Result<f64> {
@@ -208,17 +201,15 @@ impl Fields<'_> {
     fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
         match self.opt(k) {
             None => Ok(d),
-            Some(v) => v.as_bool().ok_or_else(|| {
-                ModelError::Config(format!("field `{k}` must be a boolean, got {v}"))
-            }),
+            Some(v) => v.as_bool().ok_or_else(|| ModelError::Config(format!("field `{k}` must be a boolean, got {v}"))),
         }
     }
     fn opt_str(&self, k: &str) -> Result<Option<&str>> {
         match self.opt(k) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| {
-                ModelError::Config(format!("field `{k}` must be a string, got {v}"))
-            }),
+            Some(v) => {
+                v.as_str().map(Some).ok_or_else(|| ModelError::Config(format!("field `{k}` must be a string, got {v}")))
+            }
         }
     }
     fn token_ids(&self, k: &str) -> Result<Vec<u32>> {
@@ -227,14 +218,15 @@ impl Fields<'_> {
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|v| {
-                    v.as_u64().map(|x| x as u32).ok_or_else(|| {
-                        ModelError::Config(format!("field `{k}` must hold token ids, got {v}"))
-                    })
+                    v.as_u64()
+                        .map(|x| x as u32)
+                        .ok_or_else(|| ModelError::Config(format!("field `{k}` must hold token ids, got {v}")))
                 })
                 .collect(),
-            Some(v) => v.as_u64().map(|x| vec![x as u32]).ok_or_else(|| {
-                ModelError::Config(format!("field `{k}` must be a token id, got {v}"))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|x| vec![x as u32])
+                .ok_or_else(|| ModelError::Config(format!("field `{k}` must be a token id, got {v}"))),
         }
     }
 }
@@ -247,10 +239,9 @@ impl ModelConfig {
         let mut cfg = Self::from_json_str(&text)?;
         let gen_path = dir.join("generation_config.json");
         if gen_path.exists() {
-            let text =
-                std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Config(format!("generation_config.json: {e}")))?;
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Config(format!("generation_config.json: {e}")))?;
             if let Some(obj) = v.as_object() {
                 let eos = Fields(obj).token_ids("eos_token_id")?;
                 if !eos.is_empty() {
@@ -262,15 +253,11 @@ impl ModelConfig {
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| ModelError::Config("config.json must be a JSON object".into()))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| ModelError::Config("config.json must be a JSON object".into()))?;
         let f = Fields(obj);
         let arch = Arch::parse(
-            f.opt_str("model_type")?
-                .ok_or_else(|| ModelError::Config("missing field `model_type`".into()))?,
+            f.opt_str("model_type")?.ok_or_else(|| ModelError::Config("missing field `model_type`".into()))?,
         )?;
         let hidden_size = f.usize("hidden_size")?;
         let num_layers = f.usize("num_hidden_layers")?;
@@ -301,12 +288,11 @@ impl ModelConfig {
             }
             Arch::Qwen3Moe | Arch::Mixtral => {
                 let head_dim = f.usize_or("head_dim", hidden_size / num_heads)?;
-                let sliding =
-                    if arch == Arch::Qwen3Moe && !f.bool_or("use_sliding_window", false)? {
-                        None
-                    } else {
-                        f.opt_usize("sliding_window")?
-                    };
+                let sliding = if arch == Arch::Qwen3Moe && !f.bool_or("use_sliding_window", false)? {
+                    None
+                } else {
+                    f.opt_usize("sliding_window")?
+                };
                 let gqa = GqaConfig {
                     num_heads,
                     num_kv_heads: f.usize_or("num_key_value_heads", num_heads)?,
@@ -325,18 +311,14 @@ impl ModelConfig {
             }
         };
         if rope_dim % 2 != 0 {
-            return Err(ModelError::Config(format!(
-                "rotary dimension {rope_dim} must be even"
-            )));
+            return Err(ModelError::Config(format!("rotary dimension {rope_dim} must be even")));
         }
         let rope = parse_rope(&f, rope_dim, interleaved, max_position_embeddings)?;
 
         let intermediate_size = f.usize_or("intermediate_size", 0)?;
         let (moe, layer_ffn) = parse_moe(arch, &f, num_layers)?;
         if layer_ffn.contains(&FfnKind::Dense) && intermediate_size == 0 {
-            return Err(ModelError::Config(
-                "missing field `intermediate_size` (dense layers need it)".into(),
-            ));
+            return Err(ModelError::Config("missing field `intermediate_size` (dense layers need it)".into()));
         }
 
         let fp8_block = parse_quantization(&f)?;
@@ -363,11 +345,7 @@ impl ModelConfig {
 
     /// Indices of the layers whose FFN is a routed MoE.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        self.layer_ffn
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| **k == FfnKind::Moe)
-            .map(|(i, _)| i)
+        self.layer_ffn.iter().enumerate().filter(|(_, k)| **k == FfnKind::Moe).map(|(i, _)| i)
     }
 
     /// Softmax scale of the attention scores.
@@ -396,9 +374,7 @@ fn parse_rope(f: &Fields<'_>, dim: usize, interleaved: bool, max_pos: usize) -> 
     let p = match params {
         Some(Value::Object(m)) => m,
         Some(v) => {
-            return Err(ModelError::Config(format!(
-                "field `{field}` must be an object, got {v}"
-            )));
+            return Err(ModelError::Config(format!("field `{field}` must be an object, got {v}")));
         }
         None => &empty,
     };
@@ -432,14 +408,8 @@ fn parse_rope(f: &Fields<'_>, dim: usize, interleaved: bool, max_pos: usize) -> 
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: original,
-                beta_fast: pf
-                    .opt_f64("beta_fast")?
-                    .filter(|b| *b != 0.0)
-                    .unwrap_or(32.0),
-                beta_slow: pf
-                    .opt_f64("beta_slow")?
-                    .filter(|b| *b != 0.0)
-                    .unwrap_or(1.0),
+                beta_fast: pf.opt_f64("beta_fast")?.filter(|b| *b != 0.0).unwrap_or(32.0),
+                beta_slow: pf.opt_f64("beta_slow")?.filter(|b| *b != 0.0).unwrap_or(1.0),
                 attention_factor,
                 softmax_mscale: mscale_all_dim.map_or(1.0, |m| yarn_mscale(factor, m)),
                 truncate: pf.bool_or("truncate", true)?,
@@ -452,65 +422,44 @@ fn parse_rope(f: &Fields<'_>, dim: usize, interleaved: bool, max_pos: usize) -> 
             });
         }
     };
-    Ok(RopeConfig {
-        theta,
-        dim,
-        interleaved,
-        scaling,
-    })
+    Ok(RopeConfig { theta, dim, interleaved, scaling })
 }
 
 fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * mscale * scale.ln() + 1.0
-    }
+    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
 }
 
 fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig, Vec<FfnKind>)> {
     let moe = match arch {
         Arch::DeepseekV3 | Arch::DeepseekV2 => {
             let v3 = arch == Arch::DeepseekV3;
-            let method =
-                match f
-                    .opt_str("topk_method")?
-                    .unwrap_or(if v3 { "noaux_tc" } else { "greedy" })
-                {
-                    "noaux_tc" => TopkMethod::NoauxTc,
-                    "greedy" => TopkMethod::Greedy,
-                    "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
-                    other => {
-                        return Err(ModelError::Unsupported {
-                            field: "topk_method".into(),
-                            value: format!(
-                                "{other:?} (supported: noaux_tc, greedy, group_limited_greedy)"
-                            ),
-                        });
-                    }
-                };
-            let scoring =
-                match f
-                    .opt_str("scoring_func")?
-                    .unwrap_or(if v3 { "sigmoid" } else { "softmax" })
-                {
-                    "sigmoid" => ScoringFunc::Sigmoid,
-                    "softmax" => ScoringFunc::Softmax,
-                    other => {
-                        return Err(ModelError::Unsupported {
-                            field: "scoring_func".into(),
-                            value: format!("{other:?} (supported: sigmoid, softmax)"),
-                        });
-                    }
-                };
+            let method = match f.opt_str("topk_method")?.unwrap_or(if v3 { "noaux_tc" } else { "greedy" }) {
+                "noaux_tc" => TopkMethod::NoauxTc,
+                "greedy" => TopkMethod::Greedy,
+                "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
+                other => {
+                    return Err(ModelError::Unsupported {
+                        field: "topk_method".into(),
+                        value: format!("{other:?} (supported: noaux_tc, greedy, group_limited_greedy)"),
+                    });
+                }
+            };
+            let scoring = match f.opt_str("scoring_func")?.unwrap_or(if v3 { "sigmoid" } else { "softmax" }) {
+                "sigmoid" => ScoringFunc::Sigmoid,
+                "softmax" => ScoringFunc::Softmax,
+                other => {
+                    return Err(ModelError::Unsupported {
+                        field: "scoring_func".into(),
+                        value: format!("{other:?} (supported: sigmoid, softmax)"),
+                    });
+                }
+            };
             // transformers implements exactly one gate per architecture:
             // V3 is sigmoid + noaux_tc, V2 is softmax + greedy/group-limited.
             if v3 && (method != TopkMethod::NoauxTc || scoring != ScoringFunc::Sigmoid) {
                 return Err(ModelError::Unsupported {
                     field: "topk_method/scoring_func".into(),
-                    value: format!(
-                        "{method:?}/{scoring:?} for deepseek_v3 (it routes with noaux_tc + sigmoid)"
-                    ),
+                    value: format!("{method:?}/{scoring:?} for deepseek_v3 (it routes with noaux_tc + sigmoid)"),
                 });
             }
             if !v3 && (method == TopkMethod::NoauxTc || scoring != ScoringFunc::Softmax) {
@@ -522,11 +471,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
                 });
             }
             MoeConfig {
-                n_routed_experts: f.usize_alias(&[
-                    "n_routed_experts",
-                    "num_local_experts",
-                    "num_experts",
-                ])?,
+                n_routed_experts: f.usize_alias(&["n_routed_experts", "num_local_experts", "num_experts"])?,
                 experts_per_tok: f.usize("num_experts_per_tok")?,
                 moe_intermediate_size: f.usize("moe_intermediate_size")?,
                 n_shared_experts: f.usize_or("n_shared_experts", 0)?,
@@ -536,9 +481,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
                 topk_group: f.usize_or("topk_group", 1)?,
                 // transformers' V2 gate never renormalises the top-k weights.
                 norm_topk_prob: v3 && f.bool_or("norm_topk_prob", true)?,
-                routed_scaling_factor: f
-                    .f64_or("routed_scaling_factor", if v3 { 2.5 } else { 1.0 })?
-                    as f32,
+                routed_scaling_factor: f.f64_or("routed_scaling_factor", if v3 { 2.5 } else { 1.0 })? as f32,
             }
         }
         Arch::Qwen3Moe => MoeConfig {
@@ -566,19 +509,13 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
             routed_scaling_factor: 1.0,
         },
     };
-    if moe.n_routed_experts == 0
-        || moe.experts_per_tok == 0
-        || moe.experts_per_tok > moe.n_routed_experts
-    {
+    if moe.n_routed_experts == 0 || moe.experts_per_tok == 0 || moe.experts_per_tok > moe.n_routed_experts {
         return Err(ModelError::Config(format!(
             "num_experts_per_tok ({}) must be in 1..={} (the number of routed experts)",
             moe.experts_per_tok, moe.n_routed_experts
         )));
     }
-    let grouped = matches!(
-        moe.topk_method,
-        TopkMethod::NoauxTc | TopkMethod::GroupLimitedGreedy
-    );
+    let grouped = matches!(moe.topk_method, TopkMethod::NoauxTc | TopkMethod::GroupLimitedGreedy);
     if grouped {
         if moe.n_group == 0 || moe.n_routed_experts % moe.n_group != 0 {
             return Err(ModelError::Config(format!(
@@ -611,9 +548,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
             let is_moe = match arch {
                 // transformers ≥ 5 makes every layer from first_k_dense_replace on
                 // a MoE layer (moe_layer_freq is 1 in every published checkpoint).
-                Arch::DeepseekV3 | Arch::DeepseekV2 => {
-                    i >= f.usize_or("first_k_dense_replace", 0)?
-                }
+                Arch::DeepseekV3 | Arch::DeepseekV2 => i >= f.usize_or("first_k_dense_replace", 0)?,
                 Arch::Qwen3Moe => {
                     let step = f.usize_or("decoder_sparse_step", 1)?.max(1);
                     let mlp_only = match f.opt("mlp_only_layers") {
@@ -627,14 +562,10 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
             Ok(if is_moe { FfnKind::Moe } else { FfnKind::Dense })
         })
         .collect::<Result<Vec<_>>>()?;
-    if matches!(arch, Arch::DeepseekV3 | Arch::DeepseekV2) && f.usize_or("moe_layer_freq", 1)? != 1
-    {
+    if matches!(arch, Arch::DeepseekV3 | Arch::DeepseekV2) && f.usize_or("moe_layer_freq", 1)? != 1 {
         return Err(ModelError::Unsupported {
             field: "moe_layer_freq".into(),
-            value: format!(
-                "{} (transformers supports only 1)",
-                f.usize_or("moe_layer_freq", 1)?
-            ),
+            value: format!("{} (transformers supports only 1)", f.usize_or("moe_layer_freq", 1)?),
         });
     }
     Ok((moe, layer_ffn))
@@ -644,9 +575,7 @@ fn parse_quantization(f: &Fields<'_>) -> Result<Option<(usize, usize)>> {
     let Some(q) = f.opt("quantization_config") else {
         return Ok(None);
     };
-    let q = q.as_object().ok_or_else(|| {
-        ModelError::Config("field `quantization_config` must be an object".into())
-    })?;
+    let q = q.as_object().ok_or_else(|| ModelError::Config("field `quantization_config` must be an object".into()))?;
     let qf = Fields(q);
     match qf.opt_str("quant_method")? {
         Some("fp8") => {}
@@ -699,19 +628,9 @@ mod tests {
     fn parses_v3_with_legacy_rope_scaling() {
         let c = ModelConfig::from_json_str(V3).unwrap();
         assert_eq!(c.arch, Arch::DeepseekV3);
-        assert_eq!(
-            c.layer_ffn,
-            vec![FfnKind::Dense, FfnKind::Moe, FfnKind::Moe]
-        );
+        assert_eq!(c.layer_ffn, vec![FfnKind::Dense, FfnKind::Moe, FfnKind::Moe]);
         assert!(c.rope.interleaved);
-        let RopeScaling::Yarn {
-            attention_factor,
-            softmax_mscale,
-            ..
-        } = c.rope.scaling
-        else {
-            panic!()
-        };
+        let RopeScaling::Yarn { attention_factor, softmax_mscale, .. } = c.rope.scaling else { panic!() };
         let m = |s: f64| 0.1 * s * 4f64.ln() + 1.0;
         assert!((attention_factor - m(1.0) / m(0.8)).abs() < 1e-12);
         assert!((softmax_mscale - m(0.8)).abs() < 1e-12);
@@ -736,16 +655,12 @@ mod tests {
         assert!(e.to_string().contains("model_type"), "{e}");
         let e = ModelConfig::from_json_str(&V3.replace(r#""kv_lora_rank":32,"#, "")).unwrap_err();
         assert!(e.to_string().contains("kv_lora_rank"), "{e}");
-        let e = ModelConfig::from_json_str(&V3.replace(r#""type":"yarn""#, r#""type":"longrope""#))
-            .unwrap_err();
+        let e = ModelConfig::from_json_str(&V3.replace(r#""type":"yarn""#, r#""type":"longrope""#)).unwrap_err();
         assert!(e.to_string().contains("rope_scaling.rope_type"), "{e}");
-        let e = ModelConfig::from_json_str(&V3.replace(r#""n_group":4"#, r#""n_group":3"#))
-            .unwrap_err();
+        let e = ModelConfig::from_json_str(&V3.replace(r#""n_group":4"#, r#""n_group":3"#)).unwrap_err();
         assert!(e.to_string().contains("n_group"), "{e}");
-        let e = ModelConfig::from_json_str(
-            &V3.replace(r#""n_group":4"#, r#""topk_method":"greedy","n_group":4"#),
-        )
-        .unwrap_err();
+        let e = ModelConfig::from_json_str(&V3.replace(r#""n_group":4"#, r#""topk_method":"greedy","n_group":4"#))
+            .unwrap_err();
         assert!(e.to_string().contains("topk_method"), "{e}");
     }
 }

@@ -19,11 +19,7 @@ pub enum ModelError {
     #[error("weights: {0}")]
     Weights(String),
     #[error("tensor {name}: expected shape {expected:?}, found {found:?}")]
-    Shape {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor {0} not found in checkpoint")]
     MissingTensor(String),
     #[error("tokenizer: {0}")]
@@ -40,10 +36,7 @@ pub enum ModelError {
 
 impl ModelError {
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.as_ref().display().to_string(),
-            source,
-        }
+        ModelError::Io { path: path.as_ref().display().to_string(), source }
     }
 
     /// True when the error is the caller's fault (bad request), as opposed to

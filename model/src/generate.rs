@@ -23,28 +23,17 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-        }
+        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None }
     }
 }
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(ModelError::InvalidInput(format!(
-                "temperature must be ≥ 0, got {}",
-                self.temperature
-            )));
+            return Err(ModelError::InvalidInput(format!("temperature must be ≥ 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::InvalidInput(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return Err(ModelError::InvalidInput(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         Ok(())
     }
@@ -73,11 +62,7 @@ impl Sampler {
         let tok = if p.temperature == 0.0 || p.top_k == 1 {
             top_k_indices(logits, 1)[0]
         } else {
-            let k = if p.top_k == 0 {
-                logits.len()
-            } else {
-                p.top_k.min(logits.len())
-            };
+            let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
             let cand = top_k_indices(logits, k);
             let mut probs: Vec<f32> = cand.iter().map(|&i| logits[i] / p.temperature).collect();
             softmax(&mut probs);
@@ -138,9 +123,7 @@ pub struct Generation {
 /// Checks that a prompt and token budget fit the model before any work.
 pub fn check_request(model: &Model, prompt: &[u32], max_tokens: usize) -> Result<()> {
     if max_tokens == 0 {
-        return Err(ModelError::InvalidInput(
-            "max_tokens must be at least 1".into(),
-        ));
+        return Err(ModelError::InvalidInput("max_tokens must be at least 1".into()));
     }
     let ctx = model.config().max_position_embeddings;
     if prompt.len() + max_tokens > ctx {
@@ -167,15 +150,7 @@ pub fn generate(
     let eos = &model.config().eos_token_ids;
     let mut cache = model.new_cache();
     let t0 = Instant::now();
-    let mut logits = model
-        .forward(
-            &mut [SeqChunk {
-                tokens: prompt,
-                cache: &mut cache,
-            }],
-            Logits::Last,
-        )?
-        .remove(0);
+    let mut logits = model.forward(&mut [SeqChunk { tokens: prompt, cache: &mut cache }], Logits::Last)?.remove(0);
     let mut g = Generation {
         token_ids: Vec::with_capacity(max_tokens),
         logprobs: Vec::with_capacity(max_tokens),
@@ -200,15 +175,7 @@ pub fn generate(
         if g.token_ids.len() == max_tokens {
             break;
         }
-        logits = model
-            .forward(
-                &mut [SeqChunk {
-                    tokens: &[tok],
-                    cache: &mut cache,
-                }],
-                Logits::Last,
-            )?
-            .remove(0);
+        logits = model.forward(&mut [SeqChunk { tokens: &[tok], cache: &mut cache }], Logits::Last)?.remove(0);
     }
     g.decode_s = t1.elapsed().as_secs_f64();
     Ok(g)
@@ -221,22 +188,14 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_p: 0.9,
-            top_k: 5,
-            seed: Some(7),
-        };
+        let params = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 5, seed: Some(7) };
         let run = || {
             let mut s = Sampler::new(params.clone()).unwrap();
             (0..20).map(|_| s.sample(&logits).0).collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
-        let top5: Vec<u32> = top_k_indices(&logits, 5)
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
+        let top5: Vec<u32> = top_k_indices(&logits, 5).into_iter().map(|i| i as u32).collect();
         assert!(a.iter().all(|t| top5.contains(t)));
         let mut g = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(g.sample(&logits).0 as usize, top_k_indices(&logits, 1)[0]);
@@ -244,29 +203,8 @@ mod tests {
 
     #[test]
     fn bad_params_are_refused() {
-        assert!(
-            SamplingParams {
-                temperature: -1.0,
-                ..Default::default()
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            SamplingParams {
-                top_p: 0.0,
-                ..Default::default()
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            SamplingParams {
-                temperature: f32::NAN,
-                ..Default::default()
-            }
-            .validate()
-            .is_err()
-        );
+        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { temperature: f32::NAN, ..Default::default() }.validate().is_err());
     }
 }

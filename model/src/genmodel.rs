@@ -81,14 +81,7 @@ impl GenSpec {
 
 const BOS: &str = "<｜begin▁of▁sentence｜>";
 const EOS: &str = "<｜end▁of▁sentence｜>";
-const SPECIALS: [&str; 6] = [
-    BOS,
-    EOS,
-    "<｜User｜>",
-    "<｜Assistant｜>",
-    "<think>",
-    "</think>",
-];
+const SPECIALS: [&str; 6] = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"];
 /// A DeepSeek-R1-style template: the assistant turn opens with `<think>`.
 const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}";
 const CORPUS: &str = include_str!("genmodel_corpus.txt");
@@ -125,28 +118,16 @@ fn write_tokenizer(out: &Path, max_vocab: usize) -> Result<usize> {
         .vocab_size(max_vocab)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(
-            SPECIALS
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
+        .special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tok = TokenizerBuilder::<
-        BPE,
-        NormalizerWrapper,
-        ByteLevel,
-        PostProcessorWrapper,
-        ByteLevel,
-    >::new()
-    .with_model(BPE::default())
-    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-    .with_decoder(Some(ByteLevel::default()))
-    .build()
-    .map_err(err)?;
-    tok.train(&mut trainer, CORPUS.lines().map(str::to_string))
+    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel>::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
         .map_err(err)?;
+    tok.train(&mut trainer, CORPUS.lines().map(str::to_string)).map_err(err)?;
     let path = out.join("tokenizer.json");
     tok.save(&path, false).map_err(err)?;
     Ok(tok.get_vocab_size(true))
@@ -199,8 +180,7 @@ fn config_json(s: &GenSpec, vocab: usize) -> Value {
 /// Tensor names and shapes of the checkpoint, in a stable order.
 fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
     let h = s.hidden_size;
-    let mut t: Vec<(String, Vec<usize>)> =
-        vec![("model.embed_tokens.weight".into(), vec![vocab, h])];
+    let mut t: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![vocab, h])];
     let ds = matches!(s.arch, Arch::DeepseekV3 | Arch::DeepseekV2);
     for l in 0..s.num_layers {
         let p = format!("model.layers.{l}.");
@@ -217,22 +197,13 @@ fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
                     t.push((format!("{a}q_b_proj.weight"), vec![s.num_heads * qd, r]));
                 }
             }
-            t.push((
-                format!("{a}kv_a_proj_with_mqa.weight"),
-                vec![s.kv_lora_rank + s.qk_rope_head_dim, h],
-            ));
+            t.push((format!("{a}kv_a_proj_with_mqa.weight"), vec![s.kv_lora_rank + s.qk_rope_head_dim, h]));
             t.push((format!("{a}kv_a_layernorm.weight"), vec![s.kv_lora_rank]));
             t.push((
                 format!("{a}kv_b_proj.weight"),
-                vec![
-                    s.num_heads * (s.qk_nope_head_dim + s.v_head_dim),
-                    s.kv_lora_rank,
-                ],
+                vec![s.num_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank],
             ));
-            t.push((
-                format!("{a}o_proj.weight"),
-                vec![h, s.num_heads * s.v_head_dim],
-            ));
+            t.push((format!("{a}o_proj.weight"), vec![h, s.num_heads * s.v_head_dim]));
         } else {
             let (qd, kvd) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
             t.push((format!("{a}q_proj.weight"), vec![qd, h]));
@@ -255,42 +226,20 @@ fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
             mlp(&mut t, &format!("{p}mlp."), swiglu, s.intermediate_size);
             continue;
         }
-        let m = if s.arch == Arch::Mixtral {
-            "block_sparse_moe"
-        } else {
-            "mlp"
-        };
+        let m = if s.arch == Arch::Mixtral { "block_sparse_moe" } else { "mlp" };
         t.push((format!("{p}{m}.gate.weight"), vec![s.n_experts, h]));
         if s.arch == Arch::DeepseekV3 {
-            t.push((
-                format!("{p}mlp.gate.e_score_correction_bias"),
-                vec![s.n_experts],
-            ));
+            t.push((format!("{p}mlp.gate.e_score_correction_bias"), vec![s.n_experts]));
         }
         for e in 0..s.n_experts {
             if s.arch == Arch::Mixtral {
-                mlp(
-                    &mut t,
-                    &format!("{p}block_sparse_moe.experts.{e}."),
-                    ["w1", "w3", "w2"],
-                    s.moe_intermediate_size,
-                );
+                mlp(&mut t, &format!("{p}block_sparse_moe.experts.{e}."), ["w1", "w3", "w2"], s.moe_intermediate_size);
             } else {
-                mlp(
-                    &mut t,
-                    &format!("{p}mlp.experts.{e}."),
-                    swiglu,
-                    s.moe_intermediate_size,
-                );
+                mlp(&mut t, &format!("{p}mlp.experts.{e}."), swiglu, s.moe_intermediate_size);
             }
         }
         if ds && s.n_shared_experts > 0 {
-            mlp(
-                &mut t,
-                &format!("{p}mlp.shared_experts."),
-                swiglu,
-                s.moe_intermediate_size * s.n_shared_experts,
-            );
+            mlp(&mut t, &format!("{p}mlp.shared_experts."), swiglu, s.moe_intermediate_size * s.n_shared_experts);
         }
     }
     t.push(("model.norm.weight".into(), vec![h]));
@@ -323,10 +272,7 @@ fn write_weights(s: &GenSpec, vocab: usize, out: &Path) -> Result<()> {
         let (dtype, bytes): (Dtype, Vec<u8>) = if keep_f32 {
             (Dtype::F32, vals.flat_map(f32::to_le_bytes).collect())
         } else {
-            (
-                Dtype::BF16,
-                vals.flat_map(|v| f32_to_bf16(v).to_le_bytes()).collect(),
-            )
+            (Dtype::BF16, vals.flat_map(|v| f32_to_bf16(v).to_le_bytes()).collect())
         };
         buffers.push((name, shape, dtype, bytes));
     }
@@ -353,14 +299,8 @@ mod tests {
 
     #[test]
     fn every_arch_generates_loads_and_runs() {
-        for arch in [
-            Arch::DeepseekV3,
-            Arch::DeepseekV2,
-            Arch::Qwen3Moe,
-            Arch::Mixtral,
-        ] {
-            let dir =
-                std::env::temp_dir().join(format!("em-gen-{}-{}", arch.name(), std::process::id()));
+        for arch in [Arch::DeepseekV3, Arch::DeepseekV2, Arch::Qwen3Moe, Arch::Mixtral] {
+            let dir = std::env::temp_dir().join(format!("em-gen-{}-{}", arch.name(), std::process::id()));
             let mut spec = GenSpec::demo(arch);
             spec.hidden_size = 64;
             spec.num_layers = 2;
@@ -369,25 +309,12 @@ mod tests {
             let tok = TextTokenizer::from_dir(&dir).unwrap();
             assert_eq!(tok.vocab_size(), m.config().vocab_size);
             let text = tok
-                .apply_chat_template(
-                    &[ChatMessage {
-                        role: "user".into(),
-                        content: "Hello there".into(),
-                    }],
-                    true,
-                )
+                .apply_chat_template(&[ChatMessage { role: "user".into(), content: "Hello there".into() }], true)
                 .unwrap();
-            assert!(
-                text.starts_with(BOS) && text.ends_with("<think>\n"),
-                "{text}"
-            );
+            assert!(text.starts_with(BOS) && text.ends_with("<think>\n"), "{text}");
             let ids = tok.encode(&text).unwrap();
             assert_eq!(ids[0], 0, "BOS is a single special token");
-            assert_eq!(
-                tok.decode(&tok.encode("hello world").unwrap(), true)
-                    .unwrap(),
-                "hello world"
-            );
+            assert_eq!(tok.decode(&tok.encode("hello world").unwrap(), true).unwrap(), "hello world");
             let g = generate(&m, &ids, 5, SamplingParams::default(), true, |_, _| {}).unwrap();
             assert_eq!(g.token_ids.len(), 5);
             std::fs::remove_dir_all(&dir).ok();

@@ -56,46 +56,26 @@ pub enum Logits {
 pub fn expert_tensor_names(cfg: &ModelConfig, layer: usize, expert: usize) -> [String; 3] {
     let p = format!("model.layers.{layer}.");
     match cfg.arch {
-        Arch::Mixtral => {
-            ["w1", "w3", "w2"].map(|w| format!("{p}block_sparse_moe.experts.{expert}.{w}.weight"))
-        }
-        _ => ["gate_proj", "up_proj", "down_proj"]
-            .map(|w| format!("{p}mlp.experts.{expert}.{w}.weight")),
+        Arch::Mixtral => ["w1", "w3", "w2"].map(|w| format!("{p}block_sparse_moe.experts.{expert}.{w}.weight")),
+        _ => ["gate_proj", "up_proj", "down_proj"].map(|w| format!("{p}mlp.experts.{expert}.{w}.weight")),
     }
 }
 
-fn mlp(
-    ws: &WeightStore,
-    prefix: &str,
-    names: [&str; 3],
-    hidden: usize,
-    inter: usize,
-) -> Result<Mlp> {
+fn mlp(ws: &WeightStore, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<Mlp> {
     let [g, u, d] = names.map(|n| format!("{prefix}{n}.weight"));
     let bias = match ws.opt_vector(&format!("{prefix}{}.bias", names[0]), inter)? {
         Some(gb) => {
             let ub = ws.vector(&format!("{prefix}{}.bias", names[1]), inter)?;
             let db = ws.vector(&format!("{prefix}{}.bias", names[2]), hidden)?;
-            Some(MlpBias {
-                gate_up: [gb, ub].concat(),
-                down: db,
-            })
+            Some(MlpBias { gate_up: [gb, ub].concat(), down: db })
         }
         None => None,
     };
-    Ok(Mlp::new(
-        ws.matrix(&g, inter, hidden)?,
-        ws.matrix(&u, inter, hidden)?,
-        ws.matrix(&d, hidden, inter)?,
-        bias,
-    ))
+    Ok(Mlp::new(ws.matrix(&g, inter, hidden)?, ws.matrix(&u, inter, hidden)?, ws.matrix(&d, hidden, inter)?, bias))
 }
 
 fn linear(ws: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear {
-        w: ws.matrix(&format!("{name}.weight"), out, inp)?,
-        b: ws.opt_vector(&format!("{name}.bias"), out)?,
-    })
+    Ok(Linear { w: ws.matrix(&format!("{name}.weight"), out, inp)?, b: ws.opt_vector(&format!("{name}.bias"), out)? })
 }
 
 /// Loads the routed experts accepted by `want(layer, expert)`.
@@ -114,12 +94,7 @@ pub fn load_experts(
                 continue;
             }
             let [g, u, d] = expert_tensor_names(cfg, l, e);
-            let m = Mlp::new(
-                ws.matrix(&g, inter, h)?,
-                ws.matrix(&u, inter, h)?,
-                ws.matrix(&d, h, inter)?,
-                None,
-            );
+            let m = Mlp::new(ws.matrix(&g, inter, h)?, ws.matrix(&u, inter, h)?, ws.matrix(&d, h, inter)?, None);
             experts.insert(l, e, m);
         }
         progress(n + 1, layers.len());
@@ -162,30 +137,15 @@ impl Model {
                             b: linear(ws, &format!("{a}q_b_proj"), nh * qd, r)?,
                         },
                     };
-                    let kv_a = linear(
-                        ws,
-                        &format!("{a}kv_a_proj_with_mqa"),
-                        m.kv_lora_rank + m.qk_rope_head_dim,
-                        h,
-                    )?;
-                    let kv_norm =
-                        ws.vector(&format!("{a}kv_a_layernorm.weight"), m.kv_lora_rank)?;
+                    let kv_a = linear(ws, &format!("{a}kv_a_proj_with_mqa"), m.kv_lora_rank + m.qk_rope_head_dim, h)?;
+                    let kv_norm = ws.vector(&format!("{a}kv_a_layernorm.weight"), m.kv_lora_rank)?;
                     let kv_b = ws.matrix(
                         &format!("{a}kv_b_proj.weight"),
                         nh * (m.qk_nope_head_dim + m.v_head_dim),
                         m.kv_lora_rank,
                     )?;
                     let o = linear(ws, &format!("{a}o_proj"), h, nh * m.v_head_dim)?;
-                    Attention::Mla(Box::new(Mla::new(
-                        m.clone(),
-                        q,
-                        kv_a,
-                        kv_norm,
-                        kv_b,
-                        o,
-                        eps,
-                        scale,
-                    )))
+                    Attention::Mla(Box::new(Mla::new(m.clone(), q, kv_a, kv_norm, kv_b, o, eps, scale)))
                 }
                 AttentionConfig::Gqa(g) => {
                     let (qd, kvd) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);
@@ -219,21 +179,11 @@ impl Model {
                     cfg.intermediate_size,
                 )?),
                 FfnKind::Moe => {
-                    let m = if cfg.arch == Arch::Mixtral {
-                        "block_sparse_moe"
-                    } else {
-                        "mlp"
-                    };
+                    let m = if cfg.arch == Arch::Mixtral { "block_sparse_moe" } else { "mlp" };
                     let gate = Gate {
-                        weight: ws.matrix(
-                            &format!("{p}{m}.gate.weight"),
-                            cfg.moe.n_routed_experts,
-                            h,
-                        )?,
-                        correction_bias: ws.opt_vector(
-                            &format!("{p}{m}.gate.e_score_correction_bias"),
-                            cfg.moe.n_routed_experts,
-                        )?,
+                        weight: ws.matrix(&format!("{p}{m}.gate.weight"), cfg.moe.n_routed_experts, h)?,
+                        correction_bias: ws
+                            .opt_vector(&format!("{p}{m}.gate.e_score_correction_bias"), cfg.moe.n_routed_experts)?,
                     };
                     let shared = match cfg.moe.n_shared_experts {
                         0 => None,
@@ -311,7 +261,9 @@ impl Model {
             self.validate(s.tokens, s.cache.len())?;
         }
         let before: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
-        let out = self.forward_unchecked(batch, mode);
+        // Run the step on a pool worker: nested parallel loops then split by
+        // work stealing instead of waking the pool for every matrix product.
+        let out = rayon::scope(|_| self.forward_unchecked(batch, mode));
         if out.is_err() {
             // An executor or numerical failure part-way must not leave
             // half-written caches behind.
@@ -335,20 +287,14 @@ impl Model {
         let mut seqs = Vec::with_capacity(batch.len());
         let mut start = 0;
         for s in batch.iter_mut() {
-            seqs.push(SeqSlice {
-                cache: &mut *s.cache,
-                start,
-                len: s.tokens.len(),
-            });
+            seqs.push(SeqSlice { cache: &mut *s.cache, start, len: s.tokens.len() });
             start += s.tokens.len();
         }
         let mut hbuf = vec![0f32; tokens * h];
         for (li, layer) in self.layers.iter().enumerate() {
             hbuf.copy_from_slice(&x);
             rms_norm(&mut hbuf, &layer.input_norm, self.cfg.rms_norm_eps);
-            let a = layer
-                .attn
-                .forward(li, &hbuf, tokens, &mut seqs, &self.rope)?;
+            let a = layer.attn.forward(li, &hbuf, tokens, &mut seqs, &self.rope)?;
             x.iter_mut().zip(&a).for_each(|(v, d)| *v += d);
             hbuf.copy_from_slice(&x);
             rms_norm(&mut hbuf, &layer.post_norm, self.cfg.rms_norm_eps);
@@ -356,25 +302,22 @@ impl Model {
                 Ffn::Dense(m) => m.forward(&hbuf, tokens),
                 Ffn::Moe { gate, shared } => {
                     let routing = gate.route(&self.cfg.moe, &hbuf, tokens);
-                    let routed = self.executor.execute(RoutedBatch {
-                        layer: li,
-                        hidden: &hbuf,
-                        hidden_size: h,
-                        routing: &routing,
-                    })?;
+                    // The shared expert runs while the routed experts are computed
+                    // (or, with a remote executor, while the dispatch is in flight).
+                    let batch = RoutedBatch { layer: li, hidden: &hbuf, hidden_size: h, routing: &routing };
+                    let (routed, shared_out) = rayon::join(
+                        || self.executor.execute(batch),
+                        || shared.as_ref().map(|m| m.forward(&hbuf, tokens)),
+                    );
+                    let routed = routed?;
                     if routed.len() != tokens * h {
                         return Err(ModelError::Executor(format!(
                             "executor returned {} values for {tokens} tokens of width {h}",
                             routed.len()
                         )));
                     }
-                    match shared {
-                        Some(m) => m
-                            .forward(&hbuf, tokens)
-                            .iter()
-                            .zip(&routed)
-                            .map(|(a, b)| a + b)
-                            .collect(),
+                    match shared_out {
+                        Some(s) => s.iter().zip(&routed).map(|(a, b)| a + b).collect(),
                         None => routed,
                     }
                 }

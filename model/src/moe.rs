@@ -57,11 +57,7 @@ pub struct MlpBias {
 
 impl Mlp {
     pub fn new(gate: Matrix, up: Matrix, down: Matrix, bias: Option<MlpBias>) -> Self {
-        Mlp {
-            gate_up: vstack(gate, up),
-            down,
-            bias,
-        }
+        Mlp { gate_up: vstack(gate, up), down, bias }
     }
 
     pub fn inter(&self) -> usize {
@@ -102,9 +98,7 @@ fn vstack(a: Matrix, b: Matrix) -> Matrix {
     let (rows, cols) = (a.rows() + b.rows(), a.cols());
     debug_assert_eq!(a.cols(), b.cols());
     let data = match (a.view(), b.view()) {
-        (crate::tensor::MatView::Bf16(x), crate::tensor::MatView::Bf16(y)) => {
-            Storage::Bf16([x, y].concat())
-        }
+        (crate::tensor::MatView::Bf16(x), crate::tensor::MatView::Bf16(y)) => Storage::Bf16([x, y].concat()),
         _ => Storage::F32([a.to_f32(), b.to_f32()].concat()),
     };
     Matrix::new(rows, cols, data)
@@ -130,9 +124,7 @@ impl Gate {
         for row in logits.chunks_exact(e) {
             scores.copy_from_slice(row);
             match cfg.scoring {
-                ScoringFunc::Sigmoid => scores
-                    .iter_mut()
-                    .for_each(|s| *s = 1.0 / (1.0 + (-*s).exp())),
+                ScoringFunc::Sigmoid => scores.iter_mut().for_each(|s| *s = 1.0 / (1.0 + (-*s).exp())),
                 ScoringFunc::Softmax => softmax(&mut scores),
             }
             choice.copy_from_slice(&scores);
@@ -142,12 +134,9 @@ impl Gate {
             match cfg.topk_method {
                 TopkMethod::Greedy => {}
                 TopkMethod::NoauxTc => mask_groups(&mut choice, cfg, top2_sum, f32::NEG_INFINITY),
-                TopkMethod::GroupLimitedGreedy => mask_groups(
-                    &mut choice,
-                    cfg,
-                    |g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                    0.0,
-                ),
+                TopkMethod::GroupLimitedGreedy => {
+                    mask_groups(&mut choice, cfg, |g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max), 0.0)
+                }
             }
             let top = top_k_indices(&choice, k);
             // NoauxTc weighs by the unbiased scores; the V2 group-limited gate
@@ -157,23 +146,14 @@ impl Gate {
                 _ => top.iter().map(|&i| choice[i]).collect(),
             };
             if cfg.norm_topk_prob {
-                let denom = w.iter().sum::<f32>()
-                    + if cfg.topk_method == TopkMethod::NoauxTc {
-                        1e-20
-                    } else {
-                        0.0
-                    };
+                let denom = w.iter().sum::<f32>() + if cfg.topk_method == TopkMethod::NoauxTc { 1e-20 } else { 0.0 };
                 w.iter_mut().for_each(|v| *v /= denom);
             }
             w.iter_mut().for_each(|v| *v *= cfg.routed_scaling_factor);
             ids.extend(top.iter().map(|&i| i as u32));
             weights.extend(w);
         }
-        Routing {
-            top_k: k,
-            ids,
-            weights,
-        }
+        Routing { top_k: k, ids, weights }
     }
 }
 
@@ -183,12 +163,7 @@ fn top2_sum(g: &[f32]) -> f32 {
 }
 
 /// Keeps the `topk_group` best groups by `group_score`, filling the rest with `fill`.
-fn mask_groups(
-    choice: &mut [f32],
-    cfg: &MoeConfig,
-    group_score: impl Fn(&[f32]) -> f32,
-    fill: f32,
-) {
+fn mask_groups(choice: &mut [f32], cfg: &MoeConfig, group_score: impl Fn(&[f32]) -> f32, fill: f32) {
     let per = cfg.n_routed_experts / cfg.n_group;
     let gs: Vec<f32> = choice.chunks_exact(per).map(&group_score).collect();
     let keep = top_k_indices(&gs, cfg.topk_group);
@@ -204,11 +179,7 @@ fn mask_groups(
 pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
     let key = |i: usize| {
-        if v[i].is_nan() {
-            f32::NEG_INFINITY
-        } else {
-            v[i]
-        }
+        if v[i].is_nan() { f32::NEG_INFINITY } else { v[i] }
     };
     idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
     idx.truncate(k);
@@ -236,12 +207,7 @@ impl LocalExperts {
     }
 
     pub fn size_bytes(&self) -> usize {
-        self.experts
-            .iter()
-            .flatten()
-            .flatten()
-            .map(Mlp::size_bytes)
-            .sum()
+        self.experts.iter().flatten().flatten().map(Mlp::size_bytes).sum()
     }
 
     /// Inserts or replaces one expert's weights.
@@ -258,11 +224,7 @@ impl LocalExperts {
 
     /// Drops one expert's weights; returns whether it was loaded.
     pub fn remove(&mut self, layer: usize, expert: usize) -> bool {
-        self.experts
-            .get_mut(layer)
-            .and_then(|l| l.get_mut(expert))
-            .and_then(Option::take)
-            .is_some()
+        self.experts.get_mut(layer).and_then(|l| l.get_mut(expert)).and_then(Option::take).is_some()
     }
 
     /// Loaded `(layer, expert)` pairs.
@@ -306,10 +268,7 @@ impl ExpertExecutor for LocalExperts {
         let mut rows = Vec::new();
         for (expert, toks, ws) in group_by_expert(batch.routing) {
             let mlp = self.get(batch.layer, expert as usize).ok_or_else(|| {
-                ModelError::Executor(format!(
-                    "expert {expert} of layer {} is not loaded here",
-                    batch.layer
-                ))
+                ModelError::Executor(format!("expert {expert} of layer {} is not loaded here", batch.layer))
             })?;
             if mlp.gate_up.cols() != h {
                 return Err(ModelError::Executor(format!(
@@ -338,14 +297,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn cfg(
-        method: TopkMethod,
-        scoring: ScoringFunc,
-        n: usize,
-        groups: usize,
-        tg: usize,
-        k: usize,
-    ) -> MoeConfig {
+    fn cfg(method: TopkMethod, scoring: ScoringFunc, n: usize, groups: usize, tg: usize, k: usize) -> MoeConfig {
         MoeConfig {
             n_routed_experts: n,
             experts_per_tok: k,
@@ -364,13 +316,7 @@ mod tests {
     fn noaux_tc_selects_within_best_groups_and_weighs_unbiased() {
         // 4 experts in 2 groups; identity gate so logits = x.
         let gate = Gate {
-            weight: Matrix::from_f32(
-                4,
-                4,
-                (0..16)
-                    .map(|i| if i % 5 == 0 { 1.0 } else { 0.0 })
-                    .collect(),
-            ),
+            weight: Matrix::from_f32(4, 4, (0..16).map(|i| if i % 5 == 0 { 1.0 } else { 0.0 }).collect()),
             correction_bias: Some(vec![0.0, 0.0, 10.0, 10.0]),
         };
         let c = cfg(TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 4, 2, 1, 2);
@@ -419,19 +365,8 @@ mod tests {
         };
         let ex = LocalExperts::new(vec![vec![Some(mk(1.0)), Some(mk(-0.5)), Some(mk(2.0))]]);
         let hidden = vec![0.1, -0.2, 0.3, 0.5, 0.4, -0.1];
-        let routing = Routing {
-            top_k: 2,
-            ids: vec![0, 2, 2, 1],
-            weights: vec![0.3, 0.7, 0.6, 0.4],
-        };
-        let got = ex
-            .execute(RoutedBatch {
-                layer: 0,
-                hidden: &hidden,
-                hidden_size: h,
-                routing: &routing,
-            })
-            .unwrap();
+        let routing = Routing { top_k: 2, ids: vec![0, 2, 2, 1], weights: vec![0.3, 0.7, 0.6, 0.4] };
+        let got = ex.execute(RoutedBatch { layer: 0, hidden: &hidden, hidden_size: h, routing: &routing }).unwrap();
         for t in 0..2 {
             let mut want = vec![0f32; h];
             for j in 0..2 {
@@ -445,19 +380,7 @@ mod tests {
                 assert!((got[t * h + c] - want[c]).abs() < 1e-6);
             }
         }
-        let bad = Routing {
-            top_k: 1,
-            ids: vec![5, 0],
-            weights: vec![1.0, 1.0],
-        };
-        assert!(
-            ex.execute(RoutedBatch {
-                layer: 0,
-                hidden: &hidden,
-                hidden_size: h,
-                routing: &bad
-            })
-            .is_err()
-        );
+        let bad = Routing { top_k: 1, ids: vec![5, 0], weights: vec![1.0, 1.0] };
+        assert!(ex.execute(RoutedBatch { layer: 0, hidden: &hidden, hidden_size: h, routing: &bad }).is_err());
     }
 }

@@ -57,9 +57,7 @@ impl Rope {
         let dim = cfg.dim;
         let half = dim / 2;
         let base = cfg.theta as f32;
-        let pos_freqs: Vec<f32> = (0..half)
-            .map(|i| base.powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let pos_freqs: Vec<f32> = (0..half).map(|i| base.powf((2 * i) as f32 / dim as f32)).collect();
         let (inv_freq, attention_factor) = match &cfg.scaling {
             RopeScaling::Default => (pos_freqs.iter().map(|p| 1.0 / p).collect(), 1.0),
             RopeScaling::Yarn {
@@ -72,10 +70,7 @@ impl Rope {
                 ..
             } => {
                 let corr = |rot: f64| {
-                    dim as f64
-                        * (*original_max_position_embeddings as f64
-                            / (rot * 2.0 * std::f64::consts::PI))
-                            .ln()
+                    dim as f64 * (*original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()
                         / (2.0 * cfg.theta.ln())
                 };
                 let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
@@ -101,11 +96,7 @@ impl Rope {
                 (inv, *attention_factor as f32)
             }
         };
-        Rope {
-            inv_freq,
-            attention_factor,
-            interleaved: cfg.interleaved,
-        }
+        Rope { inv_freq, attention_factor, interleaved: cfg.interleaved }
     }
 
     /// Rotates one head vector `x` (length `dim`) for position `pos`.
@@ -113,15 +104,8 @@ impl Rope {
         let half = self.inv_freq.len();
         for (i, f) in self.inv_freq.iter().enumerate() {
             let angle = pos as f32 * f;
-            let (cos, sin) = (
-                angle.cos() * self.attention_factor,
-                angle.sin() * self.attention_factor,
-            );
-            let (a, b) = if self.interleaved {
-                (2 * i, 2 * i + 1)
-            } else {
-                (i, i + half)
-            };
+            let (cos, sin) = (angle.cos() * self.attention_factor, angle.sin() * self.attention_factor);
+            let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
             let (x1, x2) = (x[a], x[b]);
             x[a] = x1 * cos - x2 * sin;
             x[b] = x2 * cos + x1 * sin;
@@ -135,12 +119,7 @@ mod tests {
 
     #[test]
     fn rope_preserves_norm_and_relative_angle() {
-        let cfg = RopeConfig {
-            theta: 10000.0,
-            dim: 8,
-            interleaved: true,
-            scaling: RopeScaling::Default,
-        };
+        let cfg = RopeConfig { theta: 10000.0, dim: 8, interleaved: true, scaling: RopeScaling::Default };
         let r = Rope::new(&cfg);
         let q: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
         let k: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 * 0.2).collect();

@@ -41,14 +41,12 @@ impl WeightStore {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Weights(format!("{}: {e}", index.display())))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Weights(format!("{}: {e}", index.display())))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| {
-                    ModelError::Weights(format!("{}: missing `weight_map`", index.display()))
-                })?;
+                .ok_or_else(|| ModelError::Weights(format!("{}: missing `weight_map`", index.display())))?;
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort_unstable();
             names.dedup();
@@ -64,27 +62,15 @@ impl WeightStore {
             // writer would be a deployment error, as with every mmap loader.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
             let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                ModelError::Weights(format!(
-                    "{}: corrupt or truncated safetensors file: {e}",
-                    path.display()
-                ))
+                ModelError::Weights(format!("{}: corrupt or truncated safetensors file: {e}", path.display()))
             })?;
             let idx = shards.len();
             for name in meta.tensors().keys() {
                 by_name.insert(name.clone(), idx);
             }
-            shards.push(Shard {
-                path,
-                mmap,
-                data_start: 8 + header_len,
-                meta,
-            });
+            shards.push(Shard { path, mmap, data_start: 8 + header_len, meta });
         }
-        Ok(WeightStore {
-            shards,
-            by_name,
-            fp8_block,
-        })
+        Ok(WeightStore { shards, by_name, fp8_block })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -94,32 +80,17 @@ impl WeightStore {
     pub fn meta(&self, name: &str) -> Option<TensorMeta<'_>> {
         let shard = &self.shards[*self.by_name.get(name)?];
         let info = shard.meta.info(name)?;
-        Some(TensorMeta {
-            dtype: info.dtype,
-            shape: &info.shape,
-        })
+        Some(TensorMeta { dtype: info.dtype, shape: &info.shape })
     }
 
     fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8])> {
-        let idx = *self
-            .by_name
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let idx = *self.by_name.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let shard = &self.shards[idx];
-        let info = shard
-            .meta
-            .info(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let info = shard.meta.info(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let (a, b) = info.data_offsets;
-        let bytes = shard
-            .mmap
-            .get(shard.data_start + a..shard.data_start + b)
-            .ok_or_else(|| {
-                ModelError::Weights(format!(
-                    "{}: tensor {name} lies past the end of the file",
-                    shard.path.display()
-                ))
-            })?;
+        let bytes = shard.mmap.get(shard.data_start + a..shard.data_start + b).ok_or_else(|| {
+            ModelError::Weights(format!("{}: tensor {name} lies past the end of the file", shard.path.display()))
+        })?;
         Ok((info.dtype, &info.shape, bytes))
     }
 
@@ -129,12 +100,7 @@ impl WeightStore {
         let (dtype, shape, bytes) = self.raw(name)?;
         check_shape(name, shape, &[rows, cols])?;
         let storage = match dtype {
-            Dtype::BF16 => Storage::Bf16(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
+            Dtype::BF16 => Storage::Bf16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
             Dtype::F8_E4M3 => Storage::F32(self.dequant_fp8(name, rows, cols, bytes)?),
             _ => Storage::F32(to_f32(name, dtype, bytes)?),
         };
@@ -150,18 +116,12 @@ impl WeightStore {
 
     /// The tensor if present (optional biases), else `None`.
     pub fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
-        if self.contains(name) {
-            self.vector(name, len).map(Some)
-        } else {
-            Ok(None)
-        }
+        if self.contains(name) { self.vector(name, len).map(Some) } else { Ok(None) }
     }
 
     fn dequant_fp8(&self, name: &str, rows: usize, cols: usize, bytes: &[u8]) -> Result<Vec<f32>> {
         let (br, bc) = self.fp8_block.ok_or_else(|| {
-            ModelError::Weights(format!(
-                "tensor {name} is float8_e4m3fn but config.json has no quantization_config"
-            ))
+            ModelError::Weights(format!("tensor {name} is float8_e4m3fn but config.json has no quantization_config"))
         })?;
         let scale_name = format!("{name}_scale_inv");
         let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
@@ -181,29 +141,20 @@ impl WeightStore {
 
 fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
     if found != expected {
-        return Err(ModelError::Shape {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: found.to_vec(),
-        });
+        return Err(ModelError::Shape { name: name.to_string(), expected: expected.to_vec(), found: found.to_vec() });
     }
     Ok(())
 }
 
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => {
+            bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+        }
+        Dtype::F16 => {
+            bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+        }
         other => {
             return Err(ModelError::Weights(format!(
                 "tensor {name} has dtype {other:?}; supported: F32, BF16, F16 (and F8_E4M3 for weight matrices)"
@@ -262,16 +213,8 @@ mod tests {
         std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
         let ws = WeightStore::open(&dir, None).unwrap();
         let err = ws.matrix("w", 2, 8).unwrap_err();
-        assert!(
-            err.to_string().contains("[2, 8]") && err.to_string().contains("[4, 4]"),
-            "{err}"
-        );
-        assert!(
-            ws.matrix("missing", 1, 1)
-                .unwrap_err()
-                .to_string()
-                .contains("missing")
-        );
+        assert!(err.to_string().contains("[2, 8]") && err.to_string().contains("[4, 4]"), "{err}");
+        assert!(ws.matrix("missing", 1, 1).unwrap_err().to_string().contains("missing"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }
