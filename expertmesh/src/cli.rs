@@ -7,6 +7,7 @@ use expertmesh_model::config::Arch;
 use expertmesh_model::generate::{SamplingParams, generate};
 use expertmesh_model::genmodel::{GenDtype, GenSpec, generate_checkpoint};
 use expertmesh_model::model::Model;
+use expertmesh_model::tensor::Precision;
 use expertmesh_model::tokenizer::{ChatMessage, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -64,6 +65,16 @@ struct GenerateArgs {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// Activations in bf16 matrix products: f32 (exact against transformers
+    /// in float32) or bf16 (faster; what torch does in bfloat16).
+    #[arg(long, value_enum, default_value = "f32", env = "EXPERTMESH_PRECISION")]
+    precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -159,7 +170,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Loads a model, with a progress bar on stderr unless `quiet`.
-fn load_model(dir: &Path, quiet: bool) -> Result<Model> {
+fn load_model(dir: &Path, precision: Precision, quiet: bool) -> Result<Model> {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -171,7 +182,7 @@ fn load_model(dir: &Path, quiet: bool) -> Result<Model> {
         b.set_message(dir.display().to_string());
         b
     };
-    let m = Model::load(dir, &mut |done, total| {
+    let m = Model::load(dir, precision, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
@@ -184,7 +195,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed };
     params.validate().context("--temperature/--top-p")?;
     let t0 = Instant::now();
-    let model = load_model(&a.model, a.json)?;
+    let precision = match a.precision {
+        PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    };
+    let model = load_model(&a.model, precision, a.json)?;
     let tok = TextTokenizer::from_dir(&a.model).ok();
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = match (&a.prompt_ids, &a.prompt) {

@@ -3,10 +3,12 @@
 //!
 //! `cargo run --release -p expertmesh-model --example bench -- MODEL_DIR [THREADS]`
 //! prints one JSON line: decode tok/s at batch 1 and 16, prefill tok/s for a
-//! 512-token prompt, and expert FFN GFLOP/s on the checkpoint's expert shape.
+//! 512-token prompt, and expert FFN GFLOP/s on the checkpoint's expert shape,
+//! in the exact f32-activation mode and (`bf16act_*`) the bf16-activation mode.
 
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use expertmesh_model::moe::Mlp;
+use expertmesh_model::tensor::Precision;
 use expertmesh_model::weights::WeightStore;
 use std::time::Instant;
 
@@ -48,9 +50,10 @@ fn prefill(m: &Model, n: usize) -> f64 {
 }
 
 /// GFLOP/s of one expert (gate+up, SwiGLU, down) over `tokens` rows.
-fn expert_ffn(dir: &std::path::Path, tokens: usize) -> f64 {
+fn expert_ffn(dir: &std::path::Path, tokens: usize, p: Precision) -> f64 {
     let cfg = expertmesh_model::config::ModelConfig::from_dir(dir).expect("config");
-    let ws = WeightStore::open(dir, cfg.fp8_block).expect("weights");
+    let mut ws = WeightStore::open(dir, cfg.fp8_block).expect("weights");
+    ws.set_precision(p);
     let layer = cfg.moe_layers().next().expect("a MoE layer");
     let [g, u, d] = expertmesh_model::model::expert_tensor_names(&cfg, layer, 0);
     let (h, i) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
@@ -89,8 +92,9 @@ fn main() {
     let threads: usize = args.next().map(|t| t.parse().expect("THREADS")).unwrap_or(2);
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("thread pool");
     let t0 = Instant::now();
-    let m = Model::load(&dir, &mut |_, _| {}).expect("load");
+    let m = Model::load(&dir, Precision::F32, &mut |_, _| {}).expect("load");
     let load_s = t0.elapsed().as_secs_f64();
+    let mb = Model::load(&dir, Precision::Bf16, &mut |_, _| {}).expect("load");
     let out = serde_json::json!({
         "engine": "expertmesh",
         "threads": threads,
@@ -99,9 +103,14 @@ fn main() {
         "decode_b1_tok_s": decode(&m, 1),
         "decode_b16_tok_s": decode(&m, 16),
         "prefill_512_tok_s": prefill(&m, 512),
-        "expert_ffn_gflops_t1": expert_ffn(&dir, 1),
-        "expert_ffn_gflops_t64": expert_ffn(&dir, 64),
-        "expert_ffn_gflops_t256": expert_ffn(&dir, 256),
+        "expert_ffn_gflops_t1": expert_ffn(&dir, 1, Precision::F32),
+        "expert_ffn_gflops_t64": expert_ffn(&dir, 64, Precision::F32),
+        "expert_ffn_gflops_t256": expert_ffn(&dir, 256, Precision::F32),
+        "bf16act_decode_b1_tok_s": decode(&mb, 1),
+        "bf16act_decode_b16_tok_s": decode(&mb, 16),
+        "bf16act_prefill_512_tok_s": prefill(&mb, 512),
+        "bf16act_expert_ffn_gflops_t64": expert_ffn(&dir, 64, Precision::Bf16),
+        "bf16act_expert_ffn_gflops_t256": expert_ffn(&dir, 256, Precision::Bf16),
     });
     println!("{out}");
 }

@@ -305,7 +305,7 @@ mod tests {
             spec.hidden_size = 64;
             spec.num_layers = 2;
             generate_checkpoint(&spec, &dir).unwrap();
-            let m = Model::load(&dir, &mut |_, _| {}).unwrap();
+            let m = Model::load(&dir, crate::tensor::Precision::F32, &mut |_, _| {}).unwrap();
             let tok = TextTokenizer::from_dir(&dir).unwrap();
             assert_eq!(tok.vocab_size(), m.config().vocab_size);
             let text = tok

@@ -7,7 +7,7 @@
 //! AVX-512 path is chosen at run time; a portable path covers other CPUs.
 //! `docs/benchmarks.md` compares it with torch on the same shapes.
 
-use crate::tensor::MatView;
+use crate::tensor::{MatView, bf16_to_f32, f32_to_bf16};
 use rayon::prelude::*;
 
 /// Output rows handled together by one micro-kernel call.
@@ -40,6 +40,12 @@ pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, 
         MatView::Bf16(_) if avx512::available() => Some(avx512::permute_pairs(x, t, k_dim)),
         _ => None,
     };
+    // bf16-activation mode: round the activations once per call.
+    let xb: Option<Vec<u16>> = match w {
+        MatView::Bf16Act(_) => Some(x.iter().map(|&v| f32_to_bf16(v)).collect()),
+        _ => None,
+    };
+    let xb = xb.as_deref();
     #[cfg(not(target_arch = "x86_64"))]
     let xperm: Option<Vec<f32>> = None;
     let xperm = xperm.as_deref();
@@ -48,7 +54,7 @@ pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, 
         let j1 = (j0 + block).min(n);
         // SAFETY: every task writes only columns j0..j1 of `out`, disjoint
         // from all other tasks, and `out` outlives the parallel loop.
-        unsafe { matmul_block(x, xperm, t, w, n, k_dim, j0, j1, out_ptr) }
+        unsafe { matmul_block(x, xperm, xb, t, w, n, k_dim, j0, j1, out_ptr) }
     };
     if par {
         (0..n.div_ceil(block)).into_par_iter().for_each(|b| run(b * block));
@@ -77,6 +83,7 @@ unsafe impl Sync for SendPtr {}
 unsafe fn matmul_block(
     x: &[f32],
     xperm: Option<&[f32]>,
+    xb: Option<&[u16]>,
     t: usize,
     w: MatView<'_>,
     n: usize,
@@ -85,6 +92,24 @@ unsafe fn matmul_block(
     j1: usize,
     out: SendPtr,
 ) {
+    if let (MatView::Bf16Act(ws), Some(xb)) = (w, xb) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::bf16_dot_available() {
+            // SAFETY: features checked; bounds as documented.
+            unsafe { avx512::dot_bf16::block(xb, t, ws, n, k_dim, j0, j1, out.0) };
+            return;
+        }
+        for j in j0..j1 {
+            for ti in 0..t {
+                let xr = &xb[ti * k_dim..(ti + 1) * k_dim];
+                let wr = &ws[j * k_dim..(j + 1) * k_dim];
+                let s: f32 = xr.iter().zip(wr).map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b)).sum();
+                // SAFETY: ti < t, j < n; column j belongs to this block.
+                unsafe { *out.0.add(ti * n + j) = s };
+            }
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
         // SAFETY: feature checked above; bounds as documented.
@@ -92,7 +117,7 @@ unsafe fn matmul_block(
             match (w, xperm) {
                 (MatView::Bf16(ws), Some(xp)) => avx512::pairs::block(x, xp, t, ws, n, k_dim, j0, j1, out.0),
                 (MatView::F32(ws), _) => avx512::block(x, t, ws, n, k_dim, j0, j1, out.0),
-                (MatView::Bf16(ws), None) => avx512::block(x, t, ws, n, k_dim, j0, j1, out.0),
+                (MatView::Bf16(ws) | MatView::Bf16Act(ws), _) => avx512::block(x, t, ws, n, k_dim, j0, j1, out.0),
             }
         }
         return;
@@ -212,6 +237,102 @@ mod avx512 {
                 ti += tb;
             }
             j += r;
+        }
+    }
+
+    pub fn bf16_dot_available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| available() && is_x86_feature_detected!("avx512bf16"))
+    }
+
+    /// bf16 × bf16 products with `vdpbf16ps` (pairs of products summed into
+    /// f32 lanes): twice the multiply rate of the f32 path.
+    pub mod dot_bf16 {
+        use super::{ROWS, TOKS};
+        use crate::tensor::bf16_to_f32;
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// AVX-512F and AVX512-BF16 available; `out` holds `t * n` floats;
+        /// columns `j0..j1` belong to the caller alone.
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn block(xb: &[u16], t: usize, w: &[u16], n: usize, k: usize, j0: usize, j1: usize, out: *mut f32) {
+            let mut j = j0;
+            // SAFETY (all calls below): row and token ranges are in bounds by
+            // construction and columns j0..j1 belong to the caller.
+            while j < j1 {
+                let r = (j1 - j).min(ROWS);
+                let mut ti = 0;
+                while ti < t {
+                    let tb = (t - ti).min(TOKS);
+                    unsafe {
+                        match (r, tb) {
+                            (4, 4) => tile::<4, 4>(xb, w, n, k, j, ti, out),
+                            (4, 3) => tile::<4, 3>(xb, w, n, k, j, ti, out),
+                            (4, 2) => tile::<4, 2>(xb, w, n, k, j, ti, out),
+                            (4, 1) => tile::<4, 1>(xb, w, n, k, j, ti, out),
+                            _ => {
+                                for jj in j..j + r {
+                                    for tt in ti..ti + tb {
+                                        tile::<1, 1>(xb, w, n, k, jj, tt, out)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    ti += tb;
+                }
+                j += r;
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        #[inline]
+        unsafe fn tile<const R: usize, const B: usize>(
+            xb: &[u16],
+            w: &[u16],
+            n: usize,
+            k: usize,
+            j: usize,
+            ti: usize,
+            out: *mut f32,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); B]; R];
+            let main = k - k % 32;
+            let mut c = 0;
+            while c < main {
+                let mut xv = [_mm512_setzero_si512(); B];
+                for (b, v) in xv.iter_mut().enumerate() {
+                    // SAFETY: token ti+b exists and c+32 ≤ k.
+                    *v = unsafe { _mm512_loadu_si512(xb.as_ptr().add((ti + b) * k + c) as *const _) };
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: row j+r exists and c+32 ≤ k.
+                    let wv = unsafe { _mm512_loadu_si512(w.as_ptr().add((j + r) * k + c) as *const _) };
+                    for (b, a) in row.iter_mut().enumerate() {
+                        // SAFETY: __m512i and __m512bh are the same 512 bits.
+                        let (wb, xv): (__m512bh, __m512bh) = unsafe {
+                            (
+                                std::mem::transmute::<__m512i, __m512bh>(wv),
+                                std::mem::transmute::<__m512i, __m512bh>(xv[b]),
+                            )
+                        };
+                        *a = _mm512_dpbf16_ps(*a, wb, xv);
+                    }
+                }
+                c += 32;
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (b, a) in row.iter().enumerate() {
+                    let mut s = _mm512_reduce_add_ps(*a);
+                    for cc in main..k {
+                        s += bf16_to_f32(w[(j + r) * k + cc]) * bf16_to_f32(xb[(ti + b) * k + cc]);
+                    }
+                    // SAFETY: (ti+b, j+r) is inside the output and this block.
+                    unsafe { *out.add((ti + b) * n + j + r) = s };
+                }
+            }
         }
     }
 
@@ -421,6 +542,11 @@ mod tests {
             let wbf: Vec<f32> = wb.iter().map(|&v| crate::tensor::bf16_to_f32(v)).collect();
             let want = reference(&x, t, &wbf, n, k);
             let got = matmul(&x, t, MatView::Bf16(&wb), n, k);
+            for (a, b) in got.iter().zip(&want) { prop_assert!((a - b).abs() < 1e-4, "{a} vs {b}"); }
+            // bf16-activation mode equals the product of bf16-rounded inputs.
+            let xr: Vec<f32> = x.iter().map(|&v| crate::tensor::bf16_to_f32(f32_to_bf16(v))).collect();
+            let want = reference(&xr, t, &wbf, n, k);
+            let got = matmul(&x, t, MatView::Bf16Act(&wb), n, k);
             for (a, b) in got.iter().zip(&want) { prop_assert!((a - b).abs() < 1e-4, "{a} vs {b}"); }
         }
     }

@@ -7,7 +7,7 @@ use crate::error::{ModelError, Result};
 use crate::kernels::matmul;
 use crate::moe::{ExpertExecutor, Gate, LocalExperts, Mlp, MlpBias, RoutedBatch};
 use crate::ops::{Rope, rms_norm};
-use crate::tensor::{MatView, Matrix};
+use crate::tensor::{MatView, Matrix, Precision};
 use crate::weights::WeightStore;
 use std::path::Path;
 use std::sync::Arc;
@@ -104,9 +104,10 @@ pub fn load_experts(
 
 impl Model {
     /// Loads config, dense weights and all routed experts into one process.
-    pub fn load(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+    pub fn load(dir: &Path, precision: Precision, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
         let cfg = ModelConfig::from_dir(dir)?;
-        let ws = WeightStore::open(dir, cfg.fp8_block)?;
+        let mut ws = WeightStore::open(dir, cfg.fp8_block)?;
+        ws.set_precision(precision);
         let experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
         Model::load_dense(cfg, &ws, Arc::new(experts), progress)
     }
@@ -180,8 +181,11 @@ impl Model {
                 )?),
                 FfnKind::Moe => {
                     let m = if cfg.arch == Arch::Mixtral { "block_sparse_moe" } else { "mlp" };
+                    // Routing runs in f32 whatever the precision mode, as in transformers.
+                    let mut weight = ws.matrix(&format!("{p}{m}.gate.weight"), cfg.moe.n_routed_experts, h)?;
+                    weight.set_precision(Precision::F32);
                     let gate = Gate {
-                        weight: ws.matrix(&format!("{p}{m}.gate.weight"), cfg.moe.n_routed_experts, h)?,
+                        weight,
                         correction_bias: ws
                             .opt_vector(&format!("{p}{m}.gate.e_score_correction_bias"), cfg.moe.n_routed_experts)?,
                     };

@@ -5,7 +5,7 @@ use crate::config::{MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::{ModelError, Result};
 use crate::kernels::matmul;
 use crate::ops::{softmax, swiglu};
-use crate::tensor::{Matrix, Storage};
+use crate::tensor::{MatView, Matrix, Storage};
 
 /// Top-k routing of a batch: `ids[t * k + j]` is token t's j-th expert.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,10 +98,14 @@ fn vstack(a: Matrix, b: Matrix) -> Matrix {
     let (rows, cols) = (a.rows() + b.rows(), a.cols());
     debug_assert_eq!(a.cols(), b.cols());
     let data = match (a.view(), b.view()) {
-        (crate::tensor::MatView::Bf16(x), crate::tensor::MatView::Bf16(y)) => Storage::Bf16([x, y].concat()),
+        (MatView::Bf16(x) | MatView::Bf16Act(x), MatView::Bf16(y) | MatView::Bf16Act(y)) => {
+            Storage::Bf16([x, y].concat())
+        }
         _ => Storage::F32([a.to_f32(), b.to_f32()].concat()),
     };
-    Matrix::new(rows, cols, data)
+    let mut m = Matrix::new(rows, cols, data);
+    m.set_precision(a.precision());
+    m
 }
 
 /// The router ("gate") of one MoE layer.

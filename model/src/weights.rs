@@ -5,7 +5,7 @@
 //! truncated or corrupt file is an error naming the file, never a panic.
 
 use crate::error::{ModelError, Result};
-use crate::tensor::{Matrix, Storage};
+use crate::tensor::{Matrix, Precision, Storage};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata};
@@ -26,6 +26,7 @@ pub struct WeightStore {
     shards: Vec<Shard>,
     by_name: HashMap<String, usize>,
     fp8_block: Option<(usize, usize)>,
+    precision: Precision,
 }
 
 /// A tensor's raw description, for callers that only need shapes.
@@ -70,7 +71,12 @@ impl WeightStore {
             }
             shards.push(Shard { path, mmap, data_start: 8 + header_len, meta });
         }
-        Ok(WeightStore { shards, by_name, fp8_block })
+        Ok(WeightStore { shards, by_name, fp8_block, precision: Precision::F32 })
+    }
+
+    /// Precision mode of the matrices loaded from now on.
+    pub fn set_precision(&mut self, p: Precision) {
+        self.precision = p;
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -104,7 +110,9 @@ impl WeightStore {
             Dtype::F8_E4M3 => Storage::F32(self.dequant_fp8(name, rows, cols, bytes)?),
             _ => Storage::F32(to_f32(name, dtype, bytes)?),
         };
-        Ok(Matrix::new(rows, cols, storage))
+        let mut m = Matrix::new(rows, cols, storage);
+        m.set_precision(self.precision);
+        Ok(m)
     }
 
     /// A 1-D tensor (norm weights, biases) as f32.

@@ -6,6 +6,7 @@
 //! (observed max ≈ 1e-5 on these logits of magnitude ≤ ~5).
 
 use expertmesh_model::model::{Logits, Model, SeqChunk};
+use expertmesh_model::tensor::Precision;
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -24,9 +25,13 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(case: &str) -> (Model, Reference) {
+    load_with(case, Precision::F32)
+}
+
+fn load_with(case: &str, p: Precision) -> (Model, Reference) {
     let dir = fixtures().join(case);
     let r: Reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let m = Model::load(&dir, &mut |_, _| {}).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let m = Model::load(&dir, p, &mut |_, _| {}).unwrap_or_else(|e| panic!("{case}: {e}"));
     (m, r)
 }
 
@@ -165,4 +170,23 @@ fn bad_input_is_refused_without_touching_the_cache() {
     assert!(e.to_string().contains("max_position_embeddings"), "{e}");
     assert_eq!(c.len(), before);
     assert!(m.forward(&mut [SeqChunk { tokens: &[], cache: &mut c }], Logits::Last).is_err());
+}
+
+/// bf16-activation mode on the bf16 checkpoint. Tolerance 0.05: each product
+/// input is rounded to bf16 (relative error ≤ 2⁻⁹), which over three layers
+/// moves these logits (|logit| ≲ 5) by a few 1e-3 to 1e-2; a wrong kernel or
+/// a mis-set gate moves them by ≫ 0.1.
+#[test]
+fn bf16_activation_mode_stays_close() {
+    let (m, r) = load_with("deepseek_v3_yarn_bf16", Precision::Bf16);
+    let mut cache = m.new_cache();
+    let out = m.forward(&mut [SeqChunk { tokens: &r.prompt_ids, cache: &mut cache }], Logits::All).unwrap();
+    let v = m.config().vocab_size;
+    let mut worst = 0f32;
+    for (i, want) in r.prompt_logits.iter().enumerate() {
+        worst = worst.max(max_diff(&out[0][i * v..(i + 1) * v], want));
+    }
+    eprintln!("bf16 activations: max |Δlogit| {worst:.2e}");
+    assert!(worst < 0.05, "max |Δlogit| = {worst}");
+    assert!(worst > 0.0, "bf16 mode must actually round the activations");
 }
