@@ -75,7 +75,10 @@ fn mlp(ws: &WeightStore, prefix: &str, names: [&str; 3], hidden: usize, inter: u
 }
 
 fn linear(ws: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear { w: ws.matrix(&format!("{name}.weight"), out, inp)?, b: ws.opt_vector(&format!("{name}.bias"), out)? })
+    Ok(Linear {
+        w: ws.matrix(&format!("{name}.weight"), out, inp)?.packed(),
+        b: ws.opt_vector(&format!("{name}.bias"), out)?,
+    })
 }
 
 /// Loads the routed experts accepted by `want(layer, expert)`.
@@ -214,7 +217,7 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
             None
         } else {
-            Some(ws.matrix("lm_head.weight", cfg.vocab_size, h)?)
+            Some(ws.matrix("lm_head.weight", cfg.vocab_size, h)?.packed())
         };
         Ok(Model {
             norm: ws.vector("model.norm.weight", h)?,

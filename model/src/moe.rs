@@ -57,7 +57,7 @@ pub struct MlpBias {
 
 impl Mlp {
     pub fn new(gate: Matrix, up: Matrix, down: Matrix, bias: Option<MlpBias>) -> Self {
-        Mlp { gate_up: vstack(gate, up), down, bias }
+        Mlp { gate_up: vstack(gate, up).packed(), down: down.packed(), bias }
     }
 
     pub fn inter(&self) -> usize {

@@ -6,12 +6,16 @@
 //! Activations are always f32, so every product is bf16/f32 × f32 with f32
 //! accumulation: the same numbers transformers gets when it runs in float32.
 
+use crate::kernels::packed;
+
 /// Storage of a row-major matrix.
 #[derive(Debug, Clone)]
 pub enum Storage {
     F32(Vec<f32>),
     /// Raw bfloat16 bits.
     Bf16(Vec<u16>),
+    /// bf16 in the kernels' packed layout (`kernels::packed`).
+    Bf16Packed(Vec<u16>),
 }
 
 /// A 2-D row-major weight matrix `[rows, cols]` (`nn.Linear` layout: one row per
@@ -47,6 +51,13 @@ pub enum MatView<'a> {
     Bf16(&'a [u16]),
     /// bf16 weights multiplied with bf16-rounded activations.
     Bf16Act(&'a [u16]),
+    /// bf16 weights in the packed layout, `rows × k` logically.
+    Packed {
+        w: &'a [u16],
+        rows: usize,
+        k: usize,
+        bf16_act: bool,
+    },
 }
 
 impl Matrix {
@@ -56,8 +67,9 @@ impl Matrix {
             match &data {
                 Storage::F32(v) => v.len(),
                 Storage::Bf16(v) => v.len(),
+                Storage::Bf16Packed(v) => v.len() / (2 * packed::pairs(cols)) / packed::BLOCK * packed::BLOCK * cols,
             },
-            rows * cols
+            rows.next_multiple_of(if matches!(data, Storage::Bf16Packed(_)) { packed::BLOCK } else { 1 }) * cols
         );
         Matrix { rows, cols, data, bf16_act: false }
     }
@@ -68,7 +80,16 @@ impl Matrix {
 
     /// Applies a precision mode; only bf16 matrices are affected.
     pub fn set_precision(&mut self, p: Precision) {
-        self.bf16_act = p == Precision::Bf16 && matches!(self.data, Storage::Bf16(_));
+        self.bf16_act = p == Precision::Bf16 && matches!(self.data, Storage::Bf16(_) | Storage::Bf16Packed(_));
+    }
+
+    /// Re-lays bf16 weights out for the packed kernels (other dtypes are
+    /// returned as they are). Use for matrices only ever multiplied whole.
+    pub fn packed(self) -> Matrix {
+        match self.data {
+            Storage::Bf16(v) => Matrix { data: Storage::Bf16Packed(packed::pack(&v, self.rows, self.cols)), ..self },
+            _ => self,
+        }
     }
 
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
@@ -95,6 +116,13 @@ impl Matrix {
             Storage::F32(v) => MatView::F32(&v[a..b]),
             Storage::Bf16(v) if self.bf16_act => MatView::Bf16Act(&v[a..b]),
             Storage::Bf16(v) => MatView::Bf16(&v[a..b]),
+            Storage::Bf16Packed(v) => {
+                // Packed data splits only at block boundaries.
+                debug_assert!(r0.is_multiple_of(packed::BLOCK) && (r1.is_multiple_of(packed::BLOCK) || r1 == self.rows));
+                let per_block = 2 * packed::pairs(self.cols) * packed::BLOCK;
+                let (pa, pb) = (r0 / packed::BLOCK * per_block, r1.div_ceil(packed::BLOCK) * per_block);
+                MatView::Packed { w: &v[pa..pb], rows: r1 - r0, k: self.cols, bf16_act: self.bf16_act }
+            }
         }
     }
 
@@ -102,7 +130,7 @@ impl Matrix {
     pub fn size_bytes(&self) -> usize {
         match &self.data {
             Storage::F32(v) => v.len() * 4,
-            Storage::Bf16(v) => v.len() * 2,
+            Storage::Bf16(v) | Storage::Bf16Packed(v) => v.len() * 2,
         }
     }
 
@@ -111,6 +139,10 @@ impl Matrix {
         match &self.data {
             Storage::F32(v) => v.clone(),
             Storage::Bf16(v) => v.iter().map(|&b| bf16_to_f32(b)).collect(),
+            Storage::Bf16Packed(_) => {
+                let view = self.view();
+                (0..self.rows * self.cols).map(|i| view.get(i)).collect()
+            }
         }
     }
 }
@@ -120,6 +152,7 @@ impl MatView<'_> {
         match self {
             MatView::F32(v) => v.len(),
             MatView::Bf16(v) | MatView::Bf16Act(v) => v.len(),
+            MatView::Packed { rows, k, .. } => rows * k,
         }
     }
 
@@ -133,6 +166,7 @@ impl MatView<'_> {
         match self {
             MatView::F32(v) => v[i],
             MatView::Bf16(v) | MatView::Bf16Act(v) => bf16_to_f32(v[i]),
+            MatView::Packed { w, k, .. } => bf16_to_f32(w[packed::index(i / k, i % k, packed::pairs(*k))]),
         }
     }
 }

@@ -7,6 +7,8 @@
 //! AVX-512 path is chosen at run time; a portable path covers other CPUs.
 //! `docs/benchmarks.md` compares it with torch on the same shapes.
 
+pub mod packed;
+
 use crate::tensor::{MatView, bf16_to_f32, f32_to_bf16};
 use rayon::prelude::*;
 
@@ -22,6 +24,10 @@ pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, 
     assert_eq!(w.len(), n * k_dim, "matmul: weight length");
     assert_eq!(out.len(), t * n, "matmul: output length");
     if t == 0 || n == 0 {
+        return;
+    }
+    if let MatView::Packed { w, bf16_act, .. } = w {
+        matmul_packed(x, t, w, n, k_dim, bf16_act, out);
         return;
     }
     let flops = t * n * k_dim;
@@ -63,6 +69,25 @@ pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, 
     }
 }
 
+fn matmul_packed(x: &[f32], t: usize, w: &[u16], n: usize, k: usize, bf16_act: bool, out: &mut [f32]) {
+    let acts = packed::prepare(x, t, k, bf16_act);
+    let blocks = n.div_ceil(packed::BLOCK);
+    let par = t * n * k >= 1 << 18 && rayon::current_num_threads() > 1;
+    // Whole 32-row pairs of blocks per task where possible (the micro-kernel's width).
+    let per = if par { blocks.div_ceil(rayon::current_num_threads() * 4).next_multiple_of(2) } else { blocks };
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let run = |b0: usize| {
+        let (j0, j1) = (b0 * packed::BLOCK, ((b0 + per) * packed::BLOCK).min(blocks * packed::BLOCK));
+        // SAFETY: tasks own disjoint column ranges; `out` outlives the loop.
+        unsafe { packed::block(&acts, t, w, n, k, j0, j1, out_ptr.get()) }
+    };
+    if par {
+        (0..blocks.div_ceil(per)).into_par_iter().for_each(|i| run(i * per));
+    } else {
+        run(0);
+    }
+}
+
 /// Allocating form of [`matmul_into`].
 pub fn matmul(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize) -> Vec<f32> {
     let mut out = vec![0.0; t * n];
@@ -72,6 +97,13 @@ pub fn matmul(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize) -> Ve
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// A method (not a field access) so closures capture the Send wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: used only for disjoint writes inside `matmul_into`.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -118,6 +150,8 @@ unsafe fn matmul_block(
                 (MatView::Bf16(ws), Some(xp)) => avx512::pairs::block(x, xp, t, ws, n, k_dim, j0, j1, out.0),
                 (MatView::F32(ws), _) => avx512::block(x, t, ws, n, k_dim, j0, j1, out.0),
                 (MatView::Bf16(ws) | MatView::Bf16Act(ws), _) => avx512::block(x, t, ws, n, k_dim, j0, j1, out.0),
+                // Packed weights never get here: `matmul_into` sends them to `matmul_packed`.
+                (MatView::Packed { .. }, _) => {}
             }
         }
         return;
@@ -548,6 +582,29 @@ mod tests {
             let want = reference(&xr, t, &wbf, n, k);
             let got = matmul(&x, t, MatView::Bf16Act(&wb), n, k);
             for (a, b) in got.iter().zip(&want) { prop_assert!((a - b).abs() < 1e-4, "{a} vs {b}"); }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn packed_matches_row_major(t in 1usize..11, n in 1usize..70, k in 1usize..75, seed in 0u64..1000) {
+            use crate::tensor::{Matrix, Precision};
+            let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(7);
+            let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5 };
+            let x: Vec<f32> = (0..t * k).map(|_| next()).collect();
+            let wb: Vec<u16> = (0..n * k).map(|_| f32_to_bf16(next())).collect();
+            for p in [Precision::F32, Precision::Bf16] {
+                let mut m = Matrix::new(n, k, crate::tensor::Storage::Bf16(wb.clone()));
+                m.set_precision(p);
+                let want = matmul(&x, t, m.view(), n, k);
+                let packed = m.clone().packed();
+                let is_packed = matches!(packed.view(), MatView::Packed { .. });
+                prop_assert!(is_packed);
+                let got = matmul(&x, t, packed.view(), n, k);
+                for (a, b) in got.iter().zip(&want) { prop_assert!((a - b).abs() < 1e-4, "{p:?}: {a} vs {b}"); }
+                prop_assert_eq!(packed.to_f32(), m.to_f32());
+            }
         }
     }
 
