@@ -78,11 +78,12 @@ pub struct Mla {
     pub q: QProj,
     pub kv_a: Linear,
     pub kv_norm: Vec<f32>,
-    /// `[heads * (qk_nope + v), kv_lora_rank]`.
-    pub kv_b: Matrix,
     /// Per head `W_ukᵀ` (`[kv_lora_rank, qk_nope]`, f32): folds the key
     /// up-projection into the query so scores are taken against the latent.
     pub w_uk_t: Vec<Matrix>,
+    /// Per head `W_uv` (`[v_head_dim, kv_lora_rank]`): applied after
+    /// attending over the latent, so the cache is never re-expanded.
+    pub w_uv: Vec<Matrix>,
     pub o: Linear,
     pub eps: f32,
     pub scale: f32,
@@ -114,7 +115,13 @@ impl Mla {
                 Matrix::from_f32(r, dn, t)
             })
             .collect();
-        Mla { cfg, q, kv_a, kv_norm, kv_b, w_uk_t, o, eps, scale }
+        let w_uv = (0..cfg.num_heads)
+            .map(|h| {
+                let base = h * (dn + dv) + dn;
+                kv_b.slice_rows(base, base + dv).packed()
+            })
+            .collect();
+        Mla { cfg, q, kv_a, kv_norm, w_uk_t, w_uv, o, eps, scale }
     }
 
     pub fn forward(
@@ -187,8 +194,7 @@ impl Mla {
                 let src = (t * nh + h) * r;
                 lh[t * r..(t + 1) * r].copy_from_slice(&latent_out[src..src + r]);
             }
-            let base = h * (dn + dv) + dn;
-            let vh = matmul(&lh, tokens, self.kv_b.rows_view(base, base + dv), dv, r);
+            let vh = matmul(&lh, tokens, self.w_uv[h].view(), dv, r);
             for t in 0..tokens {
                 let dst = t * nh * dv + h * dv;
                 heads[dst..dst + dv].copy_from_slice(&vh[t * dv..(t + 1) * dv]);

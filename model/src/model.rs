@@ -213,7 +213,8 @@ impl Model {
             });
             progress(i + 1, cfg.num_layers);
         }
-        let embed = ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        // Packed: it doubles as the LM head when the embeddings are tied.
+        let embed = ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?.packed();
         let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
             None
         } else {
@@ -287,8 +288,9 @@ impl Model {
         let mut x = Vec::with_capacity(tokens * h);
         for s in batch.iter() {
             for &t in s.tokens {
-                let row = self.embed.rows_view(t as usize, t as usize + 1);
-                x.extend((0..h).map(|i| row.get(i)));
+                // Element-wise, so it works on the packed layout (one row per token is cheap).
+                let (emb, base) = (self.embed.view(), t as usize * h);
+                x.extend((0..h).map(|i| emb.get(base + i)));
             }
         }
         let mut seqs = Vec::with_capacity(batch.len());

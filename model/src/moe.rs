@@ -98,9 +98,7 @@ fn vstack(a: Matrix, b: Matrix) -> Matrix {
     let (rows, cols) = (a.rows() + b.rows(), a.cols());
     debug_assert_eq!(a.cols(), b.cols());
     let data = match (a.view(), b.view()) {
-        (MatView::Bf16(x) | MatView::Bf16Act(x), MatView::Bf16(y) | MatView::Bf16Act(y)) => {
-            Storage::Bf16([x, y].concat())
-        }
+        (MatView::Bf16(x), MatView::Bf16(y)) => Storage::Bf16([x, y].concat()),
         _ => Storage::F32([a.to_f32(), b.to_f32()].concat()),
     };
     let mut m = Matrix::new(rows, cols, data);

@@ -25,7 +25,8 @@ pub struct Matrix {
     rows: usize,
     cols: usize,
     data: Storage,
-    /// Multiply with bf16-rounded activations (see [`Precision::Bf16`]).
+    /// Multiply with bf16-rounded activations (see [`Precision::Bf16`]);
+    /// takes effect once the matrix is [`packed`](Matrix::packed).
     bf16_act: bool,
 }
 
@@ -49,8 +50,6 @@ pub enum Precision {
 pub enum MatView<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
-    /// bf16 weights multiplied with bf16-rounded activations.
-    Bf16Act(&'a [u16]),
     /// bf16 weights in the packed layout, `rows × k` logically.
     Packed {
         w: &'a [u16],
@@ -83,6 +82,17 @@ impl Matrix {
         self.bf16_act = p == Precision::Bf16 && matches!(self.data, Storage::Bf16(_) | Storage::Bf16Packed(_));
     }
 
+    /// A copy of rows `r0..r1` with the same dtype and precision.
+    pub fn slice_rows(&self, r0: usize, r1: usize) -> Matrix {
+        let (a, b) = (r0 * self.cols, r1 * self.cols);
+        let data = match &self.data {
+            Storage::F32(v) => Storage::F32(v[a..b].to_vec()),
+            Storage::Bf16(v) => Storage::Bf16(v[a..b].to_vec()),
+            Storage::Bf16Packed(_) => Storage::F32(self.to_f32()[a..b].to_vec()),
+        };
+        Matrix { rows: r1 - r0, cols: self.cols, data, bf16_act: self.bf16_act }
+    }
+
     /// Re-lays bf16 weights out for the packed kernels (other dtypes are
     /// returned as they are). Use for matrices only ever multiplied whole.
     pub fn packed(self) -> Matrix {
@@ -90,6 +100,12 @@ impl Matrix {
             Storage::Bf16(v) => Matrix { data: Storage::Bf16Packed(packed::pack(&v, self.rows, self.cols)), ..self },
             _ => self,
         }
+    }
+
+    /// A bf16 matrix from raw bf16 bits.
+    pub fn from_bf16(rows: usize, cols: usize, bits: Vec<u16>) -> Self {
+        assert_eq!(bits.len(), rows * cols, "matrix data length");
+        Matrix::new(rows, cols, Storage::Bf16(bits))
     }
 
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
@@ -106,23 +122,10 @@ impl Matrix {
     }
 
     pub fn view(&self) -> MatView<'_> {
-        self.rows_view(0, self.rows)
-    }
-
-    /// Rows `r0..r1` as a view (used to split fused projections per head).
-    pub fn rows_view(&self, r0: usize, r1: usize) -> MatView<'_> {
-        let (a, b) = (r0 * self.cols, r1 * self.cols);
         match &self.data {
-            Storage::F32(v) => MatView::F32(&v[a..b]),
-            Storage::Bf16(v) if self.bf16_act => MatView::Bf16Act(&v[a..b]),
-            Storage::Bf16(v) => MatView::Bf16(&v[a..b]),
-            Storage::Bf16Packed(v) => {
-                // Packed data splits only at block boundaries.
-                debug_assert!(r0.is_multiple_of(packed::BLOCK) && (r1.is_multiple_of(packed::BLOCK) || r1 == self.rows));
-                let per_block = 2 * packed::pairs(self.cols) * packed::BLOCK;
-                let (pa, pb) = (r0 / packed::BLOCK * per_block, r1.div_ceil(packed::BLOCK) * per_block);
-                MatView::Packed { w: &v[pa..pb], rows: r1 - r0, k: self.cols, bf16_act: self.bf16_act }
-            }
+            Storage::F32(v) => MatView::F32(v),
+            Storage::Bf16(v) => MatView::Bf16(v),
+            Storage::Bf16Packed(v) => MatView::Packed { w: v, rows: self.rows, k: self.cols, bf16_act: self.bf16_act },
         }
     }
 
@@ -151,7 +154,7 @@ impl MatView<'_> {
     pub fn len(&self) -> usize {
         match self {
             MatView::F32(v) => v.len(),
-            MatView::Bf16(v) | MatView::Bf16Act(v) => v.len(),
+            MatView::Bf16(v) => v.len(),
             MatView::Packed { rows, k, .. } => rows * k,
         }
     }
@@ -165,7 +168,7 @@ impl MatView<'_> {
     pub fn get(&self, i: usize) -> f32 {
         match self {
             MatView::F32(v) => v[i],
-            MatView::Bf16(v) | MatView::Bf16Act(v) => bf16_to_f32(v[i]),
+            MatView::Bf16(v) => bf16_to_f32(v[i]),
             MatView::Packed { w, k, .. } => bf16_to_f32(w[packed::index(i / k, i % k, packed::pairs(*k))]),
         }
     }
