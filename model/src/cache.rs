@@ -66,24 +66,4 @@ impl KvCache {
             }
         }
     }
-
-    /// Bytes held by cached values.
-    pub fn size_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerCache::Mla { latent, .. } => latent.len() * 4,
-                LayerCache::Gqa { k, v, .. } => k.iter().chain(v).map(|x| x.len() * 4).sum(),
-            })
-            .sum()
-    }
-
-    /// Bytes one more token costs, for KV-cache memory budgets.
-    pub fn bytes_per_token(cfg: &ModelConfig) -> usize {
-        let per_layer = match &cfg.attention {
-            AttentionConfig::Mla(m) => m.kv_lora_rank + m.qk_rope_head_dim,
-            AttentionConfig::Gqa(g) => 2 * g.num_kv_heads * g.head_dim,
-        };
-        per_layer * cfg.num_layers * 4
-    }
 }

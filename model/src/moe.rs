@@ -26,12 +26,6 @@ pub struct RoutedBatch<'a> {
     pub routing: &'a Routing,
 }
 
-impl RoutedBatch<'_> {
-    pub fn tokens(&self) -> usize {
-        self.hidden.len() / self.hidden_size
-    }
-}
-
 /// Computes `Σ_j weight[t, j] · expert[ids[t, j]](hidden[t])` for every token.
 ///
 /// The model calls it once per MoE layer per forward step with every token of
@@ -78,10 +72,6 @@ impl Mlp {
             add_bias(&mut out, &b.down);
         }
         out
-    }
-
-    pub fn size_bytes(&self) -> usize {
-        self.gate_up.size_bytes() + self.down.size_bytes()
     }
 }
 
@@ -200,16 +190,8 @@ impl LocalExperts {
         LocalExperts { experts }
     }
 
-    pub fn has(&self, layer: usize, expert: usize) -> bool {
-        self.get(layer, expert).is_some()
-    }
-
     fn get(&self, layer: usize, expert: usize) -> Option<&Mlp> {
         self.experts.get(layer)?.get(expert)?.as_ref()
-    }
-
-    pub fn size_bytes(&self) -> usize {
-        self.experts.iter().flatten().flatten().map(Mlp::size_bytes).sum()
     }
 
     /// Inserts or replaces one expert's weights.
@@ -222,24 +204,6 @@ impl LocalExperts {
             l.resize_with(expert + 1, || None);
         }
         l[expert] = Some(mlp);
-    }
-
-    /// Drops one expert's weights; returns whether it was loaded.
-    pub fn remove(&mut self, layer: usize, expert: usize) -> bool {
-        self.experts.get_mut(layer).and_then(|l| l.get_mut(expert)).and_then(Option::take).is_some()
-    }
-
-    /// Loaded `(layer, expert)` pairs.
-    pub fn loaded(&self) -> Vec<(usize, usize)> {
-        let mut v = Vec::new();
-        for (l, layer) in self.experts.iter().enumerate() {
-            for (e, m) in layer.iter().enumerate() {
-                if m.is_some() {
-                    v.push((l, e));
-                }
-            }
-        }
-        v
     }
 }
 

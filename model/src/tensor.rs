@@ -129,14 +129,6 @@ impl Matrix {
         }
     }
 
-    /// Bytes the weights occupy in memory.
-    pub fn size_bytes(&self) -> usize {
-        match &self.data {
-            Storage::F32(v) => v.len() * 4,
-            Storage::Bf16(v) | Storage::Bf16Packed(v) => v.len() * 2,
-        }
-    }
-
     /// The whole matrix widened to f32 (used to precompute absorbed weights).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {

@@ -78,14 +78,6 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
-    pub fn has_chat_template(&self) -> bool {
-        self.chat_template.is_some()
-    }
-
     /// Renders the chat template as transformers' `apply_chat_template`
     /// (with `tokenize=False`) does.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {

@@ -29,12 +29,6 @@ pub struct WeightStore {
     precision: Precision,
 }
 
-/// A tensor's raw description, for callers that only need shapes.
-pub struct TensorMeta<'a> {
-    pub dtype: Dtype,
-    pub shape: &'a [usize],
-}
-
 impl WeightStore {
     /// Opens `model.safetensors`, or the shards listed in
     /// `model.safetensors.index.json`.
@@ -81,12 +75,6 @@ impl WeightStore {
 
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
-    }
-
-    pub fn meta(&self, name: &str) -> Option<TensorMeta<'_>> {
-        let shard = &self.shards[*self.by_name.get(name)?];
-        let info = shard.meta.info(name)?;
-        Some(TensorMeta { dtype: info.dtype, shape: &info.shape })
     }
 
     fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8])> {
