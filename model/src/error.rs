@@ -32,6 +32,9 @@ pub enum ModelError {
     Numerical(String),
     #[error("expert executor: {0}")]
     Executor(String),
+    /// Experts the step needs have no reachable replica.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl ModelError {

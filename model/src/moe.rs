@@ -3,9 +3,10 @@
 
 use crate::config::{MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::{ModelError, Result};
-use crate::kernels::matmul;
+use crate::kernels::{axpy, matmul};
 use crate::ops::{softmax, swiglu};
 use crate::tensor::{MatView, Matrix, Storage};
+use rayon::prelude::*;
 
 /// Top-k routing of a batch: `ids[t * k + j]` is token t's j-th expert.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,34 +208,69 @@ impl LocalExperts {
     }
 }
 
-/// Groups a routing by expert: for each expert hit, the token rows and the
-/// gate weights, in expert order. Shared with remote planners so the grouping
-/// logic exists once.
-pub fn group_by_expert(routing: &Routing) -> Vec<(u32, Vec<usize>, Vec<f32>)> {
+/// One expert's share of a batch: row indices into the batch and the gate
+/// weights, aligned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertGroup {
+    pub expert: u32,
+    pub rows: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+/// Groups a routing by expert, in expert order. The one dispatch-planning
+/// primitive: the in-process executor and the remote planner both use it.
+pub fn group_by_expert(routing: &Routing) -> Vec<ExpertGroup> {
     let mut order: Vec<usize> = (0..routing.ids.len()).collect();
     order.sort_by_key(|&i| (routing.ids[i], i));
-    let mut groups: Vec<(u32, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut groups: Vec<ExpertGroup> = Vec::new();
     for i in order {
         let e = routing.ids[i];
-        if groups.last().is_none_or(|g| g.0 != e) {
-            groups.push((e, Vec::new(), Vec::new()));
+        if groups.last().is_none_or(|g| g.expert != e) {
+            groups.push(ExpertGroup { expert: e, rows: Vec::new(), weights: Vec::new() });
         }
         if let Some(g) = groups.last_mut() {
-            g.1.push(i / routing.top_k);
-            g.2.push(routing.weights[i]);
+            g.rows.push(i / routing.top_k);
+            g.weights.push(routing.weights[i]);
         }
     }
     groups
 }
 
-impl ExpertExecutor for LocalExperts {
-    fn execute(&self, batch: RoutedBatch<'_>) -> Result<Vec<f32>> {
-        let h = batch.hidden_size;
-        let mut out = vec![0f32; batch.hidden.len()];
-        let mut rows = Vec::new();
-        for (expert, toks, ws) in group_by_expert(batch.routing) {
-            let mlp = self.get(batch.layer, expert as usize).ok_or_else(|| {
-                ModelError::Executor(format!("expert {expert} of layer {} is not loaded here", batch.layer))
+impl LocalExperts {
+    /// Whether `(layer, expert)` is loaded here.
+    pub fn has(&self, layer: usize, expert: usize) -> bool {
+        self.get(layer, expert).is_some()
+    }
+
+    /// Drops one expert's weights; returns whether it was loaded.
+    pub fn remove(&mut self, layer: usize, expert: usize) -> bool {
+        self.experts.get_mut(layer).and_then(|l| l.get_mut(expert)).and_then(Option::take).is_some()
+    }
+
+    /// Loaded `(layer, expert)` pairs, in order.
+    pub fn loaded(&self) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for (l, layer) in self.experts.iter().enumerate() {
+            v.extend(layer.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(e, _)| (l, e)));
+        }
+        v
+    }
+
+    /// Bytes of loaded expert weights.
+    pub fn size_bytes(&self) -> usize {
+        self.experts.iter().flatten().flatten().map(|m| m.gate_up.size_bytes() + m.down.size_bytes()).sum()
+    }
+
+    /// `Σ weight · expert(row)` per row of `hidden` (`[rows, h]`) over the
+    /// given groups. Experts run in parallel, each as one matrix product over
+    /// all of its rows; the weighted sums are then added in group order, so
+    /// the result does not depend on scheduling.
+    pub fn compute(&self, layer: usize, hidden: &[f32], h: usize, groups: &[ExpertGroup]) -> Result<Vec<f32>> {
+        let n = hidden.len() / h.max(1);
+        let mut work = Vec::with_capacity(groups.len());
+        for g in groups {
+            let mlp = self.get(layer, g.expert as usize).ok_or_else(|| {
+                ModelError::Executor(format!("expert {} of layer {layer} is not loaded here", g.expert))
             })?;
             if mlp.gate_up.cols() != h {
                 return Err(ModelError::Executor(format!(
@@ -242,19 +278,37 @@ impl ExpertExecutor for LocalExperts {
                     mlp.gate_up.cols()
                 )));
             }
-            // One matrix product per expert over all of its tokens.
-            rows.clear();
-            for &t in &toks {
-                rows.extend_from_slice(&batch.hidden[t * h..(t + 1) * h]);
+            if g.rows.len() != g.weights.len() || g.rows.iter().any(|&r| r >= n) {
+                return Err(ModelError::Executor(format!(
+                    "expert {}: rows out of range or unaligned weights",
+                    g.expert
+                )));
             }
-            let y = mlp.forward(&rows, toks.len());
-            for ((&t, w), yr) in toks.iter().zip(&ws).zip(y.chunks_exact(h)) {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
-                    *o += w * v;
+            work.push((mlp, g));
+        }
+        let outputs: Vec<Vec<f32>> = work
+            .par_iter()
+            .map(|(mlp, g)| {
+                let mut rows = Vec::with_capacity(g.rows.len() * h);
+                for &t in &g.rows {
+                    rows.extend_from_slice(&hidden[t * h..(t + 1) * h]);
                 }
+                mlp.forward(&rows, g.rows.len())
+            })
+            .collect();
+        let mut out = vec![0f32; hidden.len()];
+        for ((_, g), y) in work.iter().zip(&outputs) {
+            for ((&t, w), yr) in g.rows.iter().zip(&g.weights).zip(y.chunks_exact(h)) {
+                axpy(*w, yr, &mut out[t * h..(t + 1) * h]);
             }
         }
         Ok(out)
+    }
+}
+
+impl ExpertExecutor for LocalExperts {
+    fn execute(&self, batch: RoutedBatch<'_>) -> Result<Vec<f32>> {
+        self.compute(batch.layer, batch.hidden, batch.hidden_size, &group_by_expert(batch.routing))
     }
 }
 

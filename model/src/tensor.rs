@@ -73,6 +73,14 @@ impl Matrix {
         Matrix { rows, cols, data, bf16_act: false }
     }
 
+    /// Bytes the weights occupy in memory.
+    pub fn size_bytes(&self) -> usize {
+        match &self.data {
+            Storage::F32(v) => v.len() * 4,
+            Storage::Bf16(v) | Storage::Bf16Packed(v) => v.len() * 2,
+        }
+    }
+
     pub fn precision(&self) -> Precision {
         if self.bf16_act { Precision::Bf16 } else { Precision::F32 }
     }

@@ -1,0 +1,187 @@
+//! Packing token rows for the wire: f32 (exact), bf16, or fp8-e4m3 with one
+//! f32 scale per 128 values of a row, as DeepSeek dispatches.
+
+use crate::error::{DataPlaneError, Result};
+use bytes::Bytes;
+use expertmesh_proto::v1::{Dtype, PackedRows};
+
+/// Values per fp8 scale.
+pub const FP8_GROUP: usize = 128;
+/// Largest finite float8_e4m3fn value.
+const FP8_MAX: f32 = 448.0;
+
+/// Packs `rows` (`n × hidden` f32) as `dtype`.
+pub fn encode(rows: &[f32], hidden: usize, dtype: Dtype) -> PackedRows {
+    let n = rows.len().checked_div(hidden).unwrap_or(0);
+    let (data, scales): (Vec<u8>, Vec<u8>) = match dtype {
+        Dtype::Bf16 => (rows.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), vec![]),
+        Dtype::Fp8E4m3 => {
+            let mut data = Vec::with_capacity(rows.len());
+            let mut scales = Vec::new();
+            for row in rows.chunks_exact(hidden.max(1)) {
+                for g in row.chunks(FP8_GROUP) {
+                    let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = if amax > 0.0 { amax / FP8_MAX } else { 1.0 };
+                    scales.extend_from_slice(&scale.to_le_bytes());
+                    data.extend(g.iter().map(|v| fp8_encode(v / scale)));
+                }
+            }
+            (data, scales)
+        }
+        Dtype::F32 | Dtype::Unspecified => (rows.iter().flat_map(|v| v.to_le_bytes()).collect(), vec![]),
+    };
+    PackedRows {
+        dtype: if dtype == Dtype::Unspecified { Dtype::F32 } else { dtype } as i32,
+        num_rows: n as u32,
+        hidden_size: hidden as u32,
+        data: Bytes::from(data),
+        scales: Bytes::from(scales),
+    }
+}
+
+/// Unpacks rows to f32, checking every length against the header and the
+/// expected width. Never panics on malformed input.
+pub fn decode(p: &PackedRows, expected_hidden: usize) -> Result<Vec<f32>> {
+    let (n, h) = (p.num_rows as usize, p.hidden_size as usize);
+    if h != expected_hidden {
+        return Err(DataPlaneError::Invalid(format!("hidden_size {h}, expected {expected_hidden}")));
+    }
+    let values = n.checked_mul(h).ok_or_else(|| DataPlaneError::Invalid("row count overflows".into()))?;
+    let dtype = Dtype::try_from(p.dtype).map_err(|_| DataPlaneError::Invalid(format!("unknown dtype {}", p.dtype)))?;
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::Bf16 => 2,
+        Dtype::Fp8E4m3 => 1,
+        Dtype::Unspecified => return Err(DataPlaneError::Invalid("dtype unspecified".into())),
+    };
+    let want = values.checked_mul(width).ok_or_else(|| DataPlaneError::Invalid("payload size overflows".into()))?;
+    if p.data.len() != want {
+        return Err(DataPlaneError::Invalid(format!(
+            "payload of {} bytes for {n} rows × {h} {dtype:?} values (expected {want})",
+            p.data.len()
+        )));
+    }
+    Ok(match dtype {
+        Dtype::F32 => p.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::Bf16 => p.data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::Fp8E4m3 => {
+            let groups = h.div_ceil(FP8_GROUP);
+            if p.scales.len() != n * groups * 4 {
+                return Err(DataPlaneError::Invalid(format!(
+                    "{} scale bytes for {n} rows of {groups} groups (expected {})",
+                    p.scales.len(),
+                    n * groups * 4
+                )));
+            }
+            let scales: Vec<f32> =
+                p.scales.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let mut out = Vec::with_capacity(values);
+            for (r, row) in p.data.chunks_exact(h.max(1)).enumerate().take(n) {
+                for (i, b) in row.iter().enumerate() {
+                    out.push(fp8_decode(*b) * scales[r * groups + i / FP8_GROUP]);
+                }
+            }
+            out
+        }
+        Dtype::Unspecified => unreachable!("rejected above"),
+    })
+}
+
+/// Bytes the rows take on the wire.
+pub fn wire_bytes(p: &PackedRows) -> usize {
+    p.data.len() + p.scales.len()
+}
+
+/// f32 → float8_e4m3fn, round to nearest even, saturating at ±448.
+fn fp8_encode(v: f32) -> u8 {
+    if v.is_nan() {
+        return 0x7f;
+    }
+    let sign = if v.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = v.abs().min(FP8_MAX);
+    if a < 2f32.powi(-10) {
+        return sign; // rounds to zero (half the smallest subnormal is 2^-10)
+    }
+    // Search the 127 non-negative finite codes for the nearest (ties to even).
+    let (mut lo, mut hi) = (0u8, 0x7eu8);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fp8_decode(mid) <= a { lo = mid } else { hi = mid - 1 }
+    }
+    let below = lo;
+    let code = if below == 0x7e {
+        below
+    } else {
+        let (d0, d1) = (a - fp8_decode(below), fp8_decode(below + 1) - a);
+        if d1 < d0 || (d1 == d0 && below % 2 == 1) { below + 1 } else { below }
+    };
+    sign | code
+}
+
+fn fp8_decode(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((b >> 3) & 0xf) as i32;
+    let man = (b & 7) as f32;
+    if exp == 0xf && b & 7 == 7 {
+        f32::NAN
+    } else if exp == 0 {
+        sign * man / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trips_within_dtype_precision(rows in 1usize..6, hidden in 1usize..300, seed in 0u32..1000) {
+            let vals: Vec<f32> = (0..rows * hidden).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 20000) as f32 / 1000.0 - 10.0).collect();
+            prop_assert_eq!(decode(&encode(&vals, hidden, Dtype::F32), hidden).unwrap(), vals.clone());
+            for (a, b) in decode(&encode(&vals, hidden, Dtype::Bf16), hidden).unwrap().iter().zip(&vals) {
+                prop_assert!((a - b).abs() <= b.abs() / 256.0 + 1e-30);
+            }
+            let fp8 = decode(&encode(&vals, hidden, Dtype::Fp8E4m3), hidden).unwrap();
+            for (r, (got, want)) in fp8.chunks(hidden).zip(vals.chunks(hidden)).enumerate() {
+                for (g, (gg, ww)) in got.chunks(FP8_GROUP).zip(want.chunks(FP8_GROUP)).enumerate() {
+                    let amax = ww.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (a, b) in gg.iter().zip(ww) {
+                        // 3 mantissa bits: half-ulp relative error 1/16, plus the subnormal floor.
+                        prop_assert!((a - b).abs() <= b.abs() / 16.0 + amax / FP8_MAX * 2f32.powi(-9) * 1.01, "row {r} group {g}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn decoder_never_panics(dtype in 0i32..5, n in 0u32..50, h in 0u32..300, data in proptest::collection::vec(any::<u8>(), 0..600), scales in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let p = PackedRows { dtype, num_rows: n, hidden_size: h, data: data.into(), scales: scales.into() };
+            let _ = decode(&p, h as usize);
+            let _ = decode(&p, 7);
+        }
+    }
+
+    #[test]
+    fn fp8_encode_matches_the_format() {
+        for b in 0u8..=0xff {
+            let v = fp8_decode(b);
+            if v.is_nan() {
+                continue;
+            }
+            let e = fp8_encode(v);
+            assert_eq!(fp8_decode(e), v, "code {b:#x}");
+        }
+        assert_eq!(fp8_decode(fp8_encode(1000.0)), 448.0);
+        let huge = PackedRows {
+            dtype: Dtype::F32 as i32,
+            num_rows: u32::MAX,
+            hidden_size: u32::MAX,
+            data: Bytes::new(),
+            scales: Bytes::new(),
+        };
+        assert!(decode(&huge, u32::MAX as usize).is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! ExpertMesh data plane: what moves token rows between a router and the
+//! expert nodes.
+//!
+//! - [`codec`]: packing rows as f32, bf16 or fp8-e4m3 with per-128 scales.
+//! - [`placement`]: which nodes hold which experts (the placement file).
+//! - [`transport`]: the collective seam (`Transport::exchange`), with an
+//!   in-process implementation. gRPC (persistent bidirectional `Dispatch`
+//!   streams) and NCCL transports fit the same seam.
+//! - [`executor`]: `RemoteExecutor`, the model's `ExpertExecutor` for a
+//!   cluster: plans one batch per node per MoE layer, picks replicas by
+//!   outstanding work, re-dispatches around failed nodes.
+
+pub mod codec;
+pub mod error;
+pub mod executor;
+pub mod placement;
+pub mod transport;
+
+pub use error::{DataPlaneError, Result};
