@@ -4,8 +4,8 @@
 //! - [`codec`]: packing rows as f32, bf16 or fp8-e4m3 with per-128 scales.
 //! - [`placement`]: which nodes hold which experts (the placement file).
 //! - [`transport`]: the collective seam (`Transport::exchange`), with an
-//!   in-process implementation. gRPC (persistent bidirectional `Dispatch`
-//!   streams) and NCCL transports fit the same seam.
+//!   in-process implementation; [`grpc`] implements it over persistent
+//!   bidirectional `Dispatch` streams. An NCCL transport fits the same seam.
 //! - [`executor`]: `RemoteExecutor`, the model's `ExpertExecutor` for a
 //!   cluster: plans one batch per node per MoE layer, picks replicas by
 //!   outstanding work, re-dispatches around failed nodes.
@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod error;
 pub mod executor;
+pub mod grpc;
 pub mod placement;
 pub mod transport;
 

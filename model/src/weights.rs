@@ -73,6 +73,12 @@ impl WeightStore {
         self.precision = p;
     }
 
+    /// The stored dtype of a tensor, lower-case (`"bf16"`, `"f32"`, …).
+    pub fn dtype_name(&self, name: &str) -> Option<String> {
+        let shard = &self.shards[*self.by_name.get(name)?];
+        Some(format!("{:?}", shard.meta.info(name)?.dtype).to_lowercase())
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }

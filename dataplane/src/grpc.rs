@@ -1,0 +1,213 @@
+//! The gRPC transport: one persistent bidirectional `Dispatch` stream per
+//! expert node, owned by a tokio task ("link"). `exchange` is called from
+//! the model's compute thread: it hands each batch to its node's link and
+//! waits for all replies up to the dispatch timeout. A broken stream fails
+//! its in-flight batches (which the executor re-dispatches) and is reopened
+//! on the next batch.
+
+use crate::codec;
+use crate::error::{DataPlaneError, Result};
+use crate::placement::NodeId;
+use crate::transport::{NodeBatch, Transport};
+use expertmesh_proto::MAX_MESSAGE_BYTES;
+use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
+use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype, ExpertTokens};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+type Reply = oneshot::Sender<Result<DispatchResponse>>;
+
+struct Call {
+    req: DispatchRequest,
+    reply: Reply,
+}
+
+pub struct GrpcTransport {
+    rt: tokio::runtime::Handle,
+    addrs: RwLock<BTreeMap<NodeId, String>>,
+    links: Mutex<HashMap<NodeId, mpsc::Sender<Call>>>,
+    timeout: Duration,
+    dtype: Dtype,
+}
+
+impl GrpcTransport {
+    /// `rt` runs the links; `exchange` must be called from outside it.
+    pub fn new(rt: tokio::runtime::Handle, addrs: BTreeMap<NodeId, String>, timeout: Duration, dtype: Dtype) -> Self {
+        GrpcTransport { rt, addrs: RwLock::new(addrs), links: Mutex::new(HashMap::new()), timeout, dtype }
+    }
+
+    /// Replaces the node address book; links to moved or removed nodes close.
+    pub fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {
+        if let (Ok(mut a), Ok(mut l)) = (self.addrs.write(), self.links.lock()) {
+            l.retain(|n, _| a.get(n) == addrs.get(n));
+            *a = addrs;
+        }
+    }
+
+    fn link(&self, node: &str) -> Result<mpsc::Sender<Call>> {
+        let err = |m: &str| DataPlaneError::Transport { node: node.to_string(), message: m.to_string() };
+        let mut links = self.links.lock().map_err(|_| err("link table poisoned"))?;
+        if let Some(tx) = links.get(node).filter(|tx| !tx.is_closed()) {
+            return Ok(tx.clone());
+        }
+        let addr = self.addrs.read().ok().and_then(|a| a.get(node).cloned()).ok_or_else(|| err("no address"))?;
+        let (tx, rx) = mpsc::channel(64);
+        self.rt.spawn(run_link(node.to_string(), addr, rx));
+        links.insert(node.to_string(), tx.clone());
+        Ok(tx)
+    }
+
+    fn request(&self, step: u64, layer: usize, hidden: usize, b: &NodeBatch) -> DispatchRequest {
+        DispatchRequest {
+            step,
+            layer: layer as u32,
+            rows: Some(codec::encode(&b.rows, hidden, self.dtype)),
+            experts: b
+                .groups
+                .iter()
+                .map(|g| ExpertTokens {
+                    expert: g.expert,
+                    rows: g.rows.iter().map(|&r| r as u32).collect(),
+                    weights: g.weights.clone(),
+                })
+                .collect(),
+            trace_id: String::new(),
+        }
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>> {
+        let deadline = Instant::now() + self.timeout;
+        let waits: Vec<Result<oneshot::Receiver<Result<DispatchResponse>>>> = batches
+            .iter()
+            .map(|b| {
+                let tx = self.link(&b.node)?;
+                let (reply, rx) = oneshot::channel();
+                tx.blocking_send(Call { req: self.request(step, layer, hidden, b), reply })
+                    .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link closed".into() })?;
+                Ok(rx)
+            })
+            .collect();
+        let timeout = self.timeout;
+        self.rt.block_on(async move {
+            let mut out = Vec::with_capacity(waits.len());
+            for (b, w) in batches.iter().zip(waits) {
+                let r = match w {
+                    Err(e) => Err(e),
+                    Ok(rx) => match tokio::time::timeout_at(deadline.into(), rx).await {
+                        Err(_) => Err(DataPlaneError::Timeout { node: b.node.clone(), seconds: timeout.as_secs_f64() }),
+                        Ok(Err(_)) => Err(DataPlaneError::Transport {
+                            node: b.node.clone(),
+                            message: "link dropped the call".into(),
+                        }),
+                        Ok(Ok(r)) => r.and_then(|resp| {
+                            let n = b.rows.len() / hidden.max(1);
+                            let rows =
+                                resp.combined.ok_or_else(|| DataPlaneError::Invalid("response without rows".into()))?;
+                            if rows.num_rows as usize != n || resp.step != step {
+                                return Err(DataPlaneError::Invalid(format!(
+                                    "{} answered step {} with {} rows; expected step {step} with {n}",
+                                    b.node, resp.step, rows.num_rows
+                                )));
+                            }
+                            codec::decode(&rows, hidden)
+                        }),
+                    },
+                };
+                out.push(r);
+            }
+            out
+        })
+    }
+}
+
+fn fail_all(inflight: &mut VecDeque<Reply>, e: &DataPlaneError) {
+    for r in inflight.drain(..) {
+        let _ = r.send(Err(e.clone()));
+    }
+}
+
+/// Owns one node's stream: sends calls in order, matches responses in order.
+async fn run_link(node: NodeId, addr: String, mut calls: mpsc::Receiver<Call>) {
+    let transport_err = |m: String| DataPlaneError::Transport { node: node.clone(), message: m };
+    let mut next: Option<Call> = None;
+    loop {
+        let call = match next.take() {
+            Some(c) => c,
+            None => match calls.recv().await {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let channel = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(ep) => ep.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await,
+            Err(e) => {
+                let _ = call.reply.send(Err(transport_err(format!("bad address {addr:?}: {e}"))));
+                continue;
+            }
+        };
+        let channel = match channel {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = call.reply.send(Err(transport_err(format!("connect {addr}: {e}"))));
+                continue;
+            }
+        };
+        let mut client = ExpertServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel::<DispatchRequest>(64);
+        let mut inflight: VecDeque<Reply> = VecDeque::new();
+        if tx.send(call.req).await.is_ok() {
+            inflight.push_back(call.reply);
+        }
+        let mut responses = match client.dispatch(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                fail_all(&mut inflight, &status_error(&node, s));
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                c = calls.recv() => match c {
+                    Some(c) => {
+                        if tx.send(c.req).await.is_err() {
+                            let _ = c.reply.send(Err(transport_err("stream closed".into())));
+                            fail_all(&mut inflight, &transport_err("stream closed".into()));
+                            break;
+                        }
+                        inflight.push_back(c.reply);
+                    }
+                    None => return,
+                },
+                m = responses.message() => match m {
+                    Ok(Some(resp)) => {
+                        if let Some(r) = inflight.pop_front() {
+                            let _ = r.send(Ok(resp));
+                        }
+                    }
+                    Ok(None) => {
+                        fail_all(&mut inflight, &transport_err("stream ended".into()));
+                        break;
+                    }
+                    Err(s) => {
+                        fail_all(&mut inflight, &status_error(&node, s));
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn status_error(node: &str, s: tonic::Status) -> DataPlaneError {
+    match s.code() {
+        tonic::Code::InvalidArgument => DataPlaneError::Invalid(format!("{node}: {}", s.message())),
+        _ => DataPlaneError::Transport { node: node.to_string(), message: format!("{:?}: {}", s.code(), s.message()) },
+    }
+}
