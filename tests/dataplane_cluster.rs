@@ -14,54 +14,12 @@ use expertmesh_model::tensor::Precision;
 use expertmesh_model::weights::WeightStore;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{DispatchRequest, Dtype, ExpertTokens, PackedRows};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(case)
-}
-
-/// Child processes killed on drop, so a failing test leaves none behind.
-struct Nodes(Vec<(String, String, Child)>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for (_, _, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts one node per `placement` entry on an ephemeral port, holding the
-/// experts the placement gives it; returns the placement with real addresses.
-fn start(model: &Path, n: usize, replicas: usize) -> (Nodes, Placement) {
-    let cfg = ModelConfig::from_dir(model).unwrap();
-    let ids: Vec<(String, String)> = (0..n).map(|i| (format!("en-{i}"), String::new())).collect();
-    let mut p = Placement::round_robin(&cfg, &ids, replicas).unwrap();
-    let mut nodes = Nodes(Vec::new());
-    for (id, _) in &ids {
-        let spec: Vec<String> = p.experts_of(id).iter().map(|(l, e)| format!("{l}:{e}")).collect();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_expert-node"))
-            .args(["--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--node-id", id])
-            .args(["--experts", &spec.join(","), "--threads", "1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(addr.starts_with("127.0.0.1:"), "unexpected start line {line:?}");
-        p.nodes.insert(id.clone(), addr.clone());
-        nodes.0.push((id.clone(), addr, child));
-    }
-    p.validate(&cfg).unwrap();
-    (nodes, p)
-}
+mod common;
+use common::{fixture, reference, start_nodes as start};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -73,13 +31,6 @@ fn cluster_model(model: &Path, p: &Placement, rt: &tokio::runtime::Runtime, time
     let transport = GrpcTransport::new(rt.handle().clone(), p.nodes.clone(), timeout, Dtype::F32);
     let exec = RemoteExecutor::new(Arc::new(p.clone()), Arc::new(transport));
     Model::load_dense(cfg, &ws, Arc::new(exec), &mut |_, _| {}).unwrap()
-}
-
-fn reference(case: &str) -> (Vec<u32>, Vec<u32>) {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("reference.json")).unwrap()).unwrap();
-    let ids = |k: &str| r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    (ids("prompt_ids"), ids("greedy_ids"))
 }
 
 #[test]
@@ -120,7 +71,7 @@ fn generation_survives_a_killed_node() {
         step += 1;
         if step == 3 {
             // SIGKILL mid-generation: no drain, the stream just breaks.
-            let _ = nodes.0[1].2.kill();
+            nodes.kill("en-1");
         }
     })
     .unwrap();
@@ -133,8 +84,7 @@ fn no_live_replica_is_a_clean_unavailable_within_the_timeout() {
     let model = fixture("mixtral");
     let (mut nodes, p) = start(&model, 2, 1);
     let m = cluster_model(&model, &p, &rt, Duration::from_secs(2));
-    let _ = nodes.0[0].2.kill();
-    let _ = nodes.0[0].2.wait();
+    nodes.kill("en-0");
     let (prompt, _) = reference("mixtral");
     let t0 = std::time::Instant::now();
     let e = generate(&m, &prompt, 4, SamplingParams::default(), true, |_, _| {}).unwrap_err();

@@ -8,7 +8,7 @@ use expertmesh_model::generate::{SamplingParams, generate};
 use expertmesh_model::genmodel::{GenDtype, GenSpec, generate_checkpoint};
 use expertmesh_model::model::Model;
 use expertmesh_model::tensor::Precision;
-use expertmesh_model::tokenizer::{ChatMessage, TextTokenizer};
+use expertmesh_model::tokenizer::{ChatMessage, IncrementalDecoder, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::io::Write;
@@ -216,21 +216,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         (None, None) => bail!("one of --prompt or --prompt-ids is required"),
     };
     let stream = !a.json && tok.is_some();
-    let mut printed = 0;
-    let mut so_far = Vec::new();
+    let mut decoder = IncrementalDecoder::default();
     let g = generate(&model, &prompt_ids, a.max_tokens, params, a.ignore_eos, |t, _| {
-        // Stream text as it becomes decodable (multi-byte characters may span tokens).
-        if let (true, Some(tok)) = (stream, &tok) {
-            so_far.push(t);
-            if let Ok(text) = tok.decode(&so_far, true)
-                    && !text.ends_with('\u{fffd}')
-                    // A decoder may rewrite earlier text; `get` never splits a character.
-                    && let Some(new) = text.get(printed..).filter(|n| !n.is_empty())
-            {
-                print!("{new}");
-                let _ = std::io::stdout().flush();
-                printed = text.len();
-            }
+        if let (true, Some(tok)) = (stream, &tok)
+            && let Some(piece) = decoder.push(tok, t)
+        {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
         }
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -51,6 +51,16 @@ impl KvCache {
         self.len += n;
     }
 
+    /// Bytes one more token costs (f32 values over all layers), for KV-cache
+    /// memory budgets.
+    pub fn bytes_per_token(cfg: &ModelConfig) -> usize {
+        let per_layer = match &cfg.attention {
+            AttentionConfig::Mla(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            AttentionConfig::Gqa(g) => 2 * g.num_kv_heads * g.head_dim,
+        };
+        per_layer * cfg.num_layers * 4
+    }
+
     /// Drops every layer's entries past `len` tokens: undoes a forward step
     /// that failed part-way, so a failed step leaves the sequence as it was.
     pub(crate) fn truncate(&mut self, len: usize) {

@@ -19,6 +19,29 @@ pub struct TextTokenizer {
     eos_token: String,
 }
 
+/// Turns a growing token sequence into text pieces as they become
+/// decodable (a multi-byte character may span tokens).
+#[derive(Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl IncrementalDecoder {
+    /// Adds a token; returns the new text, if any is complete.
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true).ok()?;
+        if text.ends_with('\u{fffd}') {
+            return None;
+        }
+        // A decoder may rewrite earlier text; `get` never splits a character.
+        let new = text.get(self.emitted..).filter(|n| !n.is_empty())?.to_string();
+        self.emitted = text.len();
+        Some(new)
+    }
+}
+
 /// `"tok"` or `{"content": "tok", …}` as tokenizer_config.json writes tokens.
 fn token_string(v: Option<&Value>) -> String {
     match v {

@@ -1,0 +1,293 @@
+//! ExpertMesh router: the front door and the attention side.
+//!
+//! It owns the dense model (embeddings, attention and KV cache, norms,
+//! gates, shared experts, LM head) and runs it with continuous batching on
+//! one engine thread ([`engine`]); every MoE layer of every step is sent to
+//! the expert nodes through `expertmesh_dataplane::RemoteExecutor`. It
+//! serves `expertmesh.v1.GenerateService` (gRPC) and `/health`, `/ready`,
+//! `/metrics` (HTTP). [`run`] takes its configuration and a cancellation
+//! token, so tests embed it; on cancellation it stops accepting, finishes
+//! running requests and returns.
+
+pub mod engine;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+
+use clap::{Parser, ValueEnum};
+use engine::{Engine, EngineConfig, Submit};
+use expertmesh_dataplane::executor::RemoteExecutor;
+use expertmesh_dataplane::grpc::GrpcTransport;
+use expertmesh_dataplane::placement::Placement;
+use expertmesh_model::config::ModelConfig;
+use expertmesh_model::model::{Model, load_experts};
+use expertmesh_model::moe::ExpertExecutor;
+use expertmesh_model::tensor::Precision;
+use expertmesh_model::tokenizer::TextTokenizer;
+use expertmesh_model::weights::WeightStore;
+use expertmesh_proto::v1::Dtype;
+use expertmesh_proto::v1::generate_service_server::GenerateServiceServer;
+use expertmesh_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum WireDtype {
+    F32,
+    Bf16,
+    Fp8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "router", version, about = "ExpertMesh router")]
+pub struct Config {
+    /// Checkpoint directory; the router reads only the dense weights.
+    #[arg(long, env = "EXPERTMESH_MODEL")]
+    pub model: PathBuf,
+    /// gRPC listen address (GenerateService, health, reflection).
+    #[arg(long, env = "EXPERTMESH_GRPC", default_value = "127.0.0.1:50051")]
+    pub grpc: SocketAddr,
+    /// HTTP listen address (/health, /ready, /metrics).
+    #[arg(long, env = "EXPERTMESH_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Placement file (JSON) naming the expert nodes. Without it the routed
+    /// experts run in this process (the single-process baseline).
+    #[arg(long, env = "EXPERTMESH_PLACEMENT")]
+    pub placement: Option<PathBuf>,
+    /// Seconds a MoE layer's dispatch may take before the node counts as failed.
+    #[arg(long, env = "EXPERTMESH_DISPATCH_TIMEOUT", default_value_t = 10.0)]
+    pub dispatch_timeout: f64,
+    /// Activation encoding on the wire: f32 is exact.
+    #[arg(long, value_enum, env = "EXPERTMESH_DISPATCH_DTYPE", default_value = "f32")]
+    pub dispatch_dtype: WireDtype,
+    #[arg(long, env = "EXPERTMESH_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Token budget of one forward step (decodes + prefill chunks).
+    #[arg(long, env = "EXPERTMESH_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// KV-cache memory for running requests, in bytes.
+    #[arg(long, env = "EXPERTMESH_KV_CACHE_BYTES", default_value_t = 2 << 30)]
+    pub kv_cache_bytes: usize,
+    /// Requests that may wait for admission; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "EXPERTMESH_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "EXPERTMESH_THREADS")]
+    pub threads: Option<usize>,
+    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
+    pub precision: PrecisionArg,
+}
+
+#[derive(Debug, Error)]
+pub enum RouterError {
+    #[error("{flag}: {message}")]
+    Config { flag: &'static str, message: String },
+    #[error(transparent)]
+    Model(#[from] expertmesh_model::ModelError),
+    #[error(transparent)]
+    DataPlane(#[from] expertmesh_dataplane::DataPlaneError),
+    #[error("listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), RouterError> {
+        let bad = |flag, message: &str| Err(RouterError::Config { flag, message: message.to_string() });
+        if !(self.dispatch_timeout > 0.0 && self.dispatch_timeout.is_finite()) {
+            return bad("--dispatch-timeout", "must be a positive number of seconds");
+        }
+        if self.max_num_seqs == 0 {
+            return bad("--max-num-seqs", "must be at least 1");
+        }
+        if self.max_batch_tokens == 0 {
+            return bad("--max-batch-tokens", "must be at least 1");
+        }
+        if self.max_queue == 0 {
+            return bad("--max-queue", "must be at least 1");
+        }
+        if self.threads == Some(0) {
+            return bad("--threads", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// What the API handlers share.
+pub struct RouterState {
+    pub model_cfg: ModelConfig,
+    pub model_name: String,
+    pub tokenizer: Option<Arc<TextTokenizer>>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub ready: AtomicBool,
+    /// Dropped at shutdown: the engine then drains and exits.
+    submit: Mutex<Option<mpsc::Sender<Submit>>>,
+}
+
+impl RouterState {
+    /// Queues a request; a full queue is `RESOURCE_EXHAUSTED`.
+    pub fn submit(&self, s: Submit) -> Result<(), tonic::Status> {
+        let tx = self.submit.lock().ok().and_then(|g| g.clone());
+        let tx = tx.ok_or_else(|| tonic::Status::unavailable("router is shutting down"))?;
+        tx.try_send(s).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                self.metrics.errors.with_label_values(&["queue_full"]).inc();
+                tonic::Status::resource_exhausted("request queue is full; retry later")
+            }
+            mpsc::error::TrySendError::Closed(_) => tonic::Status::unavailable("router is shutting down"),
+        })
+    }
+}
+
+/// Addresses the router actually listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+pub async fn run(
+    cfg: Config,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), RouterError> {
+    cfg.validate()?;
+    let model_cfg = ModelConfig::from_dir(&cfg.model)?;
+    let precision = match cfg.precision {
+        PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    };
+    let executor: Arc<dyn ExpertExecutor> = match &cfg.placement {
+        Some(path) => {
+            let p = Placement::load(path)?;
+            p.validate(&model_cfg).map_err(|e| RouterError::Config { flag: "--placement", message: e.to_string() })?;
+            let dtype = match cfg.dispatch_dtype {
+                WireDtype::F32 => Dtype::F32,
+                WireDtype::Bf16 => Dtype::Bf16,
+                WireDtype::Fp8 => Dtype::Fp8E4m3,
+            };
+            let t = GrpcTransport::new(
+                tokio::runtime::Handle::current(),
+                p.nodes.clone(),
+                Duration::from_secs_f64(cfg.dispatch_timeout),
+                dtype,
+            );
+            Arc::new(RemoteExecutor::new(Arc::new(p), Arc::new(t)))
+        }
+        None => {
+            let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
+            let local = tokio::task::spawn_blocking(move || -> Result<_, RouterError> {
+                let mut ws = WeightStore::open(&dir, mc.fp8_block)?;
+                ws.set_precision(precision);
+                Ok(load_experts(&mc, &ws, |_, _| true, &mut |_, _| {})?)
+            })
+            .await
+            .map_err(|e| RouterError::Internal(e.to_string()))??;
+            Arc::new(local)
+        }
+    };
+    let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
+    let model = tokio::task::spawn_blocking(move || -> Result<Model, RouterError> {
+        let mut ws = WeightStore::open(&dir, mc.fp8_block)?;
+        ws.set_precision(precision);
+        Ok(Model::load_dense(mc, &ws, executor, &mut |_, _| {})?)
+    })
+    .await
+    .map_err(|e| RouterError::Internal(e.to_string()))??;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (tx, rx) = mpsc::channel(cfg.max_queue);
+    let engine = Engine {
+        model,
+        cfg: EngineConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_batch_tokens: cfg.max_batch_tokens,
+            kv_cache_bytes: cfg.kv_cache_bytes,
+        },
+        metrics: metrics.clone(),
+    };
+    let engine_thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || engine.run(rx))
+        .map_err(|e| RouterError::Internal(format!("engine thread: {e}")))?;
+    let state = Arc::new(RouterState {
+        model_name: cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        tokenizer: TextTokenizer::from_dir(&cfg.model).ok().map(Arc::new),
+        model_cfg,
+        metrics,
+        ready: AtomicBool::new(false),
+        submit: Mutex::new(Some(tx)),
+    });
+
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc)
+        .await
+        .map_err(|source| RouterError::Listen { addr: cfg.grpc, source })?;
+    let http_listener = tokio::net::TcpListener::bind(cfg.http)
+        .await
+        .map_err(|source| RouterError::Listen { addr: cfg.http, source })?;
+    let addrs = Bound {
+        grpc: grpc_listener.local_addr().map_err(|source| RouterError::Listen { addr: cfg.grpc, source })?,
+        http: http_listener.local_addr().map_err(|source| RouterError::Listen { addr: cfg.http, source })?,
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GenerateServiceServer<grpc::GenerateApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| RouterError::Internal(e.to_string()))?;
+    let api = GenerateServiceServer::new(grpc::GenerateApi { state: state.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let grpc_stop = shutdown.clone();
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(api)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
+            grpc_stop.cancelled().await
+        });
+    let http_stop = shutdown.clone();
+    let http_server = axum::serve(http_listener, http::app(state.clone()))
+        .with_graceful_shutdown(async move { http_stop.cancelled().await });
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(grpc = %addrs.grpc, http = %addrs.http, "router serving");
+    if let Some(b) = bound {
+        let _ = b.send(addrs);
+    }
+    // Stop taking requests as soon as shutdown starts; running ones finish.
+    let st = state.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        st.ready.store(false, Ordering::Release);
+        if let Ok(mut g) = st.submit.lock() {
+            g.take();
+        }
+    });
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    g?;
+    h.map_err(|e| RouterError::Internal(format!("http server: {e}")))?;
+    if let Ok(mut s) = state.submit.lock() {
+        s.take();
+    }
+    tokio::task::spawn_blocking(move || engine_thread.join())
+        .await
+        .map_err(|e| RouterError::Internal(e.to_string()))?
+        .map_err(|_| RouterError::Internal("engine thread panicked".into()))?;
+    tracing::info!("router drained");
+    Ok(())
+}

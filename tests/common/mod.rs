@@ -1,0 +1,97 @@
+//! Helpers shared by the process-level tests: fixtures, and ExpertMesh
+//! binaries started on 127.0.0.1 ephemeral ports and killed on drop.
+#![allow(dead_code)] // each test file uses a different subset
+
+use expertmesh_dataplane::placement::Placement;
+use expertmesh_model::config::ModelConfig;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(case)
+}
+
+/// `(prompt_ids, greedy_ids)` of a fixture's transformers reference.
+pub fn reference(case: &str) -> (Vec<u32>, Vec<u32>) {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("reference.json")).unwrap()).unwrap();
+    let ids = |k: &str| r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    (ids("prompt_ids"), ids("greedy_ids"))
+}
+
+/// A workspace binary. `cargo test --workspace` builds every binary before
+/// running tests, and they all land in the same directory.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built: run `cargo test --workspace`, which builds every binary", p.display());
+    p
+}
+
+/// Processes killed (SIGKILL) and reaped on drop.
+#[derive(Default)]
+pub struct Procs(pub Vec<(String, String, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, _, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    pub fn kill(&mut self, name: &str) {
+        if let Some((_, _, c)) = self.0.iter_mut().find(|(n, _, _)| n == name) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawns `cmd`, returning it with the first stdout line (the start line).
+pub fn spawn(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (child, line.trim().to_string())
+}
+
+/// Starts `n` expert nodes holding a round-robin placement with `replicas`
+/// replicas per expert; returns them and the placement with real addresses.
+pub fn start_nodes(model: &Path, n: usize, replicas: usize) -> (Procs, Placement) {
+    let cfg = ModelConfig::from_dir(model).unwrap();
+    let ids: Vec<(String, String)> = (0..n).map(|i| (format!("en-{i}"), String::new())).collect();
+    let mut p = Placement::round_robin(&cfg, &ids, replicas).unwrap();
+    let mut procs = Procs::default();
+    for (id, _) in &ids {
+        let spec: Vec<String> = p.experts_of(id).iter().map(|(l, e)| format!("{l}:{e}")).collect();
+        let mut cmd = Command::new(bin("expert-node"));
+        cmd.args(["--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--node-id", id]).args([
+            "--experts",
+            &spec.join(","),
+            "--threads",
+            "1",
+        ]);
+        let (child, line) = spawn(cmd);
+        let addr = line.rsplit(' ').next().unwrap().to_string();
+        assert!(addr.starts_with("127.0.0.1:"), "unexpected start line {line:?}");
+        p.nodes.insert(id.clone(), addr.clone());
+        procs.0.push((id.clone(), addr, child));
+    }
+    p.validate(&cfg).unwrap();
+    (procs, p)
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,188 @@
+//! A router process in front of expert-node processes, all on loopback:
+//! the cluster generates exactly what transformers does, serves 32
+//! concurrent requests with continuous batching, survives a node killed
+//! mid-generation, answers UNAVAILABLE naming uncovered experts, and serves
+//! /health, /ready and /metrics.
+
+use expertmesh_model::generate::{SamplingParams as ModelSampling, generate as offline_generate};
+use expertmesh_model::model::Model;
+use expertmesh_model::tensor::Precision;
+use expertmesh_proto::v1::generate_request::Prompt;
+use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
+use expertmesh_proto::v1::{FinishReason, GenerateRequest, SamplingParams, TokenIds};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+mod common;
+use common::{Procs, bin, fixture, http_get, reference, spawn, start_nodes};
+
+/// Router + nodes; the router's gRPC and HTTP addresses.
+struct Cluster {
+    procs: Procs,
+    grpc: String,
+    http: String,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cluster(model: &Path, nodes: usize, replicas: usize, extra: &[&str]) -> Cluster {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let (mut procs, placement) = start_nodes(model, nodes, replicas);
+    let dir = std::env::temp_dir().join(format!(
+        "em-router-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pfile = dir.join("placement.json");
+    std::fs::write(&pfile, serde_json::to_string(&placement).unwrap()).unwrap();
+    let mut cmd = Command::new(bin("router"));
+    cmd.args(["--model", model.to_str().unwrap(), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--placement", pfile.to_str().unwrap(), "--threads", "1"])
+        .args(extra);
+    let (child, line) = spawn(cmd);
+    let field =
+        |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{line:?}")).to_string();
+    let (grpc, http) = (field("grpc="), field("http="));
+    procs.0.push(("router".into(), grpc.clone(), child));
+    Cluster { procs, grpc, http, _dir: TempDir(dir) }
+}
+
+fn request(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt })),
+        sampling: Some(SamplingParams::default()),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Runs one request to completion: (tokens, logprobs, finish reason).
+async fn generate(addr: &str, req: GenerateRequest) -> Result<(Vec<u32>, Vec<f32>, i32), tonic::Status> {
+    let mut c = GenerateServiceClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut s = c.generate(req).await?.into_inner();
+    let (mut toks, mut lps, mut fin) = (vec![], vec![], 0);
+    while let Some(m) = s.message().await? {
+        toks.extend(m.token_ids);
+        lps.extend(m.logprobs);
+        if m.finish_reason != 0 {
+            fin = m.finish_reason;
+        }
+    }
+    Ok((toks, lps, fin))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn router_cluster_matches_transformers_and_serves_health_and_metrics() {
+    let rt = rt();
+    for case in ["deepseek_v3_yarn_bf16", "qwen3_moe", "mixtral"] {
+        let c = cluster(&fixture(case), 3, 2, &[]);
+        let (prompt, want) = reference(case);
+        let (toks, _, fin) = rt.block_on(generate(&c.grpc, request(prompt, want.len() as u32))).unwrap();
+        assert_eq!(toks, want, "{case}");
+        assert_eq!(fin, FinishReason::Length as i32);
+        assert_eq!(http_get(&c.http, "/health").0, 200);
+        assert_eq!(http_get(&c.http, "/ready").0, 200);
+        let (code, body) = http_get(&c.http, "/metrics");
+        assert_eq!(code, 200);
+        assert!(body.contains(&format!("expertmesh_generation_tokens_total {}", want.len())), "{body}");
+        assert!(body.contains("expertmesh_request_success_total{finish_reason=\"length\"} 1"), "{body}");
+    }
+}
+
+#[test]
+fn thirty_two_concurrent_requests_complete_identically() {
+    let rt = rt();
+    let c = cluster(&fixture("deepseek_v3_qnull"), 3, 2, &["--max-num-seqs", "16", "--max-batch-tokens", "64"]);
+    let (prompt, want) = reference("deepseek_v3_qnull");
+    let results = rt.block_on(async {
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let addr = c.grpc.clone();
+                // Half repeat the fixture prompt; half use shifted prompts of other lengths.
+                let p = if i % 2 == 0 { prompt.clone() } else { prompt[..(i % 5) + 2].to_vec() };
+                tokio::spawn(async move { generate(&addr, request(p, 8)).await })
+            })
+            .collect();
+        let mut out = vec![];
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for (i, r) in results.into_iter().enumerate() {
+        let (toks, _, fin) = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(toks.len(), 8);
+        assert_eq!(fin, FinishReason::Length as i32);
+        if i % 2 == 0 {
+            assert_eq!(toks, want, "request {i} batched with others still matches transformers");
+        }
+    }
+}
+
+#[test]
+fn a_killed_node_loses_no_request_and_uncovered_experts_are_named() {
+    let rt = rt();
+    let model = fixture("deepseek_v2_lite");
+    let mut c = cluster(&model, 3, 2, &["--dispatch-timeout", "2"]);
+    let (prompt, _) = reference("deepseek_v2_lite");
+    let local = Model::load(&model, Precision::F32, &mut |_, _| {}).unwrap();
+    let offline = offline_generate(&local, &prompt, 40, ModelSampling::default(), true, |_, _| {}).unwrap();
+    let grpc = c.grpc.clone();
+    rt.block_on(async {
+        let mut client = GenerateServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        let mut s = client.generate(request(prompt.clone(), 40)).await.unwrap().into_inner();
+        let mut toks = s.message().await.unwrap().unwrap().token_ids;
+        // SIGKILL after the first token: the remaining 39 steps must fail over.
+        c.procs.kill("en-2");
+        while let Some(m) = s.message().await.unwrap() {
+            toks.extend(m.token_ids);
+        }
+        assert_eq!(toks, offline.token_ids, "generation continued identically on the surviving replicas");
+        // With two of three nodes gone, some experts have no replica left.
+        c.procs.kill("en-1");
+        let t0 = std::time::Instant::now();
+        let e = generate(&grpc, request(prompt.clone(), 4)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("no live replica"), "{e:?}");
+        assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
+    });
+}
+
+#[test]
+fn bad_requests_are_refused_without_harming_others() {
+    let rt = rt();
+    let c = cluster(&fixture("mixtral"), 2, 1, &["--max-queue", "4"]);
+    let (prompt, want) = reference("mixtral");
+    rt.block_on(async {
+        for (req, code) in [
+            (request(vec![9999], 4), tonic::Code::InvalidArgument),
+            (request(prompt.clone(), 0), tonic::Code::InvalidArgument),
+            (request(prompt.clone(), 1000), tonic::Code::InvalidArgument),
+            (GenerateRequest { prompt: None, ..request(vec![], 1) }, tonic::Code::InvalidArgument),
+            (
+                GenerateRequest { prompt: Some(Prompt::Text("hello".into())), ..request(vec![], 1) },
+                tonic::Code::InvalidArgument,
+            ),
+        ] {
+            let e = generate(&c.grpc, req).await.unwrap_err();
+            assert_eq!(e.code(), code, "{e:?}");
+        }
+        let (toks, _, _) = generate(&c.grpc, request(prompt, want.len() as u32)).await.unwrap();
+        assert_eq!(toks, want);
+    });
+}
