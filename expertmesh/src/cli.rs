@@ -31,13 +31,65 @@ enum Command {
     Generate(GenerateArgs),
     /// Write a random checkpoint in Hugging Face layout.
     GenModel(GenModelArgs),
+    /// Start a local cluster (router + expert nodes) as child processes.
+    Up(UpCmd),
+    /// Load-test a router, or the same engine in this process.
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct UpCmd {
+    /// Checkpoint directory.
+    #[arg(long, env = "EXPERTMESH_MODEL", required_unless_present = "demo")]
+    model: Option<PathBuf>,
+    /// Use the demo model (generated into ./demo-model on first use).
+    #[arg(long, conflicts_with = "model")]
+    demo: bool,
+    #[arg(long, env = "EXPERTMESH_EXPERT_NODES", default_value_t = 2)]
+    expert_nodes: usize,
+    /// Distinct nodes holding each expert.
+    #[arg(long, env = "EXPERTMESH_REPLICAS", default_value_t = 2)]
+    replicas: usize,
+    #[arg(long, env = "EXPERTMESH_GRPC_PORT", default_value_t = 50051)]
+    grpc_port: u16,
+    #[arg(long, env = "EXPERTMESH_HTTP_PORT", default_value_t = 8080)]
+    http_port: u16,
+    /// Written once every component serves; removed on exit.
+    #[arg(long, env = "EXPERTMESH_STATE_FILE")]
+    state_file: Option<PathBuf>,
+    /// Compute threads per expert node.
+    #[arg(long, env = "EXPERTMESH_THREADS_PER_NODE")]
+    threads_per_node: Option<usize>,
+}
+
+#[derive(Args)]
+struct BenchCmd {
+    /// Run the engine in this process (local experts) as the baseline.
+    #[arg(long, conflicts_with = "router", required_unless_present = "router")]
+    model: Option<PathBuf>,
+    /// A router's gRPC address.
+    #[arg(long)]
+    router: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
 struct GenerateArgs {
     /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, env = "EXPERTMESH_MODEL")]
-    model: PathBuf,
+    #[arg(long, env = "EXPERTMESH_MODEL", required_unless_present = "router")]
+    model: Option<PathBuf>,
+    /// Generate through a running router (its gRPC address) instead.
+    #[arg(long, conflicts_with = "model")]
+    router: Option<String>,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -164,8 +216,11 @@ pub fn run(cli: Cli) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
     match cli.cmd {
+        Command::Generate(a) if a.router.is_some() => cmd_generate_remote(a),
         Command::Generate(a) => cmd_generate(a),
         Command::GenModel(a) => cmd_gen_model(a),
+        Command::Up(a) => cmd_up(a),
+        Command::Bench(a) => cmd_bench(a),
     }
 }
 
@@ -199,8 +254,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         PrecisionArg::F32 => Precision::F32,
         PrecisionArg::Bf16 => Precision::Bf16,
     };
-    let model = load_model(&a.model, precision, a.json)?;
-    let tok = TextTokenizer::from_dir(&a.model).ok();
+    let dir = a.model.clone().context("--model is required")?;
+    let model = load_model(&dir, precision, a.json)?;
+    let tok = TextTokenizer::from_dir(&dir).ok();
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
@@ -339,5 +395,130 @@ fn cmd_gen_model(a: GenModelArgs) -> Result<()> {
     // Read it back: a written checkpoint must parse.
     expertmesh_model::config::ModelConfig::from_dir(&a.out).context("re-reading the generated config")?;
     eprintln!("wrote {} ({}) in {:.1}s", a.out.display(), arch.name(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn cmd_generate_remote(a: GenerateArgs) -> Result<()> {
+    use expertmesh_proto::v1::generate_request::Prompt;
+    let addr = a.router.clone().context("--router")?;
+    let prompt = match (&a.prompt_ids, &a.prompt) {
+        (Some(ids), _) => Prompt::TokenIds(expertmesh_proto::v1::TokenIds { ids: ids.clone() }),
+        (None, Some(t)) => Prompt::Text(t.clone()),
+        (None, None) => bail!("one of --prompt or --prompt-ids is required"),
+    };
+    let sampling = expertmesh_proto::v1::SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k as u32,
+        seed: a.seed,
+    };
+    let rt = runtime()?;
+    let t0 = Instant::now();
+    let (o, load_s) = rt.block_on(async {
+        let mut client = crate::remote::connect(&addr).await?;
+        let load_s = t0.elapsed().as_secs_f64();
+        let req = crate::remote::request(prompt, a.chat, a.max_tokens, sampling, a.ignore_eos);
+        crate::remote::run_one(&mut client, req).await.map(|o| (o, load_s))
+    })?;
+    let first = o.token_times.first().map_or(0.0, |d| d.as_secs_f64());
+    let last = o.token_times.last().map_or(0.0, |d| d.as_secs_f64());
+    if a.json {
+        println!(
+            "{}",
+            json!({"prompt_token_ids": o.prompt_ids, "token_ids": o.token_ids, "logprobs": o.logprobs, "text": o.text,
+                   "finish_reason": o.finish_reason,
+                   "timing": {"load_s": load_s, "prefill_s": first, "decode_s": last - first}})
+        );
+    } else {
+        println!(
+            "{}",
+            if o.text.is_empty() {
+                o.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            } else {
+                o.text
+            }
+        );
+        eprintln!("[{} tokens, finish_reason={}, first token {first:.3}s]", o.token_ids.len(), o.finish_reason);
+    }
+    Ok(())
+}
+
+fn cmd_up(a: UpCmd) -> Result<()> {
+    let model = match a.model {
+        Some(m) => m,
+        None => crate::up::demo_model(Path::new("demo-model"))?,
+    };
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    crate::up::up(
+        crate::up::UpArgs {
+            model,
+            expert_nodes: a.expert_nodes,
+            replicas: a.replicas,
+            grpc_port: a.grpc_port,
+            http_port: a.http_port,
+            state_file: a.state_file,
+            threads_per_node: a.threads_per_node,
+        },
+        &STOP,
+    )
+}
+
+fn cmd_bench(a: BenchCmd) -> Result<()> {
+    use clap::Parser as _;
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        match (&a.router, &a.model) {
+            (Some(r), _) => crate::remote::bench(r, a.concurrency, a.requests, a.prompt_tokens, a.max_tokens).await,
+            (None, Some(m)) => {
+                // The same engine and API in this process, with local experts.
+                let m = m.to_string_lossy().into_owned();
+                let seqs = a.concurrency.max(1).to_string();
+                let cfg = expertmesh_router::Config::try_parse_from([
+                    "router",
+                    "--model",
+                    &m,
+                    "--grpc",
+                    "127.0.0.1:0",
+                    "--http",
+                    "127.0.0.1:0",
+                    "--max-num-seqs",
+                    &seqs,
+                ])?;
+                let stop = tokio_util::sync::CancellationToken::new();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let server = tokio::spawn(expertmesh_router::run(cfg, stop.clone(), Some(tx)));
+                let bound = rx.await.context("the in-process engine failed to start")?;
+                let r = crate::remote::bench(
+                    &bound.grpc.to_string(),
+                    a.concurrency,
+                    a.requests,
+                    a.prompt_tokens,
+                    a.max_tokens,
+                )
+                .await;
+                stop.cancel();
+                server.await??;
+                r
+            }
+            (None, None) => bail!("one of --model or --router is required"),
+        }
+    })?;
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `expertmesh`: the ExpertMesh command-line interface.
 
 mod cli;
+mod remote;
+mod up;
 
 use clap::Parser;
 

@@ -1,0 +1,148 @@
+//! `expertmesh up` end to end: a local cluster from the CLI serves
+//! `generate --router` with transformers' exact tokens, `bench` reports,
+//! and neither Ctrl-C nor `kill -9` of `up` leaves a process behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(case)
+}
+
+fn alive(pid: u64) -> bool {
+    // A zombie still has a /proc entry; only count running states.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+struct Up {
+    child: Child,
+    state: serde_json::Value,
+    state_file: PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+}
+
+fn up(model: &Path, tag: &str) -> Up {
+    let state_file = std::env::temp_dir().join(format!("em-up-{tag}-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&state_file);
+    let child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(["up", "--model", model.to_str().unwrap(), "--expert-nodes", "3", "--replicas", "2"])
+        .args(["--grpc-port", "0", "--http-port", "0", "--threads-per-node", "1"])
+        .args(["--state-file", state_file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !state_file.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "cluster did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // the file is written in one call; let it land
+    let state = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    Up { child, state, state_file }
+}
+
+fn pids(state: &serde_json::Value) -> Vec<u64> {
+    let mut v = vec![state["router"]["pid"].as_u64().unwrap()];
+    v.extend(state["expert_nodes"].as_array().unwrap().iter().map(|n| n["pid"].as_u64().unwrap()));
+    v
+}
+
+fn wait_gone(pids: &[u64]) {
+    let t0 = Instant::now();
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "processes left behind: {pids:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn up_serves_generate_and_bench_and_ctrl_c_cleans_up() {
+    let u = up(&fixture("deepseek_v3_yarn_bf16"), "int");
+    let grpc = u.state["router"]["grpc"].as_str().unwrap().to_string();
+    assert_eq!(u.state["expert_nodes"].as_array().unwrap().len(), 3);
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("deepseek_v3_yarn_bf16").join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<String> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args([
+            "generate",
+            "--router",
+            &grpc,
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(g["token_ids"], r["greedy_ids"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args([
+            "bench",
+            "--router",
+            &grpc,
+            "--concurrency",
+            "4",
+            "--requests",
+            "8",
+            "--prompt-tokens",
+            "5",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["errors"], 0);
+    assert!(b["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let all = pids(&u.state);
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGINT) };
+    wait_gone(&all);
+    let t0 = Instant::now();
+    while u.state_file.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(15), "state file not removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn kill_9_of_up_takes_the_children_along() {
+    let mut u = up(&fixture("mixtral"), "kill");
+    let all = pids(&u.state);
+    u.child.kill().unwrap(); // SIGKILL: up gets no chance to clean up
+    let _ = u.child.wait();
+    wait_gone(&all);
+}
+
+#[test]
+fn bench_model_runs_the_engine_in_process() {
+    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(["bench", "--model", fixture("qwen3_moe").to_str().unwrap(), "--concurrency", "4", "--requests", "8"])
+        .args(["--prompt-tokens", "6", "--max-tokens", "5", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["requests"], 8);
+    assert_eq!(b["errors"], 0);
+}
