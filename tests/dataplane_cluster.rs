@@ -46,7 +46,7 @@ fn cluster_generates_exactly_what_transformers_does_on_every_fixture() {
         "mixtral",
     ] {
         let model = fixture(case);
-        let (_nodes, p) = start(&model, 3, 2);
+        let (_nodes, p, _) = start(&model, 3, 2);
         let m = cluster_model(&model, &p, &rt, Duration::from_secs(10));
         let (prompt, want) = reference(case);
         let local = Model::load(&model, Precision::F32, &mut |_, _| {}).unwrap();
@@ -63,7 +63,7 @@ fn cluster_generates_exactly_what_transformers_does_on_every_fixture() {
 fn generation_survives_a_killed_node() {
     let rt = runtime();
     let model = fixture("deepseek_v3_qnull");
-    let (mut nodes, p) = start(&model, 3, 2);
+    let (mut nodes, p, _) = start(&model, 3, 2);
     let m = cluster_model(&model, &p, &rt, Duration::from_secs(10));
     let (prompt, want) = reference("deepseek_v3_qnull");
     let mut step = 0;
@@ -82,7 +82,7 @@ fn generation_survives_a_killed_node() {
 fn no_live_replica_is_a_clean_unavailable_within_the_timeout() {
     let rt = runtime();
     let model = fixture("mixtral");
-    let (mut nodes, p) = start(&model, 2, 1);
+    let (mut nodes, p, _) = start(&model, 2, 1);
     let m = cluster_model(&model, &p, &rt, Duration::from_secs(2));
     nodes.kill("en-0");
     let (prompt, _) = reference("mixtral");
@@ -97,7 +97,7 @@ fn no_live_replica_is_a_clean_unavailable_within_the_timeout() {
 fn malformed_batch_gets_invalid_argument_and_the_node_survives() {
     let rt = runtime();
     let model = fixture("mixtral");
-    let (nodes, _) = start(&model, 1, 1);
+    let (nodes, _, _) = start(&model, 1, 1);
     let addr = nodes.0[0].1.clone();
     rt.block_on(async {
         let mut client = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();

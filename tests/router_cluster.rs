@@ -15,11 +15,12 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{Procs, bin, fixture, http_get, reference, spawn, start_nodes};
+use common::{Procs, bin, field, fixture, http_get, reference, spawn, start_nodes};
 
 /// Router + nodes; the router's gRPC and HTTP addresses.
 struct Cluster {
     procs: Procs,
+    node_metrics: std::collections::BTreeMap<String, String>,
     grpc: String,
     http: String,
     _dir: TempDir,
@@ -34,7 +35,7 @@ impl Drop for TempDir {
 
 fn cluster(model: &Path, nodes: usize, replicas: usize, extra: &[&str]) -> Cluster {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let (mut procs, placement) = start_nodes(model, nodes, replicas);
+    let (mut procs, placement, node_metrics) = start_nodes(model, nodes, replicas);
     let dir = std::env::temp_dir().join(format!(
         "em-router-{}-{}",
         std::process::id(),
@@ -48,11 +49,9 @@ fn cluster(model: &Path, nodes: usize, replicas: usize, extra: &[&str]) -> Clust
         .args(["--placement", pfile.to_str().unwrap(), "--threads", "1"])
         .args(extra);
     let (child, line) = spawn(cmd);
-    let field =
-        |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{line:?}")).to_string();
-    let (grpc, http) = (field("grpc="), field("http="));
+    let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
     procs.0.push(("router".into(), grpc.clone(), child));
-    Cluster { procs, grpc, http, _dir: TempDir(dir) }
+    Cluster { procs, node_metrics, grpc, http, _dir: TempDir(dir) }
 }
 
 fn request(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
@@ -185,4 +184,48 @@ fn bad_requests_are_refused_without_harming_others() {
         let (toks, _, _) = generate(&c.grpc, request(prompt, want.len() as u32)).await.unwrap();
         assert_eq!(toks, want);
     });
+}
+
+/// `name{labels} value` lines of one metric, keyed by the label text.
+fn series(body: &str, name: &str) -> std::collections::BTreeMap<String, f64> {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k[name.len()..].to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn router_and_node_token_counts_agree_exactly() {
+    let rt = rt();
+    let c = cluster(&fixture("deepseek_v3_qnull"), 3, 2, &[]);
+    let (prompt, want) = reference("deepseek_v3_qnull");
+    rt.block_on(async {
+        for _ in 0..3 {
+            generate(&c.grpc, request(prompt.clone(), want.len() as u32)).await.unwrap();
+        }
+    });
+    let body = http_get(&c.http, "/metrics").1;
+    let router = series(&body, "expertmesh_expert_tokens_total");
+    assert!(!router.is_empty());
+    let mut per_node_router = series(&body, "expertmesh_node_tokens_total");
+    let mut nodes: std::collections::BTreeMap<String, f64> = Default::default();
+    for (id, addr) in &c.node_metrics {
+        let nbody = http_get(addr, "/metrics").1;
+        let s = series(&nbody, "expertmesh_node_expert_tokens_total");
+        let total: f64 = s.values().sum();
+        let routed = per_node_router.remove(&format!("{{node=\"{id}\"}}")).unwrap_or(0.0);
+        assert_eq!(total, routed, "node {id}: computed vs router-side count");
+        assert!(!series(&nbody, "expertmesh_node_expert_compute_seconds_total").is_empty());
+        for (k, v) in s {
+            *nodes.entry(k).or_default() += v;
+        }
+    }
+    assert_eq!(router, nodes, "per-expert token counts: router vs sum over nodes");
+    let bytes = series(&body, "expertmesh_dispatch_bytes_total");
+    assert!(bytes.keys().any(|k| k.contains("direction=\"tx\"")) && bytes.values().all(|v| *v > 0.0), "{bytes:?}");
+    let bal = series(&body, "expertmesh_balancedness_ratio");
+    assert!(!bal.is_empty() && bal.values().all(|v| *v > 0.0 && *v <= 1.0), "{bal:?}");
 }

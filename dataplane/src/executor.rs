@@ -8,6 +8,7 @@
 //! reachable replica fail the step with `Unavailable`, naming them.
 
 use crate::error::DataPlaneError;
+use crate::metrics::DispatchMetrics;
 use crate::placement::{NodeId, Placement};
 use crate::transport::{NodeBatch, Transport};
 use expertmesh_model::ModelError;
@@ -31,6 +32,7 @@ pub struct RemoteExecutor {
     outstanding: Mutex<HashMap<NodeId, u64>>,
     health: Mutex<HashMap<NodeId, Health>>,
     rng: AtomicU64,
+    metrics: Option<Arc<DispatchMetrics>>,
 }
 
 /// Backoff after the n-th consecutive failure: 100 ms · 2ⁿ⁻¹, at most 5 s.
@@ -47,7 +49,14 @@ impl RemoteExecutor {
             outstanding: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            metrics: None,
         }
+    }
+
+    /// Records routed tokens, per-node tokens, round trips and balance.
+    pub fn with_metrics(mut self, m: Arc<DispatchMetrics>) -> Self {
+        self.metrics = Some(m);
+        self
     }
 
     /// Switches to a new placement; calls in progress finish on the old one.
@@ -157,7 +166,15 @@ impl ExpertExecutor for RemoteExecutor {
         let placement = self.placement();
         let step = self.step.fetch_add(1, Ordering::Relaxed);
         let mut out = vec![0f32; batch.hidden.len()];
+        let t0 = Instant::now();
         let mut pending = group_by_expert(batch.routing);
+        if let Some(m) = &self.metrics {
+            let layer = batch.layer.to_string();
+            for g in &pending {
+                m.expert_tokens.with_label_values(&[&layer, &g.expert.to_string()]).inc_by(g.rows.len() as u64);
+            }
+        }
+        let mut served: HashMap<NodeId, u64> = HashMap::new();
         let mut failed: BTreeSet<NodeId> = BTreeSet::new();
         let mut errors: Vec<String> = Vec::new();
         while !pending.is_empty() {
@@ -183,6 +200,8 @@ impl ExpertExecutor for RemoteExecutor {
                 match res {
                     Ok(combined) if combined.len() == toks.len() * h => {
                         self.record(&b.node, true);
+                        *served.entry(b.node.clone()).or_default() +=
+                            groups.iter().map(|g| g.rows.len() as u64).sum::<u64>();
                         for (i, &t) in toks.iter().enumerate() {
                             let dst = &mut out[t * h..(t + 1) * h];
                             dst.iter_mut().zip(&combined[i * h..(i + 1) * h]).for_each(|(o, v)| *o += v);
@@ -206,6 +225,15 @@ impl ExpertExecutor for RemoteExecutor {
                     }
                 }
             }
+        }
+        if let Some(m) = &self.metrics {
+            m.seconds.observe(t0.elapsed().as_secs_f64());
+            for (node, n) in &served {
+                m.node_tokens.with_label_values(&[node]).inc_by(*n);
+            }
+            let holders: BTreeSet<NodeId> =
+                placement.layers.get(&batch.layer).map(|e| e.iter().flatten().cloned().collect()).unwrap_or_default();
+            m.observe_layer(batch.layer, &holders.into_iter().collect::<Vec<_>>(), &served);
         }
         Ok(out)
     }

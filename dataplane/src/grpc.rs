@@ -7,13 +7,14 @@
 
 use crate::codec;
 use crate::error::{DataPlaneError, Result};
+use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
 use crate::transport::{NodeBatch, Transport};
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype, ExpertTokens};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,12 +32,32 @@ pub struct GrpcTransport {
     links: Mutex<HashMap<NodeId, mpsc::Sender<Call>>>,
     timeout: Duration,
     dtype: Dtype,
+    metrics: Option<Arc<DispatchMetrics>>,
 }
 
 impl GrpcTransport {
     /// `rt` runs the links; `exchange` must be called from outside it.
     pub fn new(rt: tokio::runtime::Handle, addrs: BTreeMap<NodeId, String>, timeout: Duration, dtype: Dtype) -> Self {
-        GrpcTransport { rt, addrs: RwLock::new(addrs), links: Mutex::new(HashMap::new()), timeout, dtype }
+        GrpcTransport {
+            rt,
+            addrs: RwLock::new(addrs),
+            links: Mutex::new(HashMap::new()),
+            timeout,
+            dtype,
+            metrics: None,
+        }
+    }
+
+    /// Counts activation bytes per node and direction.
+    pub fn with_metrics(mut self, m: Arc<DispatchMetrics>) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    fn count_bytes(&self, node: &str, direction: &str, n: usize) {
+        if let Some(m) = &self.metrics {
+            m.bytes.with_label_values(&[node, direction]).inc_by(n as u64);
+        }
     }
 
     /// Replaces the node address book; links to moved or removed nodes close.
@@ -87,7 +108,9 @@ impl Transport for GrpcTransport {
             .map(|b| {
                 let tx = self.link(&b.node)?;
                 let (reply, rx) = oneshot::channel();
-                tx.blocking_send(Call { req: self.request(step, layer, hidden, b), reply })
+                let req = self.request(step, layer, hidden, b);
+                self.count_bytes(&b.node, "tx", req.rows.as_ref().map_or(0, codec::wire_bytes));
+                tx.blocking_send(Call { req, reply })
                     .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link closed".into() })?;
                 Ok(rx)
             })
@@ -114,6 +137,7 @@ impl Transport for GrpcTransport {
                                     b.node, resp.step, rows.num_rows
                                 )));
                             }
+                            self.count_bytes(&b.node, "rx", codec::wire_bytes(&rows));
                             codec::decode(&rows, hidden)
                         }),
                     },

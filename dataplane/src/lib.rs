@@ -14,6 +14,7 @@ pub mod codec;
 pub mod error;
 pub mod executor;
 pub mod grpc;
+pub mod metrics;
 pub mod placement;
 pub mod transport;
 

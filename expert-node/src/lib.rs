@@ -6,6 +6,7 @@
 //! its configuration and a cancellation token, and on cancellation drains
 //! (finishes in-flight batches, refuses new ones) before returning.
 
+pub mod metrics;
 pub mod service;
 pub mod spec;
 
@@ -49,6 +50,9 @@ pub struct Config {
     /// Activations in expert products (see `expertmesh generate --help`).
     #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
     pub precision: PrecisionArg,
+    /// Serve Prometheus `/metrics` on this address (port 0 picks one).
+    #[arg(long, env = "EXPERTMESH_METRICS")]
+    pub metrics: Option<SocketAddr>,
     /// Memory for expert weights, in bytes; 0 = unlimited.
     #[arg(long, env = "EXPERTMESH_CAPACITY_BYTES", default_value_t = 0)]
     pub capacity_bytes: u64,
@@ -70,10 +74,17 @@ pub enum NodeError {
 
 /// Loads this node's experts, serves until `shutdown` is cancelled, then
 /// drains. `bound` receives the listening address once serving.
+/// Addresses the node actually listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+}
+
 pub async fn run(
     cfg: Config,
     shutdown: CancellationToken,
-    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), NodeError> {
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
     let wanted =
@@ -103,6 +114,8 @@ pub async fn run(
             message: format!("the selected experts need {used} bytes, more than {}", cfg.capacity_bytes),
         });
     }
+    let node_metrics = Arc::new(metrics::NodeMetrics::new().map_err(|e| NodeError::Load(format!("metrics: {e}")))?);
+    node_metrics.experts_loaded.set(experts.loaded().len() as i64);
     let service = service::NodeService {
         node_id: cfg.node_id.clone(),
         model_name: cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -112,6 +125,7 @@ pub async fn run(
         capacity_bytes: cfg.capacity_bytes,
         weight_dtype,
         shutdown: shutdown.clone(),
+        metrics: node_metrics.clone(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ExpertServiceServer<service::NodeService>>().await;
@@ -123,9 +137,29 @@ pub async fn run(
         .await
         .map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
     let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
+    let metrics_addr = match cfg.metrics {
+        Some(m) => {
+            let l = tokio::net::TcpListener::bind(m).await.map_err(|source| NodeError::Listen { addr: m, source })?;
+            let a = l.local_addr().map_err(|source| NodeError::Listen { addr: m, source })?;
+            let nm = node_metrics.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let nm = nm.clone();
+                    async move { nm.render() }
+                }),
+            );
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            });
+            Some(a)
+        }
+        None => None,
+    };
     tracing::info!(node = %cfg.node_id, %addr, experts = used, "expert node serving");
     if let Some(tx) = bound {
-        let _ = tx.send(addr);
+        let _ = tx.send(Bound { grpc: addr, metrics: metrics_addr });
     }
     let server = ExpertServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

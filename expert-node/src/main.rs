@@ -1,7 +1,7 @@
 //! `expert-node`: see the library docs.
 
 use clap::Parser;
-use expertmesh_expert_node::{Config, run};
+use expertmesh_expert_node::{Bound, Config, run};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
@@ -23,12 +23,13 @@ fn main() -> anyhow::Result<()> {
             tracing::info!("signal received; draining");
             signal.cancel();
         });
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Bound>();
         let node_id = cfg.node_id.clone();
         tokio::spawn(async move {
             // One machine-readable line, so supervisors learn an ephemeral port.
-            if let Ok(addr) = rx.await {
-                println!("expert-node {node_id} listening on {addr}");
+            if let Ok(b) = rx.await {
+                let metrics = b.metrics.map(|m| format!(" metrics={m}")).unwrap_or_default();
+                println!("expert-node node={node_id} grpc={}{metrics}", b.grpc);
             }
         });
         run(cfg, shutdown, Some(tx)).await

@@ -1,5 +1,6 @@
 //! The `ExpertService` implementation.
 
+use crate::metrics::NodeMetrics;
 use expertmesh_dataplane::{DataPlaneError, codec};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::expert_tensor_names;
@@ -27,6 +28,7 @@ pub struct NodeService {
     pub capacity_bytes: u64,
     pub weight_dtype: String,
     pub shutdown: CancellationToken,
+    pub metrics: Arc<NodeMetrics>,
 }
 
 fn poisoned<T>(_: T) -> Status {
@@ -38,6 +40,7 @@ fn poisoned<T>(_: T) -> Status {
 fn process(
     experts: &RwLock<LocalExperts>,
     cfg: &ModelConfig,
+    metrics: &NodeMetrics,
     req: DispatchRequest,
 ) -> Result<DispatchResponse, DataPlaneError> {
     let h = cfg.hidden_size;
@@ -79,7 +82,15 @@ fn process(
         });
     }
     let t0 = Instant::now();
-    let combined = table.compute(layer, &rows, h, &groups).map_err(|e| DataPlaneError::Compute(e.to_string()))?;
+    let (combined, seconds) =
+        table.compute_timed(layer, &rows, h, &groups).map_err(|e| DataPlaneError::Compute(e.to_string()))?;
+    let l = layer.to_string();
+    for (g, s) in groups.iter().zip(seconds) {
+        let e = g.expert.to_string();
+        metrics.expert_tokens.with_label_values(&[&l, &e]).inc_by(g.rows.len() as u64);
+        metrics.compute_seconds.with_label_values(&[&l, &e]).inc_by(s);
+    }
+    metrics.batch_tokens.observe(n as f64);
     Ok(DispatchResponse {
         step: req.step,
         layer: req.layer,
@@ -116,6 +127,7 @@ impl NodeService {
 
     fn loaded_response(&self) -> Result<LoadExpertsResponse, Status> {
         let t = self.experts.read().map_err(poisoned)?;
+        self.metrics.experts_loaded.set(t.loaded().len() as i64);
         Ok(LoadExpertsResponse { loaded: to_layer_experts(&t.loaded()), used_bytes: t.size_bytes() as u64 })
     }
 }
@@ -133,7 +145,8 @@ impl ExpertService for NodeService {
         }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let (experts, cfg, shutdown) = (self.experts.clone(), self.cfg.clone(), self.shutdown.clone());
+        let (experts, cfg, shutdown, metrics) =
+            (self.experts.clone(), self.cfg.clone(), self.shutdown.clone(), self.metrics.clone());
         tokio::spawn(async move {
             loop {
                 // Draining: finish the batch in hand, take no new one.
@@ -149,10 +162,10 @@ impl ExpertService for NodeService {
                         break;
                     }
                 };
-                let (experts, cfg) = (experts.clone(), cfg.clone());
+                let (experts, cfg, metrics) = (experts.clone(), cfg.clone(), metrics.clone());
                 let (step, layer) = (req.step, req.layer);
                 // Expert compute is heavy: off the async runtime.
-                let item = match tokio::task::spawn_blocking(move || process(&experts, &cfg, req)).await {
+                let item = match tokio::task::spawn_blocking(move || process(&experts, &cfg, &metrics, req)).await {
                     Ok(Ok(resp)) => Ok(resp),
                     Ok(Err(e)) => {
                         tracing::warn!(step, layer, error = %e, "refused dispatch batch");

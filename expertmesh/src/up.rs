@@ -108,17 +108,19 @@ pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     let ids: Vec<(NodeId, String)> = (0..a.expert_nodes).map(|i| (format!("en-{i}"), String::new())).collect();
     let mut placement = Placement::round_robin(&cfg, &ids, a.replicas)?;
     let mut family = Family(Vec::new());
+    let mut metrics = std::collections::BTreeMap::new();
     let model = a.model.to_string_lossy().into_owned();
     for (id, _) in &ids {
         let spec: Vec<String> = placement.experts_of(id).iter().map(|(l, e)| format!("{l}:{e}")).collect();
         let mut cmd = Command::new(&node_bin);
-        cmd.args(["--model", &model, "--listen", "127.0.0.1:0", "--node-id", id, "--experts", &spec.join(",")]);
+        cmd.args(["--model", &model, "--listen", "127.0.0.1:0", "--node-id", id, "--experts", &spec.join(",")])
+            .args(["--metrics", "127.0.0.1:0"]);
         if let Some(t) = a.threads_per_node {
             cmd.args(["--threads", &t.to_string()]);
         }
         let line = start(&mut family, id, cmd)?;
-        let addr = line.rsplit(' ').next().unwrap_or_default().to_string();
-        placement.nodes.insert(id.clone(), addr);
+        placement.nodes.insert(id.clone(), field(&line, "grpc="));
+        metrics.insert(id.clone(), field(&line, "metrics="));
     }
     let pfile = run_dir.join("placement.json");
     std::fs::write(&pfile, serde_json::to_string_pretty(&placement)?)?;
@@ -130,12 +132,11 @@ pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         &format!("127.0.0.1:{}", a.http_port),
     ]);
     let line = start(&mut family, "router", cmd)?;
-    let field = |k: &str| line.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_default().to_string();
-    let (grpc, http) = (field("grpc="), field("http="));
+    let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
     let pid = |name: &str| family.0.iter().find(|c| c.name == name).map(|c| c.child.id());
     let state = json!({
         "router": {"pid": pid("router"), "grpc": grpc, "http": http},
-        "expert_nodes": ids.iter().map(|(id, _)| json!({"id": id, "pid": pid(id), "addr": placement.nodes[id]})).collect::<Vec<_>>(),
+        "expert_nodes": ids.iter().map(|(id, _)| json!({"id": id, "pid": pid(id), "addr": placement.nodes[id], "metrics": metrics[id]})).collect::<Vec<_>>(),
     });
     if let Some(f) = &a.state_file {
         std::fs::write(f, serde_json::to_string_pretty(&state)?)
@@ -162,6 +163,11 @@ pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&run_dir);
     result
+}
+
+/// The value of `key=` in a child's start line.
+fn field(line: &str, key: &str) -> String {
+    line.split(' ').find_map(|w| w.strip_prefix(key)).unwrap_or_default().to_string()
 }
 
 /// The demo checkpoint, generated on first use.

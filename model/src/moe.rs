@@ -266,6 +266,18 @@ impl LocalExperts {
     /// all of its rows; the weighted sums are then added in group order, so
     /// the result does not depend on scheduling.
     pub fn compute(&self, layer: usize, hidden: &[f32], h: usize, groups: &[ExpertGroup]) -> Result<Vec<f32>> {
+        self.compute_timed(layer, hidden, h, groups).map(|(out, _)| out)
+    }
+
+    /// [`compute`](Self::compute), also returning each group's compute time
+    /// in seconds (for per-expert utilisation metrics).
+    pub fn compute_timed(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        h: usize,
+        groups: &[ExpertGroup],
+    ) -> Result<(Vec<f32>, Vec<f64>)> {
         let n = hidden.len() / h.max(1);
         let mut work = Vec::with_capacity(groups.len());
         for g in groups {
@@ -286,23 +298,24 @@ impl LocalExperts {
             }
             work.push((mlp, g));
         }
-        let outputs: Vec<Vec<f32>> = work
+        let outputs: Vec<(Vec<f32>, f64)> = work
             .par_iter()
             .map(|(mlp, g)| {
+                let t0 = std::time::Instant::now();
                 let mut rows = Vec::with_capacity(g.rows.len() * h);
                 for &t in &g.rows {
                     rows.extend_from_slice(&hidden[t * h..(t + 1) * h]);
                 }
-                mlp.forward(&rows, g.rows.len())
+                (mlp.forward(&rows, g.rows.len()), t0.elapsed().as_secs_f64())
             })
             .collect();
         let mut out = vec![0f32; hidden.len()];
-        for ((_, g), y) in work.iter().zip(&outputs) {
+        for ((_, g), (y, _)) in work.iter().zip(&outputs) {
             for ((&t, w), yr) in g.rows.iter().zip(&g.weights).zip(y.chunks_exact(h)) {
                 axpy(*w, yr, &mut out[t * h..(t + 1) * h]);
             }
         }
-        Ok(out)
+        Ok((out, outputs.into_iter().map(|(_, s)| s).collect()))
     }
 }
 

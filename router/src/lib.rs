@@ -18,6 +18,7 @@ use clap::{Parser, ValueEnum};
 use engine::{Engine, EngineConfig, Submit};
 use expertmesh_dataplane::executor::RemoteExecutor;
 use expertmesh_dataplane::grpc::GrpcTransport;
+use expertmesh_dataplane::metrics::DispatchMetrics;
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::{Model, load_experts};
@@ -172,6 +173,10 @@ pub async fn run(
         PrecisionArg::F32 => Precision::F32,
         PrecisionArg::Bf16 => Precision::Bf16,
     };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let dispatch_metrics = Arc::new(
+        DispatchMetrics::register(&metrics.registry).map_err(|e| RouterError::Internal(format!("metrics: {e}")))?,
+    );
     let executor: Arc<dyn ExpertExecutor> = match &cfg.placement {
         Some(path) => {
             let p = Placement::load(path)?;
@@ -186,8 +191,9 @@ pub async fn run(
                 p.nodes.clone(),
                 Duration::from_secs_f64(cfg.dispatch_timeout),
                 dtype,
-            );
-            Arc::new(RemoteExecutor::new(Arc::new(p), Arc::new(t)))
+            )
+            .with_metrics(dispatch_metrics.clone());
+            Arc::new(RemoteExecutor::new(Arc::new(p), Arc::new(t)).with_metrics(dispatch_metrics))
         }
         None => {
             let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
@@ -209,7 +215,6 @@ pub async fn run(
     })
     .await
     .map_err(|e| RouterError::Internal(e.to_string()))??;
-    let metrics = Arc::new(metrics::Metrics::new());
     let (tx, rx) = mpsc::channel(cfg.max_queue);
     let engine = Engine {
         model,

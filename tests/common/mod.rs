@@ -4,6 +4,7 @@
 
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_model::config::ModelConfig;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,12 +61,14 @@ pub fn spawn(mut cmd: Command) -> (Child, String) {
 }
 
 /// Starts `n` expert nodes holding a round-robin placement with `replicas`
-/// replicas per expert; returns them and the placement with real addresses.
-pub fn start_nodes(model: &Path, n: usize, replicas: usize) -> (Procs, Placement) {
+/// replicas per expert; returns them, the placement with real addresses, and
+/// each node's metrics address.
+pub fn start_nodes(model: &Path, n: usize, replicas: usize) -> (Procs, Placement, BTreeMap<String, String>) {
     let cfg = ModelConfig::from_dir(model).unwrap();
     let ids: Vec<(String, String)> = (0..n).map(|i| (format!("en-{i}"), String::new())).collect();
     let mut p = Placement::round_robin(&cfg, &ids, replicas).unwrap();
     let mut procs = Procs::default();
+    let mut metrics = BTreeMap::new();
     for (id, _) in &ids {
         let spec: Vec<String> = p.experts_of(id).iter().map(|(l, e)| format!("{l}:{e}")).collect();
         let mut cmd = Command::new(bin("expert-node"));
@@ -74,15 +77,23 @@ pub fn start_nodes(model: &Path, n: usize, replicas: usize) -> (Procs, Placement
             &spec.join(","),
             "--threads",
             "1",
+            "--metrics",
+            "127.0.0.1:0",
         ]);
         let (child, line) = spawn(cmd);
-        let addr = line.rsplit(' ').next().unwrap().to_string();
+        let addr = field(&line, "grpc=");
+        metrics.insert(id.clone(), field(&line, "metrics="));
         assert!(addr.starts_with("127.0.0.1:"), "unexpected start line {line:?}");
         p.nodes.insert(id.clone(), addr.clone());
         procs.0.push((id.clone(), addr, child));
     }
     p.validate(&cfg).unwrap();
-    (procs, p)
+    (procs, p, metrics)
+}
+
+/// The value of `key=` in a start line.
+pub fn field(line: &str, key: &str) -> String {
+    line.split(' ').find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {line:?}")).to_string()
 }
 
 /// A plain HTTP/1.1 GET; returns (status, body).

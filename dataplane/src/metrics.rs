@@ -1,0 +1,74 @@
+//! Router-side data-plane metrics (Prometheus; the names are the dashboards'
+//! interface).
+//!
+//! Cardinality: `expertmesh_expert_tokens_total` has one series per MoE layer
+//! × routed expert (58 × 256 = 14,848 for DeepSeek-V3).
+
+use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+pub struct DispatchMetrics {
+    pub expert_tokens: IntCounterVec,
+    pub node_tokens: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub seconds: Histogram,
+    pub balancedness: GaugeVec,
+    /// Decayed per-layer, per-node token load behind `balancedness`.
+    window: Mutex<HashMap<usize, HashMap<String, f64>>>,
+}
+
+/// Weight of the newest step in the decayed load window (≈ the last 50 steps).
+const DECAY: f64 = 0.02;
+
+impl DispatchMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = DispatchMetrics {
+            expert_tokens: IntCounterVec::new(
+                Opts::new("expertmesh_expert_tokens_total", "Routed token-expert pairs"),
+                &["layer", "expert"],
+            )?,
+            node_tokens: IntCounterVec::new(
+                Opts::new("expertmesh_node_tokens_total", "Token-expert pairs computed by each node"),
+                &["node"],
+            )?,
+            bytes: IntCounterVec::new(
+                Opts::new("expertmesh_dispatch_bytes_total", "Activation bytes on the wire"),
+                &["node", "direction"],
+            )?,
+            seconds: Histogram::with_opts(
+                HistogramOpts::new("expertmesh_dispatch_seconds", "One MoE layer's dispatch round trip")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            )?,
+            balancedness: GaugeVec::new(
+                Opts::new("expertmesh_balancedness_ratio", "Mean over max node load per layer (1 = perfectly even)"),
+                &["layer"],
+            )?,
+            window: Mutex::new(HashMap::new()),
+        };
+        registry.register(Box::new(m.expert_tokens.clone()))?;
+        registry.register(Box::new(m.node_tokens.clone()))?;
+        registry.register(Box::new(m.bytes.clone()))?;
+        registry.register(Box::new(m.seconds.clone()))?;
+        registry.register(Box::new(m.balancedness.clone()))?;
+        Ok(m)
+    }
+
+    /// Records one layer's completed per-node loads; nodes of the layer that
+    /// got nothing this step count as zero.
+    pub fn observe_layer(&self, layer: usize, nodes: &[String], load: &HashMap<String, u64>) {
+        let Ok(mut w) = self.window.lock() else { return };
+        let lw = w.entry(layer).or_default();
+        for n in nodes {
+            let x = load.get(n).copied().unwrap_or(0) as f64;
+            let e = lw.entry(n.clone()).or_insert(x);
+            *e = (1.0 - DECAY) * *e + DECAY * x;
+        }
+        let max = lw.values().copied().fold(0.0, f64::max);
+        if max > 0.0 {
+            let mean = lw.values().sum::<f64>() / lw.len() as f64;
+            self.balancedness.with_label_values(&[&layer.to_string()]).set(mean / max);
+        }
+    }
+}

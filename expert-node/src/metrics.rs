@@ -1,0 +1,44 @@
+//! Expert-node metrics. Per-expert series are labelled `{layer,expert}`:
+//! one per expert this node holds.
+
+use prometheus::{CounterVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct NodeMetrics {
+    pub registry: Registry,
+    pub expert_tokens: IntCounterVec,
+    pub compute_seconds: CounterVec,
+    pub experts_loaded: IntGauge,
+    pub batch_tokens: Histogram,
+}
+
+impl NodeMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let m = NodeMetrics {
+            registry: Registry::new(),
+            expert_tokens: IntCounterVec::new(
+                Opts::new("expertmesh_node_expert_tokens_total", "Token-expert pairs computed"),
+                &["layer", "expert"],
+            )?,
+            compute_seconds: CounterVec::new(
+                Opts::new("expertmesh_node_expert_compute_seconds_total", "Time spent computing each expert"),
+                &["layer", "expert"],
+            )?,
+            experts_loaded: IntGauge::new("expertmesh_node_experts_loaded", "Routed experts held")?,
+            batch_tokens: Histogram::with_opts(
+                HistogramOpts::new("expertmesh_node_batch_tokens", "Distinct token rows per dispatch batch")
+                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 14)?),
+            )?,
+        };
+        m.registry.register(Box::new(m.expert_tokens.clone()))?;
+        m.registry.register(Box::new(m.compute_seconds.clone()))?;
+        m.registry.register(Box::new(m.experts_loaded.clone()))?;
+        m.registry.register(Box::new(m.batch_tokens.clone()))?;
+        Ok(m)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
