@@ -28,7 +28,8 @@ pub fn encode(rows: &[f32], hidden: usize, dtype: Dtype) -> PackedRows {
             }
             (data, scales)
         }
-        Dtype::F32 | Dtype::Unspecified => (rows.iter().flat_map(|v| v.to_le_bytes()).collect(), vec![]),
+        // The wire format is little-endian, like every target we build for.
+        Dtype::F32 | Dtype::Unspecified => (bytemuck::cast_slice::<f32, u8>(rows).to_vec(), vec![]),
     };
     PackedRows {
         dtype: if dtype == Dtype::Unspecified { Dtype::F32 } else { dtype } as i32,
@@ -62,7 +63,8 @@ pub fn decode(p: &PackedRows, expected_hidden: usize) -> Result<Vec<f32>> {
         )));
     }
     Ok(match dtype {
-        Dtype::F32 => p.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        // Copies (the payload need not be 4-byte aligned).
+        Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&p.data),
         Dtype::Bf16 => p.data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::Fp8E4m3 => {
             let groups = h.div_ceil(FP8_GROUP);
@@ -87,6 +89,13 @@ pub fn decode(p: &PackedRows, expected_hidden: usize) -> Result<Vec<f32>> {
     })
 }
 
+/// The dtype a node answers in: as dispatched, except that FP8 dispatch is
+/// combined in BF16 (as DeepSeek does): combined rows are sums of several
+/// experts' outputs, and fp8's 3 mantissa bits cost too much accuracy there.
+pub fn combine_dtype(dispatch: Dtype) -> Dtype {
+    if dispatch == Dtype::Fp8E4m3 { Dtype::Bf16 } else { dispatch }
+}
+
 /// Bytes the rows take on the wire.
 pub fn wire_bytes(p: &PackedRows) -> usize {
     p.data.len() + p.scales.len()
@@ -99,21 +108,15 @@ fn fp8_encode(v: f32) -> u8 {
     }
     let sign = if v.is_sign_negative() { 0x80u8 } else { 0 };
     let a = v.abs().min(FP8_MAX);
-    if a < 2f32.powi(-10) {
-        return sign; // rounds to zero (half the smallest subnormal is 2^-10)
-    }
-    // Search the 127 non-negative finite codes for the nearest (ties to even).
-    let (mut lo, mut hi) = (0u8, 0x7eu8);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if fp8_decode(mid) <= a { lo = mid } else { hi = mid - 1 }
-    }
-    let below = lo;
-    let code = if below == 0x7e {
-        below
+    // Exponent of the leading bit; below 2^-6 the code is subnormal, in steps of 2^-9.
+    let e = if a > 0.0 { ((a.to_bits() >> 23) as i32 - 127).max(-6) } else { -6 };
+    let code = if e == -6 && a < 2f32.powi(-6) {
+        // q = 8 rounds up into the smallest normal, which is code 8 too.
+        (a * 2f32.powi(9)).round_ties_even() as u8
     } else {
-        let (d0, d1) = (a - fp8_decode(below), fp8_decode(below + 1) - a);
-        if d1 < d0 || (d1 == d0 && below % 2 == 1) { below + 1 } else { below }
+        let m = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as i32;
+        let (e, m) = if m == 8 { (e + 1, 0) } else { (e, m) };
+        ((((e + 7) as u8) << 3) | m as u8).min(0x7e)
     };
     sign | code
 }

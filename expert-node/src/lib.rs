@@ -167,10 +167,13 @@ pub async fn run(
     let drain = shutdown.clone();
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(expertmesh_dataplane::grpc::WINDOW)
+        .initial_connection_window_size(expertmesh_dataplane::grpc::WINDOW)
+        .max_frame_size(expertmesh_dataplane::grpc::FRAME)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(server)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(expertmesh_dataplane::grpc::nodelay_incoming(listener), async move {
             drain.cancelled().await;
             // Tell health checkers first, so routers stop sending.
             health.set_not_serving::<ExpertServiceServer<service::NodeService>>().await;

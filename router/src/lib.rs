@@ -262,7 +262,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
+        .serve_with_incoming_shutdown(expertmesh_dataplane::grpc::nodelay_incoming(grpc_listener), async move {
             grpc_stop.cancelled().await
         });
     let http_stop = shutdown.clone();

@@ -1,0 +1,182 @@
+//! Data-plane transport benchmark (`docs/benchmarks.md`).
+//!
+//! `cargo run --release -p expertmesh-expert-node --example transport_bench -- MODEL_DIR FIXTURES_DIR`
+//!
+//! 1. Round trip of one dispatch batch through a real expert node (in this
+//!    process, over loopback gRPC) against a raw-TCP echo of the same bytes,
+//!    for 1, 4 and 16 MiB of f32 rows. The batches name no expert, so the
+//!    node decodes the rows and encodes an all-zero combined result without
+//!    computing: what is timed is transport plus codec.
+//! 2. Bytes per row and the accuracy cost of bf16 / fp8 dispatch: every
+//!    fixture's greedy continuation is recomputed with rows and results
+//!    passed through the wire codec, and compared with f32 dispatch.
+
+use expertmesh_dataplane::codec;
+use expertmesh_dataplane::grpc::GrpcTransport;
+use expertmesh_dataplane::transport::{InProcess, NodeBatch, Transport};
+use expertmesh_model::config::ModelConfig;
+use expertmesh_model::generate::{SamplingParams, generate};
+use expertmesh_model::model::{Model, load_experts};
+use expertmesh_model::weights::WeightStore;
+use expertmesh_proto::v1::Dtype;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn raw_tcp_round_trip(bytes: usize, reps: usize) -> f64 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_nodelay(true).ok();
+        let mut buf = vec![0u8; bytes];
+        for _ in 0..reps + 1 {
+            s.read_exact(&mut buf).expect("read");
+            s.write_all(&buf).expect("write");
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_nodelay(true).ok();
+    let out = vec![7u8; bytes];
+    let mut back = vec![0u8; bytes];
+    c.write_all(&out).expect("w");
+    c.read_exact(&mut back).expect("r");
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        c.write_all(&out).expect("w");
+        c.read_exact(&mut back).expect("r");
+    }
+    let dt = t0.elapsed().as_secs_f64() / reps as f64;
+    server.join().expect("server");
+    dt
+}
+
+/// Rows and results through the wire codec, experts computed in process.
+struct CodecTransport {
+    inner: InProcess,
+    dtype: Dtype,
+}
+
+impl Transport for CodecTransport {
+    fn exchange(
+        &self,
+        step: u64,
+        layer: usize,
+        h: usize,
+        batches: &[NodeBatch],
+    ) -> Vec<expertmesh_dataplane::Result<Vec<f32>>> {
+        let wire: Vec<NodeBatch> = batches
+            .iter()
+            .map(|b| NodeBatch {
+                rows: codec::decode(&codec::encode(&b.rows, h, self.dtype), h).expect("codec"),
+                ..b.clone()
+            })
+            .collect();
+        self.inner
+            .exchange(step, layer, h, &wire)
+            .into_iter()
+            .map(|r| r.and_then(|c| codec::decode(&codec::encode(&c, h, codec::combine_dtype(self.dtype)), h)))
+            .collect()
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let model = std::path::PathBuf::from(args.next().expect("usage: transport_bench MODEL_DIR FIXTURES_DIR"));
+    let fixtures = std::path::PathBuf::from(args.next().expect("FIXTURES_DIR"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let cfg = ModelConfig::from_dir(&model).expect("config");
+    let layer = cfg.moe_layers().next().expect("moe layer");
+    let h = cfg.hidden_size;
+    let node_cfg = <expertmesh_expert_node::Config as clap::Parser>::parse_from([
+        "expert-node",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--experts",
+        &format!("{layer}:0"),
+    ]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = rt.spawn(expertmesh_expert_node::run(node_cfg, stop.clone(), Some(tx)));
+    let addr = rt.block_on(rx).expect("node started").grpc;
+    println!("| batch | dtype | gRPC round trip | raw TCP round trip | gRPC/raw bytes/s |");
+    println!("|---|---|---|---|---|");
+    let sizes: Vec<usize> = std::env::var("SIZES_KIB")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or(vec![1024, 4096, 16384]);
+    for kib in sizes {
+        let mib = kib as f64 / 1024.0;
+        let rows = (kib * 1024 / (4 * h)).max(1);
+        let raw = raw_tcp_round_trip(rows * h * 4, 20);
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::Fp8E4m3] {
+            let t = GrpcTransport::new(
+                rt.handle().clone(),
+                [("n".to_string(), addr.to_string())].into(),
+                Duration::from_secs(30),
+                dtype,
+            );
+            let batch = [NodeBatch {
+                node: "n".into(),
+                rows: (0..rows * h).map(|i| (i % 97) as f32 / 97.0).collect(),
+                groups: vec![],
+            }];
+            t.exchange(0, layer, h, &batch)[0].as_ref().expect("warm-up");
+            let reps = 20;
+            let t0 = Instant::now();
+            for s in 0..reps {
+                t.exchange(s, layer, h, &batch)[0].as_ref().expect("exchange");
+            }
+            let dt = t0.elapsed().as_secs_f64() / reps as f64;
+            let ratio = if dtype == Dtype::F32 { format!("{:.2}×", raw / dt) } else { "–".into() };
+            println!(
+                "| {mib} MiB f32 ({rows} rows × {h}) | {dtype:?} | {:.2} ms | {:.2} ms | {ratio} |",
+                dt * 1e3,
+                raw * 1e3
+            );
+        }
+    }
+    stop.cancel();
+    let _ = rt.block_on(server);
+
+    println!("\n| fixture | dispatch dtype | dispatch bytes/row | greedy tokens equal | max |Δlogprob| vs f32 |");
+    println!("|---|---|---|---|---|");
+    let mut cases: Vec<_> = std::fs::read_dir(&fixtures).expect("fixtures").flatten().map(|e| e.path()).collect();
+    cases.sort();
+    for dir in cases {
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference"))
+                .expect("json");
+        let prompt: Vec<u32> =
+            r["prompt_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
+        let run = |dtype: Dtype| {
+            let cfg = ModelConfig::from_dir(&dir).expect("config");
+            let ws = WeightStore::open(&dir, cfg.fp8_block).expect("weights");
+            let inner = InProcess::default();
+            inner.add("n", Arc::new(load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {}).expect("experts")));
+            let p = expertmesh_dataplane::placement::Placement::round_robin(&cfg, &[("n".into(), String::new())], 1)
+                .expect("placement");
+            let ex = expertmesh_dataplane::executor::RemoteExecutor::new(
+                Arc::new(p),
+                Arc::new(CodecTransport { inner, dtype }),
+            );
+            let m = Model::load_dense(cfg, &ws, Arc::new(ex), &mut |_, _| {}).expect("model");
+            generate(&m, &prompt, 8, SamplingParams::default(), true, |_, _| {}).expect("generate")
+        };
+        let base = run(Dtype::F32);
+        for dtype in [Dtype::Bf16, Dtype::Fp8E4m3] {
+            let g = run(dtype);
+            let d = g.logprobs.iter().zip(&base.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let hidden = ModelConfig::from_dir(&dir).expect("config").hidden_size;
+            let bytes = codec::wire_bytes(&codec::encode(&vec![0.5; hidden], hidden, dtype));
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            println!(
+                "| {name} | {dtype:?} | {bytes} (f32: {}) | {} | {d:.1e} |",
+                hidden * 4,
+                g.token_ids == base.token_ids
+            );
+        }
+    }
+}
