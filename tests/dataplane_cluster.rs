@@ -136,3 +136,45 @@ fn malformed_batch_gets_invalid_argument_and_the_node_survives() {
         assert_eq!(ok.combined.unwrap().num_rows, 1);
     });
 }
+
+#[test]
+fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
+    let rt = runtime();
+    let model = fixture("deepseek_v3_fp8");
+    let (mut nodes, p, _) = start(&model, 1, 1);
+    let (_, addr, child) = &mut nodes.0[0];
+    let (addr, pid) = (addr.clone(), child.id());
+    let cfg = expertmesh_model::config::ModelConfig::from_dir(&model).unwrap();
+    let layer = *p.layers.keys().next().unwrap();
+    let h = cfg.hidden_size;
+    // A large batch over every expert, so the node is busy when SIGTERM lands.
+    let rows = 4096usize;
+    let data: Vec<f32> = (0..rows * h).map(|i| ((i % 89) as f32 - 44.0) / 50.0).collect();
+    let experts = (0..cfg.moe.n_routed_experts as u32)
+        .map(|e| ExpertTokens { expert: e, rows: (0..rows as u32).collect(), weights: vec![0.1; rows] })
+        .collect();
+    let req = DispatchRequest {
+        step: 7,
+        layer: layer as u32,
+        rows: Some(expertmesh_dataplane::codec::encode(&data, h, Dtype::F32)),
+        experts,
+        trace_id: String::new(),
+    };
+    rt.block_on(async {
+        let mut client = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut resp = client.dispatch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        tx.send(req).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // SAFETY: signalling the node we spawned.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let done = resp.message().await.unwrap().expect("the batch in hand completes");
+        assert_eq!(done.step, 7);
+        assert_eq!(done.combined.unwrap().num_rows, rows as u32);
+        // No new batch is taken on the draining stream.
+        drop(tx);
+        assert!(resp.message().await.map(|m| m.is_none()).unwrap_or(true));
+    });
+    let status = nodes.0[0].2.wait().unwrap();
+    assert!(status.success(), "drained node exits 0, got {status:?}");
+}
