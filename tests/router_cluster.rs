@@ -229,3 +229,41 @@ fn router_and_node_token_counts_agree_exactly() {
     let bal = series(&body, "expertmesh_balancedness_ratio");
     assert!(!bal.is_empty() && bal.values().all(|v| *v > 0.0 && *v <= 1.0), "{bal:?}");
 }
+
+/// The value of an unlabelled metric.
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[test]
+fn a_client_that_goes_away_is_cancelled_and_its_kv_cache_freed() {
+    let rt = rt();
+    let c = cluster(&fixture("qwen3_moe"), 2, 1, &["--kv-cache-bytes", "400000"]);
+    let (prompt, _) = reference("qwen3_moe");
+    rt.block_on(async {
+        let mut client = GenerateServiceClient::connect(format!("http://{}", c.grpc)).await.unwrap();
+        let mut s = client.generate(request(prompt.clone(), 50)).await.unwrap().into_inner();
+        s.message().await.unwrap().unwrap();
+        let body = http_get(&c.http, "/metrics").1;
+        assert!(metric(&body, "expertmesh_kv_cache_usage_ratio") > 0.0);
+        drop(s); // the client goes away mid-generation
+        let t0 = std::time::Instant::now();
+        loop {
+            let body = http_get(&c.http, "/metrics").1;
+            if metric(&body, "expertmesh_requests_running") == 0.0
+                && metric(&body, "expertmesh_kv_cache_usage_ratio") == 0.0
+            {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "request not cancelled: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let body = http_get(&c.http, "/metrics").1;
+        assert!(metric(&body, "expertmesh_generation_tokens_total") < 50.0, "generation stopped early");
+        // The freed budget admits new work.
+        let (toks, _, _) = generate(&c.grpc, request(prompt, 4)).await.unwrap();
+        assert_eq!(toks.len(), 4);
+    });
+}

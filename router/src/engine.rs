@@ -160,9 +160,7 @@ impl Engine {
                 }
                 keep
             });
-            self.metrics.requests_running.set(running.len() as i64);
-            self.metrics.requests_waiting.set((rx.len() + held.is_some() as usize) as i64);
-            self.metrics.kv_usage.set(kv_used as f64 / self.cfg.kv_cache_bytes.max(1) as f64);
+            self.publish(running.len(), rx.len() + held.is_some() as usize, kv_used);
             if running.is_empty() {
                 if !open && held.is_none() {
                     return;
@@ -243,7 +241,16 @@ impl Engine {
                 }
                 !done
             });
+            // Also after the step: when the batch empties, the loop blocks for
+            // new work and the gauges must not keep showing the old batch.
+            self.publish(running.len(), rx.len() + held.is_some() as usize, kv_used);
         }
+    }
+
+    fn publish(&self, running: usize, waiting: usize, kv_used: usize) {
+        self.metrics.requests_running.set(running as i64);
+        self.metrics.requests_waiting.set(waiting as i64);
+        self.metrics.kv_usage.set(kv_used as f64 / self.cfg.kv_cache_bytes.max(1) as f64);
     }
 
     /// One forward pass over the plan. If the batched pass fails, each
