@@ -3,6 +3,7 @@
 
 use crate::error::{DataPlaneError, Result};
 use bytes::Bytes;
+use expertmesh_model::weights::fp8_e4m3_to_f32 as fp8_decode;
 use expertmesh_proto::v1::{Dtype, PackedRows};
 
 /// Values per fp8 scale.
@@ -119,19 +120,6 @@ fn fp8_encode(v: f32) -> u8 {
         ((((e + 7) as u8) << 3) | m as u8).min(0x7e)
     };
     sign | code
-}
-
-fn fp8_decode(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
-    let exp = ((b >> 3) & 0xf) as i32;
-    let man = (b & 7) as f32;
-    if exp == 0xf && b & 7 == 7 {
-        f32::NAN
-    } else if exp == 0 {
-        sign * man / 8.0 * 2f32.powi(-6)
-    } else {
-        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
-    }
 }
 
 #[cfg(test)]

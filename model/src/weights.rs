@@ -165,6 +165,13 @@ fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     })
 }
 
+/// Decodes one float8_e4m3fn value (checkpoint weights and the wire codec
+/// share this table).
+#[inline]
+pub fn fp8_e4m3_to_f32(b: u8) -> f32 {
+    fp8_e4m3_table()[b as usize]
+}
+
 /// float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no
 /// infinities, S.1111.111 is NaN.
 fn fp8_e4m3_table() -> &'static [f32; 256] {

@@ -1,29 +1,16 @@
 //! `router`: see the library docs.
 
 use clap::Parser;
-use expertmesh_router::{Config, run};
-use tokio_util::sync::CancellationToken;
+use expertmesh_cluster::process;
+use expertmesh_router::{Bound, Config, run};
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    if let Some(n) = cfg.threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("signal received; draining");
-            signal.cancel();
-        });
-        let (tx, rx) = tokio::sync::oneshot::channel::<expertmesh_router::Bound>();
+    process::init_tracing();
+    process::set_compute_threads(cfg.threads).map_err(anyhow::Error::msg)?;
+    process::runtime()?.block_on(async {
+        let shutdown = process::shutdown_on_signal();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Bound>();
         tokio::spawn(async move {
             // One machine-readable line, so supervisors learn ephemeral ports.
             if let Ok(b) = rx.await {
@@ -33,21 +20,4 @@ fn main() -> anyhow::Result<()> {
         run(cfg, shutdown, Some(tx)).await
     })?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

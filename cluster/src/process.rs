@@ -1,0 +1,56 @@
+//! Process plumbing for service binaries.
+
+use tokio_util::sync::CancellationToken;
+
+/// Structured logs on stderr, filtered by `RUST_LOG` (default `info`);
+/// stdout stays free for the one machine-readable start line.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Sizes the global compute pool (`--threads`); `None` keeps one per core.
+pub fn set_compute_threads(threads: Option<usize>) -> Result<(), String> {
+    match threads {
+        None => Ok(()),
+        Some(0) => Err("--threads must be at least 1".into()),
+        Some(n) => rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| format!("--threads: {e}")),
+    }
+}
+
+/// The async runtime for I/O. Two workers: heavy compute runs on the
+/// compute pool, never here.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+}
+
+/// A token cancelled on SIGINT or SIGTERM; call inside the runtime.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; draining");
+        t.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
