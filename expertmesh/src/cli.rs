@@ -209,12 +209,7 @@ struct GenModelArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
-    }
+    expertmesh_cluster::process::set_compute_threads(cli.threads).map_err(anyhow::Error::msg)?;
     match cli.cmd {
         Command::Generate(a) if a.router.is_some() => cmd_generate_remote(a),
         Command::Generate(a) => cmd_generate(a),
