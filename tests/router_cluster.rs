@@ -267,3 +267,26 @@ fn a_client_that_goes_away_is_cancelled_and_its_kv_cache_freed() {
         assert_eq!(toks.len(), 4);
     });
 }
+
+#[test]
+fn two_micro_batches_give_the_same_tokens() {
+    let rt = rt();
+    let c = cluster(&fixture("deepseek_v3_qnull"), 3, 2, &["--micro-batches", "2"]);
+    let (prompt, want) = reference("deepseek_v3_qnull");
+    let results = rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (addr, p) = (c.grpc.clone(), prompt.clone());
+                tokio::spawn(async move { generate(&addr, request(p, 8)).await })
+            })
+            .collect();
+        let mut out = vec![];
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap().0);
+        }
+        out
+    });
+    for toks in results {
+        assert_eq!(toks, want);
+    }
+}

@@ -282,6 +282,41 @@ impl Model {
         out
     }
 
+    /// [`forward`](Self::forward) with the sequences split into two
+    /// token-balanced micro-batches run concurrently (two-batch overlap):
+    /// while one half waits for its routed experts (on other processes), the
+    /// other half computes attention. Every sequence's result is the same as
+    /// in one batch. If either half fails, both are rolled back.
+    pub fn forward_overlapped(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
+        if batch.len() < 2 {
+            return self.forward(batch, mode);
+        }
+        let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let (mut acc, mut mid) = (0, batch.len() - 1);
+        for (i, s) in batch.iter().enumerate() {
+            acc += s.tokens.len();
+            if 2 * acc >= total {
+                mid = (i + 1).min(batch.len() - 1);
+                break;
+            }
+        }
+        let before: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
+        let (a, b) = batch.split_at_mut(mid);
+        let (ra, rb) = rayon::join(|| self.forward(a, mode), || self.forward(b, mode));
+        match (ra, rb) {
+            (Ok(mut x), Ok(y)) => {
+                x.extend(y);
+                Ok(x)
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                for (s, len) in batch.iter_mut().zip(before) {
+                    s.cache.truncate(len);
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn forward_unchecked(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
         let h = self.cfg.hidden_size;
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();

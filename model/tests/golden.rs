@@ -190,3 +190,28 @@ fn bf16_activation_mode_stays_close() {
     assert!(worst < 0.05, "max |Δlogit| = {worst}");
     assert!(worst > 0.0, "bf16 mode must actually round the activations");
 }
+
+/// Two micro-batches run concurrently give each sequence the same logits
+/// as one batch.
+#[test]
+fn overlapped_micro_batches_match_one_batch() {
+    let (m, r) = load("deepseek_v3_yarn_bf16");
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| r.prompt_ids[..(i + 2).min(r.prompt_ids.len())].to_vec()).collect();
+    let run = |overlap: bool| {
+        let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
+        let mut chunks: Vec<SeqChunk<'_>> =
+            caches.iter_mut().zip(&prompts).map(|(c, p)| SeqChunk { tokens: p, cache: c }).collect();
+        let out = if overlap {
+            m.forward_overlapped(&mut chunks, Logits::Last)
+        } else {
+            m.forward(&mut chunks, Logits::Last)
+        };
+        (out.unwrap(), caches.iter().map(|c| c.len()).collect::<Vec<_>>())
+    };
+    let (one, l1) = run(false);
+    let (two, l2) = run(true);
+    assert_eq!(l1, l2);
+    for (a, b) in one.iter().zip(&two) {
+        assert!(max_diff(a, b) < 1e-5);
+    }
+}

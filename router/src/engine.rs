@@ -26,6 +26,8 @@ pub struct EngineConfig {
     /// KV-cache memory for all running sequences; each reserves its prompt
     /// plus `max_tokens` up front, so admitted requests never run out.
     pub kv_cache_bytes: usize,
+    /// Two concurrent micro-batches per step (`--micro-batches 2`).
+    pub overlap: bool,
 }
 
 /// What a request hears back, in order: tokens, then one `Finished` or `Failed`.
@@ -273,7 +275,11 @@ impl Engine {
         let batched = {
             let mut chunks: Vec<SeqChunk<'_>> =
                 seqs.iter_mut().zip(&inputs).map(|(s, t)| SeqChunk { tokens: t, cache: &mut s.cache }).collect();
-            self.model.forward(&mut chunks, Logits::Last)
+            if self.cfg.overlap {
+                self.model.forward_overlapped(&mut chunks, Logits::Last)
+            } else {
+                self.model.forward(&mut chunks, Logits::Last)
+            }
         };
         match batched {
             Ok(l) => l.into_iter().map(Ok).collect(),

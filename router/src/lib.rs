@@ -87,6 +87,10 @@ pub struct Config {
     /// Compute threads (default: all cores).
     #[arg(long, env = "EXPERTMESH_THREADS")]
     pub threads: Option<usize>,
+    /// 2 splits each step into two micro-batches that run concurrently, so
+    /// one half's attention overlaps the other half's expert dispatch.
+    #[arg(long, env = "EXPERTMESH_MICRO_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub micro_batches: u8,
     #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
     pub precision: PrecisionArg,
 }
@@ -222,6 +226,7 @@ pub async fn run(
             max_num_seqs: cfg.max_num_seqs,
             max_batch_tokens: cfg.max_batch_tokens,
             kv_cache_bytes: cfg.kv_cache_bytes,
+            overlap: cfg.micro_batches == 2,
         },
         metrics: metrics.clone(),
     };
