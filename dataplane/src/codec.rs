@@ -102,6 +102,20 @@ pub fn wire_bytes(p: &PackedRows) -> usize {
     p.data.len() + p.scales.len()
 }
 
+/// 2^e for the small exponents used here, built from bits (exact, no libm call).
+#[inline]
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// Round half to even for 0 ≤ x < 2^22: adding 1.5·2^23 leaves no fraction
+/// bits, so the FPU's default rounding does the work (no libm call).
+#[inline]
+fn rne(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (x + MAGIC) - MAGIC
+}
+
 /// f32 → float8_e4m3fn, round to nearest even, saturating at ±448.
 fn fp8_encode(v: f32) -> u8 {
     if v.is_nan() {
@@ -111,11 +125,11 @@ fn fp8_encode(v: f32) -> u8 {
     let a = v.abs().min(FP8_MAX);
     // Exponent of the leading bit; below 2^-6 the code is subnormal, in steps of 2^-9.
     let e = if a > 0.0 { ((a.to_bits() >> 23) as i32 - 127).max(-6) } else { -6 };
-    let code = if e == -6 && a < 2f32.powi(-6) {
+    let code = if e == -6 && a < pow2(-6) {
         // q = 8 rounds up into the smallest normal, which is code 8 too.
-        (a * 2f32.powi(9)).round_ties_even() as u8
+        rne(a * pow2(9)) as u8
     } else {
-        let m = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as i32;
+        let m = rne((a * pow2(-e) - 1.0) * 8.0) as i32;
         let (e, m) = if m == 8 { (e + 1, 0) } else { (e, m) };
         ((((e + 7) as u8) << 3) | m as u8).min(0x7e)
     };
