@@ -317,6 +317,12 @@ mod tests {
             assert_eq!(tok.decode(&tok.encode("hello world").unwrap(), true).unwrap(), "hello world");
             let g = generate(&m, &ids, 5, SamplingParams::default(), true, |_, _| {}).unwrap();
             assert_eq!(g.token_ids.len(), 5);
+            // Streaming pieces add up to the full decode, multi-byte characters included.
+            let text = "héllo wörld, 漢字 and emoji 🙂 done";
+            let ids = tok.encode(text).unwrap();
+            let mut d = crate::tokenizer::IncrementalDecoder::default();
+            let streamed: String = ids.iter().filter_map(|&i| d.push(&tok, i)).collect();
+            assert_eq!(streamed, tok.decode(&ids, true).unwrap());
             std::fs::remove_dir_all(&dir).ok();
         }
     }

@@ -21,23 +21,31 @@ pub struct TextTokenizer {
 
 /// Turns a growing token sequence into text pieces as they become
 /// decodable (a multi-byte character may span tokens).
+///
+/// Each step decodes only the tokens from `prefix` on, never the whole
+/// sequence: `prefix..read` is context already emitted (decoders such as
+/// byte-level BPE or SentencePiece need a little left context to place
+/// spaces), `read..` is what is new.
 #[derive(Default)]
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    prefix: usize,
+    read: usize,
 }
 
 impl IncrementalDecoder {
     /// Adds a token; returns the new text, if any is complete.
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Option<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true).ok()?;
-        if text.ends_with('\u{fffd}') {
-            return None;
+        let before = tok.decode(&self.ids[self.prefix..self.read], true).ok()?;
+        let now = tok.decode(&self.ids[self.prefix..], true).ok()?;
+        if now.len() <= before.len() || now.ends_with('\u{fffd}') {
+            return None; // nothing complete yet
         }
-        // A decoder may rewrite earlier text; `get` never splits a character.
-        let new = text.get(self.emitted..).filter(|n| !n.is_empty())?.to_string();
-        self.emitted = text.len();
+        // `get` never splits a character if a decoder rewrote the context.
+        let new = now.get(before.len()..)?.to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Some(new)
     }
 }
