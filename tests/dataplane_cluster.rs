@@ -148,7 +148,7 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
     let layer = *p.layers.keys().next().unwrap();
     let h = cfg.hidden_size;
     // A large batch over every expert, so the node is busy when SIGTERM lands.
-    let rows = 4096usize;
+    let rows = 8192usize;
     let data: Vec<f32> = (0..rows * h).map(|i| ((i % 89) as f32 - 44.0) / 50.0).collect();
     let experts = (0..cfg.moe.n_routed_experts as u32)
         .map(|e| ExpertTokens { expert: e, rows: (0..rows as u32).collect(), weights: vec![0.1; rows] })
@@ -161,11 +161,15 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
         trace_id: String::new(),
     };
     rt.block_on(async {
-        let mut client = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut client = ExpertServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut resp = client.dispatch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
         tx.send(req).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Long enough for the node to take the batch (~10 GFLOP keeps it busy well past this).
+        tokio::time::sleep(Duration::from_millis(50)).await;
         // SAFETY: signalling the node we spawned.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let done = resp.message().await.unwrap().expect("the batch in hand completes");
