@@ -43,7 +43,7 @@ struct UpCmd {
     #[arg(long, env = "EXPERTMESH_MODEL", required_unless_present = "demo")]
     model: Option<PathBuf>,
     /// Use the demo model (generated into ./demo-model on first use).
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with = "model", env = "EXPERTMESH_DEMO")]
     demo: bool,
     #[arg(long, env = "EXPERTMESH_EXPERT_NODES", default_value_t = 2)]
     expert_nodes: usize,
@@ -65,20 +65,20 @@ struct UpCmd {
 #[derive(Args)]
 struct BenchCmd {
     /// Run the engine in this process (local experts) as the baseline.
-    #[arg(long, conflicts_with = "router", required_unless_present = "router")]
+    #[arg(long, conflicts_with = "router", required_unless_present = "router", env = "EXPERTMESH_MODEL")]
     model: Option<PathBuf>,
     /// A router's gRPC address.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_ROUTER")]
     router: Option<String>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, env = "EXPERTMESH_CONCURRENCY")]
     concurrency: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, env = "EXPERTMESH_REQUESTS")]
     requests: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "EXPERTMESH_PROMPT_TOKENS")]
     prompt_tokens: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, env = "EXPERTMESH_MAX_TOKENS")]
     max_tokens: usize,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_JSON")]
     json: bool,
 }
 
@@ -88,34 +88,34 @@ struct GenerateArgs {
     #[arg(long, env = "EXPERTMESH_MODEL", required_unless_present = "router")]
     model: Option<PathBuf>,
     /// Generate through a running router (its gRPC address) instead.
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with = "model", env = "EXPERTMESH_ROUTER")]
     router: Option<String>,
     /// Prompt text.
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids", env = "EXPERTMESH_PROMPT")]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "EXPERTMESH_PROMPT_IDS")]
     prompt_ids: Option<Vec<u32>>,
     /// Wrap --prompt as a user message in the checkpoint's chat template.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, requires = "prompt", env = "EXPERTMESH_CHAT")]
     chat: bool,
     #[arg(long, default_value_t = 16, env = "EXPERTMESH_MAX_TOKENS")]
     max_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "EXPERTMESH_TEMPERATURE")]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, env = "EXPERTMESH_TOP_P")]
     top_p: f32,
     /// 0 disables top-k.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "EXPERTMESH_TOP_K")]
     top_k: usize,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_SEED")]
     seed: Option<u64>,
     /// Keep generating past EOS tokens.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_IGNORE_EOS")]
     ignore_eos: bool,
     /// Print one JSON line instead of text.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_JSON")]
     json: bool,
     /// Activations in bf16 matrix products: f32 (exact against transformers
     /// in float32) or bf16 (faster; what torch does in bfloat16).
@@ -157,54 +157,54 @@ struct GenModelArgs {
     arch: ArchArg,
     #[arg(long, env = "EXPERTMESH_OUT")]
     out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "EXPERTMESH_SEED")]
     seed: u64,
-    #[arg(long, value_enum, default_value = "bf16")]
+    #[arg(long, value_enum, default_value = "bf16", env = "EXPERTMESH_DTYPE")]
     dtype: DtypeArg,
     /// Starting sizes; the flags below override single fields.
-    #[arg(long, value_enum, default_value = "demo")]
+    #[arg(long, value_enum, default_value = "demo", env = "EXPERTMESH_PRESET")]
     preset: Preset,
     /// Upper bound; the trained tokenizer's size is used when smaller.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_VOCAB_SIZE")]
     vocab_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_HIDDEN_SIZE")]
     hidden_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_LAYERS")]
     layers: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_HEADS")]
     heads: Option<usize>,
     /// KV heads (GQA architectures).
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_KV_HEADS")]
     kv_heads: Option<usize>,
     /// Head size (GQA architectures).
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_HEAD_DIM")]
     head_dim: Option<usize>,
     /// Dense-layer FFN width.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_INTERMEDIATE_SIZE")]
     intermediate_size: Option<usize>,
     /// Routed-expert FFN width.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_MOE_INTERMEDIATE_SIZE")]
     moe_intermediate_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_EXPERTS")]
     experts: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_EXPERTS_PER_TOK")]
     experts_per_tok: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_SHARED_EXPERTS")]
     shared_experts: Option<usize>,
     /// Leading dense layers.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_FIRST_DENSE")]
     first_dense: Option<usize>,
     /// Expert groups (group-limited routing).
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_GROUPS")]
     groups: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_TOPK_GROUPS")]
     topk_groups: Option<usize>,
     /// MLA query LoRA rank; 0 writes `q_lora_rank: null`.
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_Q_LORA_RANK")]
     q_lora_rank: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_KV_LORA_RANK")]
     kv_lora_rank: Option<usize>,
-    #[arg(long)]
+    #[arg(long, env = "EXPERTMESH_MAX_POSITION_EMBEDDINGS")]
     max_position_embeddings: Option<usize>,
 }
 
