@@ -3,12 +3,11 @@
 //! and neither Ctrl-C nor `kill -9` of `up` leaves a process behind.
 
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::fixture;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(case)
-}
 
 fn alive(pid: u64) -> bool {
     // A zombie still has a /proc entry; only count running states.

@@ -19,11 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::{fixture, reference, start_nodes as start};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
+use common::{fixture, reference, runtime, start_nodes as start};
 
 fn cluster_model(model: &Path, p: &Placement, rt: &tokio::runtime::Runtime, timeout: Duration) -> Model {
     let cfg = ModelConfig::from_dir(model).unwrap();

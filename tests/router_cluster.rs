@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{Procs, bin, field, fixture, http_get, reference, spawn, start_nodes};
+use common::{Procs, bin, field, fixture, http_get, reference, runtime, spawn, start_nodes};
 
 /// Router + nodes; the router's gRPC and HTTP addresses.
 struct Cluster {
@@ -81,13 +81,9 @@ async fn generate(addr: &str, req: GenerateRequest) -> Result<(Vec<u32>, Vec<f32
     Ok((toks, lps, fin))
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 #[test]
 fn router_cluster_matches_transformers_and_serves_health_and_metrics() {
-    let rt = rt();
+    let rt = runtime();
     for case in ["deepseek_v3_yarn_bf16", "qwen3_moe", "mixtral"] {
         let c = cluster(&fixture(case), 3, 2, &[]);
         let (prompt, want) = reference(case);
@@ -105,7 +101,7 @@ fn router_cluster_matches_transformers_and_serves_health_and_metrics() {
 
 #[test]
 fn thirty_two_concurrent_requests_complete_identically() {
-    let rt = rt();
+    let rt = runtime();
     let c = cluster(&fixture("deepseek_v3_qnull"), 3, 2, &["--max-num-seqs", "16", "--max-batch-tokens", "64"]);
     let (prompt, want) = reference("deepseek_v3_qnull");
     let results = rt.block_on(async {
@@ -135,7 +131,7 @@ fn thirty_two_concurrent_requests_complete_identically() {
 
 #[test]
 fn a_killed_node_loses_no_request_and_uncovered_experts_are_named() {
-    let rt = rt();
+    let rt = runtime();
     let model = fixture("deepseek_v2_lite");
     let mut c = cluster(&model, 3, 2, &["--dispatch-timeout", "2"]);
     let (prompt, _) = reference("deepseek_v2_lite");
@@ -164,7 +160,7 @@ fn a_killed_node_loses_no_request_and_uncovered_experts_are_named() {
 
 #[test]
 fn bad_requests_are_refused_without_harming_others() {
-    let rt = rt();
+    let rt = runtime();
     let c = cluster(&fixture("mixtral"), 2, 1, &["--max-queue", "4"]);
     let (prompt, want) = reference("mixtral");
     rt.block_on(async {
@@ -199,7 +195,7 @@ fn series(body: &str, name: &str) -> std::collections::BTreeMap<String, f64> {
 
 #[test]
 fn router_and_node_token_counts_agree_exactly() {
-    let rt = rt();
+    let rt = runtime();
     let c = cluster(&fixture("deepseek_v3_qnull"), 3, 2, &[]);
     let (prompt, want) = reference("deepseek_v3_qnull");
     rt.block_on(async {
@@ -239,7 +235,7 @@ fn metric(body: &str, name: &str) -> f64 {
 
 #[test]
 fn a_client_that_goes_away_is_cancelled_and_its_kv_cache_freed() {
-    let rt = rt();
+    let rt = runtime();
     let c = cluster(&fixture("qwen3_moe"), 2, 1, &["--kv-cache-bytes", "400000"]);
     let (prompt, _) = reference("qwen3_moe");
     rt.block_on(async {
@@ -270,7 +266,7 @@ fn a_client_that_goes_away_is_cancelled_and_its_kv_cache_freed() {
 
 #[test]
 fn two_micro_batches_give_the_same_tokens() {
-    let rt = rt();
+    let rt = runtime();
     let c = cluster(&fixture("deepseek_v3_qnull"), 3, 2, &["--micro-batches", "2"]);
     let (prompt, want) = reference("deepseek_v3_qnull");
     let results = rt.block_on(async {

@@ -186,9 +186,7 @@ impl ExpertExecutor for RemoteExecutor {
                 })?;
             let mut batches = Vec::with_capacity(plan.len());
             let mut tokens = Vec::with_capacity(plan.len());
-            let mut by_node = Vec::with_capacity(plan.len());
             for (node, groups) in plan {
-                by_node.push(groups.clone());
                 let (b, t) = node_batch(node, groups, batch.hidden, h);
                 batches.push(b);
                 tokens.push(t);
@@ -196,12 +194,12 @@ impl ExpertExecutor for RemoteExecutor {
             self.track(&batches, h, true);
             let results = self.transport.exchange(step, batch.layer, h, &batches);
             self.track(&batches, h, false);
-            for (((b, toks), groups), res) in batches.iter().zip(&tokens).zip(by_node).zip(results) {
+            for ((b, toks), res) in batches.iter().zip(&tokens).zip(results) {
                 match res {
                     Ok(combined) if combined.len() == toks.len() * h => {
                         self.record(&b.node, true);
                         *served.entry(b.node.clone()).or_default() +=
-                            groups.iter().map(|g| g.rows.len() as u64).sum::<u64>();
+                            b.groups.iter().map(|g| g.rows.len() as u64).sum::<u64>();
                         for (i, &t) in toks.iter().enumerate() {
                             let dst = &mut out[t * h..(t + 1) * h];
                             dst.iter_mut().zip(&combined[i * h..(i + 1) * h]).for_each(|(o, v)| *o += v);
@@ -221,7 +219,12 @@ impl ExpertExecutor for RemoteExecutor {
                         self.record(&b.node, false);
                         failed.insert(b.node.clone());
                         errors.push(e.to_string());
-                        pending.extend(groups);
+                        // Back to batch-level rows for the next replica.
+                        pending.extend(
+                            b.groups
+                                .iter()
+                                .map(|g| ExpertGroup { rows: g.rows.iter().map(|&r| toks[r]).collect(), ..g.clone() }),
+                        );
                     }
                 }
             }

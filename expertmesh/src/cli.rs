@@ -282,15 +282,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         None => String::new(),
     };
     if a.json {
-        let out = json!({
-            "prompt_token_ids": prompt_ids,
-            "token_ids": g.token_ids,
-            "logprobs": g.logprobs,
-            "text": text,
-            "finish_reason": g.finish_reason.as_str(),
-            "timing": {"load_s": load_s, "prefill_s": g.prefill_s, "decode_s": g.decode_s},
-        });
-        println!("{out}");
+        let timing = [load_s, g.prefill_s, g.decode_s];
+        print_json(&prompt_ids, &g.token_ids, &g.logprobs, &text, g.finish_reason.as_str(), timing);
     } else {
         if !stream {
             println!("{}", g.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
@@ -422,12 +415,7 @@ fn cmd_generate_remote(a: GenerateArgs) -> Result<()> {
     let first = o.token_times.first().map_or(0.0, |d| d.as_secs_f64());
     let last = o.token_times.last().map_or(0.0, |d| d.as_secs_f64());
     if a.json {
-        println!(
-            "{}",
-            json!({"prompt_token_ids": o.prompt_ids, "token_ids": o.token_ids, "logprobs": o.logprobs, "text": o.text,
-                   "finish_reason": o.finish_reason,
-                   "timing": {"load_s": load_s, "prefill_s": first, "decode_s": last - first}})
-        );
+        print_json(&o.prompt_ids, &o.token_ids, &o.logprobs, &o.text, o.finish_reason, [load_s, first, last - first]);
     } else {
         println!(
             "{}",
@@ -516,4 +504,24 @@ fn cmd_bench(a: BenchCmd) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// The `generate --json` line, the same offline and through a router.
+fn print_json(
+    prompt: &[u32],
+    tokens: &[u32],
+    logprobs: &[f32],
+    text: &str,
+    finish: &str,
+    [load_s, prefill_s, decode_s]: [f64; 3],
+) {
+    let out = json!({
+        "prompt_token_ids": prompt,
+        "token_ids": tokens,
+        "logprobs": logprobs,
+        "text": text,
+        "finish_reason": finish,
+        "timing": {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s},
+    });
+    println!("{out}");
 }

@@ -20,7 +20,7 @@ pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut Vec<f32>) {
     out.clear();
     out.resize(gate_up.len() / 2, 0.0);
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if crate::kernels::avx512_enabled() {
         // SAFETY: feature checked.
         unsafe { swiglu_avx512(gate_up, inter, out) };
         return;

@@ -21,6 +21,11 @@ pub fn reference(case: &str) -> (Vec<u32>, Vec<u32>) {
     (ids("prompt_ids"), ids("greedy_ids"))
 }
 
+/// A small multi-threaded runtime for test clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
 /// A workspace binary. `cargo test --workspace` builds every binary before
 /// running tests, and they all land in the same directory.
 pub fn bin(name: &str) -> PathBuf {

@@ -49,6 +49,15 @@ pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, 
     }
 }
 
+/// Whether the AVX-512 paths run (the CPU has them and
+/// `EXPERTMESH_NO_AVX512` is unset); other modules' SIMD follows the same switch.
+pub(crate) fn avx512_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx512::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Allocating form of [`matmul_into`].
 pub fn matmul(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize) -> Vec<f32> {
     let mut out = vec![0.0; t * n];
