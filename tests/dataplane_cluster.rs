@@ -143,8 +143,10 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
     let cfg = expertmesh_model::config::ModelConfig::from_dir(&model).unwrap();
     let layer = *p.layers.keys().next().unwrap();
     let h = cfg.hidden_size;
-    // A large batch over every expert, so the node is busy when SIGTERM lands.
-    let rows = 8192usize;
+    // Every row to every expert: ~1.2 GFLOP of compute in ~650 KB, so the
+    // batch arrives in about a millisecond (a batch still being received is
+    // not in hand, and is rightly not taken) and is computing when SIGTERM lands.
+    let rows = 1024usize;
     let data: Vec<f32> = (0..rows * h).map(|i| ((i % 89) as f32 - 44.0) / 50.0).collect();
     let experts = (0..cfg.moe.n_routed_experts as u32)
         .map(|e| ExpertTokens { expert: e, rows: (0..rows as u32).collect(), weights: vec![0.1; rows] })
@@ -164,8 +166,7 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut resp = client.dispatch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
         tx.send(req).await.unwrap();
-        // Long enough for the node to take the batch (~10 GFLOP keeps it busy well past this).
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         // SAFETY: signalling the node we spawned.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let done = resp.message().await.unwrap().expect("the batch in hand completes");
