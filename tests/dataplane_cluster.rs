@@ -154,7 +154,7 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
     let req = DispatchRequest {
         step: 7,
         layer: layer as u32,
-        rows: Some(expertmesh_dataplane::codec::encode(&data, h, Dtype::F32)),
+        rows: Some(expertmesh_dataplane::codec::encode(data, h, Dtype::F32)),
         experts,
         trace_id: String::new(),
     };

@@ -5,16 +5,31 @@ use crate::error::{DataPlaneError, Result};
 use bytes::Bytes;
 use expertmesh_model::weights::fp8_e4m3_to_f32 as fp8_decode;
 use expertmesh_proto::v1::{Dtype, PackedRows};
+use std::borrow::Borrow;
 
 /// Values per fp8 scale.
 pub const FP8_GROUP: usize = 128;
 /// Largest finite float8_e4m3fn value.
 const FP8_MAX: f32 = 448.0;
 
-/// Packs `rows` (`n × hidden` f32) as `dtype`.
-pub fn encode(rows: &[f32], hidden: usize, dtype: Dtype) -> PackedRows {
+/// f32 rows viewed as their little-endian bytes, so that `Bytes` can own the
+/// buffer instead of a copy of it.
+struct F32Bytes<T>(T);
+
+impl<T: Borrow<Vec<f32>>> AsRef<[u8]> for F32Bytes<T> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(self.0.borrow().as_slice())
+    }
+}
+
+/// Packs `rows` (`n × hidden` f32) as `dtype`. `rows` is taken by value (a
+/// `Vec`, or an `Arc` of one) because f32 payloads are not copied: the
+/// message owns the rows' own buffer.
+pub fn encode<T: Borrow<Vec<f32>> + Send + 'static>(rows: T, hidden: usize, dtype: Dtype) -> PackedRows {
+    let owner = rows;
+    let rows: &[f32] = owner.borrow();
     let n = rows.len().checked_div(hidden).unwrap_or(0);
-    let (data, scales): (Vec<u8>, Vec<u8>) = match dtype {
+    let (data, scales): (Bytes, Vec<u8>) = match dtype {
         Dtype::Bf16 => (rows.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(), vec![]),
         Dtype::Fp8E4m3 => {
             let mut data = Vec::with_capacity(rows.len());
@@ -27,16 +42,16 @@ pub fn encode(rows: &[f32], hidden: usize, dtype: Dtype) -> PackedRows {
                     data.extend(g.iter().map(|v| fp8_encode(v / scale)));
                 }
             }
-            (data, scales)
+            (Bytes::from(data), scales)
         }
         // The wire format is little-endian, like every target we build for.
-        Dtype::F32 | Dtype::Unspecified => (bytemuck::cast_slice::<f32, u8>(rows).to_vec(), vec![]),
+        Dtype::F32 | Dtype::Unspecified => (Bytes::from_owner(F32Bytes(owner)), vec![]),
     };
     PackedRows {
         dtype: if dtype == Dtype::Unspecified { Dtype::F32 } else { dtype } as i32,
         num_rows: n as u32,
         hidden_size: hidden as u32,
-        data: Bytes::from(data),
+        data,
         scales: Bytes::from(scales),
     }
 }
@@ -145,11 +160,11 @@ mod tests {
         #[test]
         fn round_trips_within_dtype_precision(rows in 1usize..6, hidden in 1usize..300, seed in 0u32..1000) {
             let vals: Vec<f32> = (0..rows * hidden).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 20000) as f32 / 1000.0 - 10.0).collect();
-            prop_assert_eq!(decode(&encode(&vals, hidden, Dtype::F32), hidden).unwrap(), vals.clone());
-            for (a, b) in decode(&encode(&vals, hidden, Dtype::Bf16), hidden).unwrap().iter().zip(&vals) {
+            prop_assert_eq!(decode(&encode(vals.clone(), hidden, Dtype::F32), hidden).unwrap(), vals.clone());
+            for (a, b) in decode(&encode(vals.clone(), hidden, Dtype::Bf16), hidden).unwrap().iter().zip(&vals) {
                 prop_assert!((a - b).abs() <= b.abs() / 256.0 + 1e-30);
             }
-            let fp8 = decode(&encode(&vals, hidden, Dtype::Fp8E4m3), hidden).unwrap();
+            let fp8 = decode(&encode(vals.clone(), hidden, Dtype::Fp8E4m3), hidden).unwrap();
             for (r, (got, want)) in fp8.chunks(hidden).zip(vals.chunks(hidden)).enumerate() {
                 for (g, (gg, ww)) in got.chunks(FP8_GROUP).zip(want.chunks(FP8_GROUP)).enumerate() {
                     let amax = ww.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -157,7 +157,7 @@ fn node_batch(node: NodeId, groups: Vec<ExpertGroup>, hidden: &[f32], h: usize) 
     }
     let groups =
         groups.into_iter().map(|g| ExpertGroup { rows: g.rows.iter().map(|t| local[t]).collect(), ..g }).collect();
-    (NodeBatch { node, rows, groups }, tokens)
+    (NodeBatch { node, rows: Arc::new(rows), groups }, tokens)
 }
 
 impl ExpertExecutor for RemoteExecutor {

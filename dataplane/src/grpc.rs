@@ -105,7 +105,7 @@ impl GrpcTransport {
         DispatchRequest {
             step,
             layer: layer as u32,
-            rows: Some(codec::encode(&b.rows, hidden, self.dtype)),
+            rows: Some(codec::encode(Arc::clone(&b.rows), hidden, self.dtype)),
             experts: b
                 .groups
                 .iter()

@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// One node's share of a layer: `rows` is `[n, hidden]`; groups index into it.
+/// The rows are shared so a transport can put them on the wire without a copy.
 #[derive(Debug, Clone)]
 pub struct NodeBatch {
     pub node: NodeId,
-    pub rows: Vec<f32>,
+    pub rows: Arc<Vec<f32>>,
     pub groups: Vec<ExpertGroup>,
 }
 

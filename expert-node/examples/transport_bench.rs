@@ -11,6 +11,8 @@
 //!    fixture's greedy continuation is recomputed with rows and results
 //!    passed through the wire codec, and compared with f32 dispatch.
 
+// Linked for its process allocator, as in the service binaries.
+use expertmesh_cluster as _;
 use expertmesh_dataplane::codec;
 use expertmesh_dataplane::grpc::GrpcTransport;
 use expertmesh_dataplane::transport::{InProcess, NodeBatch, Transport};
@@ -68,14 +70,14 @@ impl Transport for CodecTransport {
         let wire: Vec<NodeBatch> = batches
             .iter()
             .map(|b| NodeBatch {
-                rows: codec::decode(&codec::encode(&b.rows, h, self.dtype), h).expect("codec"),
+                rows: Arc::new(codec::decode(&codec::encode(Arc::clone(&b.rows), h, self.dtype), h).expect("codec")),
                 ..b.clone()
             })
             .collect();
         self.inner
             .exchange(step, layer, h, &wire)
             .into_iter()
-            .map(|r| r.and_then(|c| codec::decode(&codec::encode(&c, h, codec::combine_dtype(self.dtype)), h)))
+            .map(|r| r.and_then(|c| codec::decode(&codec::encode(c, h, codec::combine_dtype(self.dtype)), h)))
             .collect()
     }
 }
@@ -120,7 +122,7 @@ fn main() {
             );
             let batch = [NodeBatch {
                 node: "n".into(),
-                rows: (0..rows * h).map(|i| (i % 97) as f32 / 97.0).collect(),
+                rows: Arc::new((0..rows * h).map(|i| (i % 97) as f32 / 97.0).collect()),
                 groups: vec![],
             }];
             t.exchange(0, layer, h, &batch)[0].as_ref().expect("warm-up");
@@ -170,7 +172,7 @@ fn main() {
             let g = run(dtype);
             let d = g.logprobs.iter().zip(&base.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let hidden = ModelConfig::from_dir(&dir).expect("config").hidden_size;
-            let bytes = codec::wire_bytes(&codec::encode(&vec![0.5; hidden], hidden, dtype));
+            let bytes = codec::wire_bytes(&codec::encode(vec![0.5; hidden], hidden, dtype));
             let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             println!(
                 "| {name} | {dtype:?} | {bytes} (f32: {}) | {} | {d:.1e} |",

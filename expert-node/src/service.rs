@@ -94,7 +94,7 @@ fn process(
     Ok(DispatchResponse {
         step: req.step,
         layer: req.layer,
-        combined: Some(codec::encode(&combined, h, codec::combine_dtype(dtype))),
+        combined: Some(codec::encode(combined, h, codec::combine_dtype(dtype))),
         compute_seconds: t0.elapsed().as_secs_f64(),
     })
 }
