@@ -9,6 +9,7 @@
 //! and zeroing. mimalloc reuses them: a 4 MiB round trip went from 12–14 ms
 //! to 6–7 ms (`docs/benchmarks.md`).
 
+pub mod planner;
 pub mod process;
 
 #[global_allocator]

@@ -35,6 +35,8 @@ enum Command {
     Up(UpCmd),
     /// Load-test a router, or the same engine in this process.
     Bench(BenchCmd),
+    /// Plan expert placement offline from a load matrix.
+    Placement(crate::placement::PlacementCmd),
 }
 
 #[derive(Args)]
@@ -216,6 +218,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::GenModel(a) => cmd_gen_model(a),
         Command::Up(a) => cmd_up(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Placement(a) => crate::placement::cmd_placement(a),
     }
 }
 
