@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v etcd >/dev/null || need+=(etcd-server)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}"; else sudo apt-get install -y "${need[@]}"; fi
 fi

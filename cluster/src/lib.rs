@@ -9,8 +9,12 @@
 //! and zeroing. mimalloc reuses them: a 4 MiB round trip went from 12–14 ms
 //! to 6–7 ms (`docs/benchmarks.md`).
 
+pub mod etcd_server;
+pub mod keys;
+pub mod membership;
 pub mod planner;
 pub mod process;
+pub mod store;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
