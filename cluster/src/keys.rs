@@ -107,6 +107,10 @@ pub struct NodeRecord {
     /// Bytes one routed expert takes on this node (its precision).
     pub expert_bytes: u64,
     pub state: NodeState,
+    /// Distinguishes restarts of the same node id (a restarted node holds
+    /// nothing until the coordinator loads its experts again).
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl NodeRecord {

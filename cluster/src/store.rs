@@ -1,6 +1,6 @@
 //! The cluster store seam: what the control plane needs from etcd, behind a
-//! trait so coordinator logic can be unit-tested on [`crate::memory`]. The
-//! services always run on [`Etcd`].
+//! trait, so the services depend on these operations rather than on an etcd
+//! client. The services run on [`Etcd`]; the tests run a real etcd.
 
 use async_trait::async_trait;
 use etcd_client::{

@@ -26,6 +26,10 @@ struct Health {
 
 pub struct RemoteExecutor {
     placement: RwLock<Arc<Placement>>,
+    /// The next placement, applied at the next step boundary.
+    staged: Mutex<Option<Arc<Placement>>>,
+    /// Routed tokens per MoE layer and expert since the last `take_loads`.
+    loads: Mutex<BTreeMap<usize, Vec<u64>>>,
     transport: Arc<dyn Transport>,
     step: AtomicU64,
     /// Tokens this executor has in flight per node.
@@ -44,6 +48,8 @@ impl RemoteExecutor {
     pub fn new(placement: Arc<Placement>, transport: Arc<dyn Transport>) -> Self {
         RemoteExecutor {
             placement: RwLock::new(placement),
+            staged: Mutex::new(None),
+            loads: Mutex::new(BTreeMap::new()),
             transport,
             step: AtomicU64::new(0),
             outstanding: Mutex::new(HashMap::new()),
@@ -59,11 +65,25 @@ impl RemoteExecutor {
         self
     }
 
-    /// Switches to a new placement; calls in progress finish on the old one.
+    /// Switches to a new placement now; calls in progress finish on the old
+    /// one. Between steps of a running model use [`Self::stage_placement`].
     pub fn set_placement(&self, p: Arc<Placement>) {
         if let Ok(mut g) = self.placement.write() {
             *g = p;
         }
+    }
+
+    /// Makes `p` the placement from the next step on (see
+    /// [`ExpertExecutor::begin_step`]): a step never mixes two plans.
+    pub fn stage_placement(&self, p: Arc<Placement>) {
+        if let Ok(mut s) = self.staged.lock() {
+            *s = Some(p);
+        }
+    }
+
+    /// Routed tokens per MoE layer and expert since the previous call.
+    pub fn take_loads(&self) -> BTreeMap<usize, Vec<u64>> {
+        self.loads.lock().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default()
     }
 
     pub fn placement(&self) -> Arc<Placement> {
@@ -161,6 +181,12 @@ fn node_batch(node: NodeId, groups: Vec<ExpertGroup>, hidden: &[f32], h: usize) 
 }
 
 impl ExpertExecutor for RemoteExecutor {
+    fn begin_step(&self) {
+        if let Some(p) = self.staged.lock().ok().and_then(|mut s| s.take()) {
+            self.set_placement(p);
+        }
+    }
+
     fn execute(&self, batch: RoutedBatch<'_>) -> expertmesh_model::Result<Vec<f32>> {
         let h = batch.hidden_size;
         let placement = self.placement();
@@ -168,6 +194,16 @@ impl ExpertExecutor for RemoteExecutor {
         let mut out = vec![0f32; batch.hidden.len()];
         let t0 = Instant::now();
         let mut pending = group_by_expert(batch.routing);
+        if let Ok(mut loads) = self.loads.lock() {
+            let counts = loads.entry(batch.layer).or_default();
+            for g in &pending {
+                let e = g.expert as usize;
+                if counts.len() <= e {
+                    counts.resize(e + 1, 0);
+                }
+                counts[e] += g.rows.len() as u64;
+            }
+        }
         if let Some(m) = &self.metrics {
             let layer = batch.layer.to_string();
             for g in &pending {

@@ -29,9 +29,16 @@ pub struct Placement {
 
 impl Placement {
     pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| DataPlaneError::Placement(format!("{}: {e}", path.display())))?;
-        serde_json::from_str(&text).map_err(|e| DataPlaneError::Placement(format!("{}: {e}", path.display())))
+        let bytes = std::fs::read(path).map_err(|e| DataPlaneError::Placement(format!("{}: {e}", path.display())))?;
+        Self::from_json(&bytes).map_err(|e| DataPlaneError::Placement(format!("{}: {e}", path.display())))
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| DataPlaneError::Placement(e.to_string()))
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
     }
 
     /// Expert `e` of every MoE layer on `replicas` consecutive nodes

@@ -11,6 +11,8 @@ pub mod service;
 pub mod spec;
 
 use clap::{Parser, ValueEnum};
+use expertmesh_cluster::keys::{self, Keys, NodeRecord, NodeState};
+use expertmesh_cluster::membership::Registration;
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::load_experts;
 use expertmesh_model::tensor::Precision;
@@ -41,9 +43,11 @@ pub struct Config {
     pub listen: SocketAddr,
     #[arg(long, env = "EXPERTMESH_NODE_ID", default_value = "en-0")]
     pub node_id: String,
-    /// Experts to load: `all`, or `LAYER:EXPERTS` items such as `*:0-7,3:12`.
-    #[arg(long, env = "EXPERTMESH_EXPERTS", default_value = "all")]
-    pub experts: String,
+    /// Experts to load at start: `all`, or `LAYER:EXPERTS` items such as
+    /// `*:0-7,3:12`. Default: `all`, or none with `--etcd` (the coordinator
+    /// assigns them).
+    #[arg(long, env = "EXPERTMESH_EXPERTS")]
+    pub experts: Option<String>,
     /// Compute threads (default: all cores).
     #[arg(long, env = "EXPERTMESH_THREADS")]
     pub threads: Option<usize>,
@@ -56,6 +60,20 @@ pub struct Config {
     /// Memory for expert weights, in bytes; 0 = unlimited.
     #[arg(long, env = "EXPERTMESH_CAPACITY_BYTES", default_value_t = 0)]
     pub capacity_bytes: u64,
+    /// etcd endpoints (comma-separated): join the cluster under a lease, so
+    /// the coordinator places experts here and routers find this node.
+    #[arg(long, env = "EXPERTMESH_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Cluster name: keys live under `/expertmesh/<cluster>/`.
+    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Membership lease TTL in seconds: a dead node leaves within it.
+    #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
+    pub lease_ttl: u64,
+    /// Address routers and the coordinator dial (default: the bound `--listen`
+    /// address; set it when listening on 0.0.0.0).
+    #[arg(long, env = "EXPERTMESH_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -86,9 +104,10 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), NodeError> {
+    validate_membership(&cfg)?;
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
-    let wanted =
-        spec::parse(&cfg.experts, &model_cfg).map_err(|m| NodeError::Config { flag: "--experts", message: m })?;
+    let spec = cfg.experts.clone().unwrap_or_else(|| if cfg.etcd.is_empty() { "all".into() } else { String::new() });
+    let wanted = spec::parse(&spec, &model_cfg).map_err(|m| NodeError::Config { flag: "--experts", message: m })?;
     let precision = match cfg.precision {
         PrecisionArg::F32 => Precision::F32,
         PrecisionArg::Bf16 => Precision::Bf16,
@@ -108,6 +127,10 @@ pub async fn run(
         .and_then(|l| store.dtype_name(&expertmesh_model::model::expert_tensor_names(&model_cfg, l, 0)[0]))
         .unwrap_or_else(|| "unknown".into());
     let used = experts.size_bytes() as u64;
+    let expert_bytes = match experts.loaded().len() {
+        0 => one_expert_bytes(&model_cfg, &store)?,
+        n => used / n as u64,
+    };
     if cfg.capacity_bytes > 0 && used > cfg.capacity_bytes {
         return Err(NodeError::Config {
             flag: "--capacity-bytes",
@@ -158,6 +181,31 @@ pub async fn run(
         None => None,
     };
     tracing::info!(node = %cfg.node_id, %addr, experts = used, "expert node serving");
+    let mut record = NodeRecord {
+        id: cfg.node_id.clone(),
+        addr: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
+        metrics: metrics_addr.map(|m| m.to_string()).unwrap_or_default(),
+        device: "cpu".into(),
+        capacity_bytes: cfg.capacity_bytes,
+        expert_bytes,
+        state: NodeState::Ready,
+        incarnation: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    };
+    let registration = if cfg.etcd.is_empty() {
+        None
+    } else {
+        let key = Keys::new(&cfg.cluster).node(&cfg.node_id);
+        let ttl = std::time::Duration::from_secs(cfg.lease_ttl);
+        Some(Arc::new(
+            Registration::start(cfg.etcd.clone(), key, keys::encode(&record), ttl)
+                .map_err(|e| NodeError::Load(format!("membership thread: {e}")))?,
+        ))
+    };
+    // Draining is announced at once; the lease is revoked (the node leaves)
+    // only once in-flight batches are done.
+    let announce = registration.clone();
     if let Some(tx) = bound {
         let _ = tx.send(Bound { grpc: addr, metrics: metrics_addr });
     }
@@ -175,10 +223,39 @@ pub async fn run(
         .add_service(server)
         .serve_with_incoming_shutdown(expertmesh_dataplane::grpc::nodelay_incoming(listener), async move {
             drain.cancelled().await;
+            if let Some(r) = &announce {
+                record.state = NodeState::Draining;
+                r.update(keys::encode(&record));
+            }
             // Tell health checkers first, so routers stop sending.
             health.set_not_serving::<ExpertServiceServer<service::NodeService>>().await;
         })
         .await?;
+    drop(registration);
     tracing::info!(node = %cfg.node_id, "expert node drained");
     Ok(())
+}
+
+fn validate_membership(cfg: &Config) -> Result<(), NodeError> {
+    let bad = |flag, message: &str| Err(NodeError::Config { flag, message: message.to_string() });
+    if cfg.etcd.is_empty() {
+        return Ok(());
+    }
+    if cfg.lease_ttl == 0 {
+        return bad("--lease-ttl", "must be at least 1 second");
+    }
+    if cfg.cluster.is_empty() || cfg.cluster.contains('/') {
+        return bad("--cluster", "must be a non-empty name without '/'");
+    }
+    if cfg.node_id.is_empty() || cfg.node_id.contains('/') {
+        return bad("--node-id", "must be a non-empty id without '/'");
+    }
+    Ok(())
+}
+
+/// Bytes one routed expert takes here, measured by loading one.
+fn one_expert_bytes(cfg: &ModelConfig, store: &WeightStore) -> Result<u64, NodeError> {
+    let Some(layer) = cfg.moe_layers().next() else { return Ok(0) };
+    let one = load_experts(cfg, store, |l, e| (l, e) == (layer, 0), &mut |_, _| {})?;
+    Ok(one.size_bytes() as u64)
 }

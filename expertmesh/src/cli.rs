@@ -37,6 +37,12 @@ enum Command {
     Bench(BenchCmd),
     /// Plan expert placement offline from a load matrix.
     Placement(crate::placement::PlacementCmd),
+    /// Show the cluster from etcd: leader, live nodes, placement, balance.
+    Status(crate::control::StatusCmd),
+    /// Move an expert node's experts away, then mark it drained.
+    Drain(crate::control::DrainCmd),
+    /// Ask the leading coordinator to re-plan placement now.
+    Rebalance(crate::control::RebalanceCmd),
 }
 
 #[derive(Args)]
@@ -219,6 +225,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Up(a) => cmd_up(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Placement(a) => crate::placement::cmd_placement(a),
+        Command::Status(a) => crate::control::cmd_status(a),
+        Command::Drain(a) => crate::control::cmd_drain(a),
+        Command::Rebalance(a) => crate::control::cmd_rebalance(a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `expertmesh`: the ExpertMesh command-line interface.
 
 mod cli;
+mod control;
 mod placement;
 mod remote;
 mod up;

@@ -261,6 +261,13 @@ impl Model {
         Ok(())
     }
 
+    /// Marks a step boundary for the expert executor (see
+    /// [`ExpertExecutor::begin_step`]); the serving loop calls it before
+    /// each step.
+    pub fn begin_step(&self) {
+        self.executor.begin_step();
+    }
+
     /// Runs one forward step over several sequences at once (each with its
     /// own cache and any number of new tokens), appending to their caches.
     /// Returns per sequence the logits rows requested by `mode`.

@@ -35,6 +35,11 @@ pub struct RoutedBatch<'a> {
 pub trait ExpertExecutor: Send + Sync {
     /// Returns the combined routed output, `[tokens, hidden]`.
     fn execute(&self, batch: RoutedBatch<'_>) -> Result<Vec<f32>>;
+
+    /// Called between forward steps, never during one: where a distributed
+    /// executor switches to a new expert placement, so that no step sees
+    /// half of one plan and half of another.
+    fn begin_step(&self) {}
 }
 
 /// A SwiGLU feed-forward block with `gate` and `up` fused into one matrix

@@ -79,7 +79,13 @@ pub struct Engine {
     pub model: Model,
     pub cfg: EngineConfig,
     pub metrics: Arc<Metrics>,
+    /// The I/O runtime, for waiting on the request queue with a timeout.
+    pub rt: tokio::runtime::Handle,
 }
+
+/// How often an idle engine marks a step boundary, so a staged placement is
+/// applied (and acknowledged) without waiting for traffic.
+const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Engine {
     /// Runs until every sender of `rx` is dropped and the batch has drained.
@@ -93,9 +99,14 @@ impl Engine {
         loop {
             // Intake: block only when there is nothing else to do.
             if running.is_empty() && held.is_none() {
-                match rx.blocking_recv() {
-                    Some(s) => held = Some(s),
-                    None => return,
+                // The timer must be created inside the runtime's context.
+                match self.rt.block_on(async { tokio::time::timeout(IDLE_TICK, rx.recv()).await }) {
+                    Ok(Some(s)) => held = Some(s),
+                    Ok(None) => return,
+                    Err(_) => {
+                        self.model.begin_step();
+                        continue;
+                    }
                 }
             }
             // Admission, in arrival order, while the batch and KV budget allow.
@@ -259,6 +270,7 @@ impl Engine {
     /// sequence is retried alone (the caches were rolled back), so only the
     /// requests that hit the failure see it.
     fn step(&self, running: &mut [Seq], plan: &[(usize, usize)]) -> Vec<Result<Vec<f32>, ModelError>> {
+        self.model.begin_step();
         let inputs: Vec<Vec<u32>> = plan
             .iter()
             .map(|&(i, n)| {

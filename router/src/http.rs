@@ -19,7 +19,7 @@ pub fn app(state: Arc<RouterState>) -> Router {
 }
 
 async fn ready(State(st): State<Arc<RouterState>>) -> impl IntoResponse {
-    if st.ready.load(Ordering::Acquire) {
+    if st.ready.load(Ordering::Acquire) && st.covered.load(Ordering::Acquire) {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")

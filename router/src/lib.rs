@@ -9,6 +9,7 @@
 //! token, so tests embed it; on cancellation it stops accepting, finishes
 //! running requests and returns.
 
+pub mod control;
 pub mod engine;
 pub mod grpc;
 pub mod http;
@@ -93,6 +94,19 @@ pub struct Config {
     pub micro_batches: u8,
     #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
     pub precision: PrecisionArg,
+    /// etcd endpoints (comma-separated): register this router and follow the
+    /// coordinator's placement instead of a `--placement` file.
+    #[arg(long, env = "EXPERTMESH_ETCD", value_delimiter = ',', conflicts_with = "placement")]
+    pub etcd: Vec<String>,
+    /// Cluster name: keys live under `/expertmesh/<cluster>/`.
+    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Membership lease TTL in seconds.
+    #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
+    pub lease_ttl: u64,
+    /// This router's id in the cluster (default: `router-<pid>`).
+    #[arg(long, env = "EXPERTMESH_ROUTER_ID")]
+    pub router_id: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -129,6 +143,17 @@ impl Config {
         if self.threads == Some(0) {
             return bad("--threads", "must be at least 1");
         }
+        if !self.etcd.is_empty() {
+            if self.lease_ttl == 0 {
+                return bad("--lease-ttl", "must be at least 1 second");
+            }
+            if self.cluster.is_empty() || self.cluster.contains('/') {
+                return bad("--cluster", "must be a non-empty name without '/'");
+            }
+            if self.router_id.as_ref().is_some_and(|i| i.is_empty() || i.contains('/')) {
+                return bad("--router-id", "must be a non-empty id without '/'");
+            }
+        }
         Ok(())
     }
 }
@@ -140,6 +165,9 @@ pub struct RouterState {
     pub tokenizer: Option<Arc<TextTokenizer>>,
     pub metrics: Arc<metrics::Metrics>,
     pub ready: AtomicBool,
+    /// Every expert has a replica in the placement in use (with `--etcd`,
+    /// false until the coordinator's first placement is applied).
+    pub covered: AtomicBool,
     /// Dropped at shutdown: the engine then drains and exits.
     submit: Mutex<Option<mpsc::Sender<Submit>>>,
 }
@@ -181,23 +209,40 @@ pub async fn run(
     let dispatch_metrics = Arc::new(
         DispatchMetrics::register(&metrics.registry).map_err(|e| RouterError::Internal(format!("metrics: {e}")))?,
     );
-    let executor: Arc<dyn ExpertExecutor> = match &cfg.placement {
+    // With etcd the placement comes later, from the coordinator.
+    let etcd = match cfg.etcd.is_empty() {
+        true => None,
+        false => Some(control::connect(&cfg.etcd).await?),
+    };
+    let initial = match &cfg.placement {
         Some(path) => {
             let p = Placement::load(path)?;
             p.validate(&model_cfg).map_err(|e| RouterError::Config { flag: "--placement", message: e.to_string() })?;
+            Some(p)
+        }
+        None if etcd.is_some() => Some(Placement { version: 0, nodes: Default::default(), layers: Default::default() }),
+        None => None,
+    };
+    let mut remote = None;
+    let executor: Arc<dyn ExpertExecutor> = match initial {
+        Some(p) => {
             let dtype = match cfg.dispatch_dtype {
                 WireDtype::F32 => Dtype::F32,
                 WireDtype::Bf16 => Dtype::Bf16,
                 WireDtype::Fp8 => Dtype::Fp8E4m3,
             };
-            let t = GrpcTransport::new(
-                tokio::runtime::Handle::current(),
-                p.nodes.clone(),
-                Duration::from_secs_f64(cfg.dispatch_timeout),
-                dtype,
-            )
-            .with_metrics(dispatch_metrics.clone());
-            Arc::new(RemoteExecutor::new(Arc::new(p), Arc::new(t)).with_metrics(dispatch_metrics))
+            let t = Arc::new(
+                GrpcTransport::new(
+                    tokio::runtime::Handle::current(),
+                    p.nodes.clone(),
+                    Duration::from_secs_f64(cfg.dispatch_timeout),
+                    dtype,
+                )
+                .with_metrics(dispatch_metrics.clone()),
+            );
+            let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(dispatch_metrics));
+            remote = Some((ex.clone(), t));
+            ex
         }
         None => {
             let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
@@ -229,6 +274,7 @@ pub async fn run(
             overlap: cfg.micro_batches == 2,
         },
         metrics: metrics.clone(),
+        rt: tokio::runtime::Handle::current(),
     };
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
@@ -240,6 +286,7 @@ pub async fn run(
         model_cfg,
         metrics,
         ready: AtomicBool::new(false),
+        covered: AtomicBool::new(etcd.is_none()),
         submit: Mutex::new(Some(tx)),
     });
 
@@ -288,7 +335,25 @@ pub async fn run(
             g.take();
         }
     });
+    let control = match (etcd, remote) {
+        (Some(store), Some((executor, transport))) => {
+            let ccfg = control::ControlConfig {
+                endpoints: cfg.etcd.clone(),
+                cluster: cfg.cluster.clone(),
+                id: cfg.router_id.clone().unwrap_or_else(|| format!("router-{}", std::process::id())),
+                lease_ttl: Duration::from_secs(cfg.lease_ttl),
+                grpc: addrs.grpc.to_string(),
+                http: addrs.http.to_string(),
+            };
+            let mc = state.model_cfg.clone();
+            Some(tokio::spawn(control::run(ccfg, store, mc, executor, transport, state.clone(), shutdown.clone())))
+        }
+        _ => None,
+    };
     let (g, h) = tokio::join!(grpc_server, http_server);
+    if let Some(c) = control {
+        let _ = c.await;
+    }
     g?;
     h.map_err(|e| RouterError::Internal(format!("http server: {e}")))?;
     if let Ok(mut s) = state.submit.lock() {

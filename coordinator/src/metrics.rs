@@ -1,0 +1,58 @@
+//! Coordinator metrics (names are the dashboards' interface).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+pub struct CoordMetrics {
+    pub registry: Registry,
+    pub nodes: IntGaugeVec,
+    pub placement_version: IntGauge,
+    pub uncovered: IntGauge,
+    pub rebalances: IntCounterVec,
+    pub rebalance_seconds: Histogram,
+    pub moved: IntCounter,
+    pub is_leader: IntGauge,
+}
+
+impl CoordMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let m = CoordMetrics {
+            registry: Registry::new(),
+            nodes: IntGaugeVec::new(
+                Opts::new("expertmesh_cluster_nodes", "Expert nodes registered, by state"),
+                &["state"],
+            )?,
+            placement_version: IntGauge::new("expertmesh_placement_version", "Version of the placement in force")?,
+            uncovered: IntGauge::new(
+                "expertmesh_placement_uncovered_experts",
+                "Logical experts (layer, expert) without a live replica",
+            )?,
+            rebalances: IntCounterVec::new(
+                Opts::new("expertmesh_rebalances_total", "Placement changes applied, by trigger"),
+                &["reason"],
+            )?,
+            rebalance_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "expertmesh_rebalance_duration_seconds",
+                    "Plan, load, flip and unload of one change",
+                )
+                .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+            )?,
+            moved: IntCounter::new("expertmesh_experts_moved_total", "Expert replicas loaded onto a node by a change")?,
+            is_leader: IntGauge::new("expertmesh_coordinator_is_leader", "1 while this coordinator leads")?,
+        };
+        m.registry.register(Box::new(m.nodes.clone()))?;
+        m.registry.register(Box::new(m.placement_version.clone()))?;
+        m.registry.register(Box::new(m.uncovered.clone()))?;
+        m.registry.register(Box::new(m.rebalances.clone()))?;
+        m.registry.register(Box::new(m.rebalance_seconds.clone()))?;
+        m.registry.register(Box::new(m.moved.clone()))?;
+        m.registry.register(Box::new(m.is_leader.clone()))?;
+        Ok(m)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf);
+        buf
+    }
+}

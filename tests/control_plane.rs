@@ -1,0 +1,324 @@
+//! The control plane end to end, against a real etcd: expert nodes, routers
+//! and coordinators as processes on loopback. Membership comes and goes with
+//! leases; with `--min-replicas 2` a request stream loses nothing while an
+//! expert node and the leading coordinator are killed -9; a late node gets
+//! experts and traffic; a drain moves experts away without a failed
+//! request; the data plane rides out an etcd outage and the control plane
+//! resumes after it.
+
+use expertmesh_cluster::etcd_server::EtcdServer;
+use expertmesh_cluster::keys::{self, Keys, NodeRecord};
+use expertmesh_cluster::store::{ClusterStore, Etcd};
+use expertmesh_dataplane::placement::Placement;
+use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
+use expertmesh_proto::v1::generate_request::Prompt;
+use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
+use expertmesh_proto::v1::{GenerateRequest, InfoRequest, SamplingParams, TokenIds};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{Procs, bin, field, fixture, http_get, reference, spawn};
+
+const CASE: &str = "deepseek_v3_qnull";
+const TTL: &str = "2";
+
+struct Cluster {
+    procs: Procs,
+    etcd: EtcdServer,
+    dir: std::path::PathBuf,
+    rt: tokio::runtime::Runtime,
+    store: Etcd,
+    keys: Keys,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.procs.0.clear(); // kill before etcd goes
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("em-ctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let etcd = EtcdServer::start(&dir).unwrap();
+        let rt = common::runtime();
+        let store = rt.block_on(Etcd::connect(&[etcd.url()])).unwrap();
+        Cluster { procs: Procs::default(), etcd, dir, rt, store, keys: Keys::new("test") }
+    }
+
+    fn common_args(&self) -> Vec<String> {
+        let model = fixture(CASE).to_string_lossy().into_owned();
+        ["--model", &model, "--etcd", &self.etcd.url(), "--cluster", "test", "--lease-ttl", TTL]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn node(&mut self, id: &str) -> String {
+        let mut cmd = Command::new(bin("expert-node"));
+        cmd.args(self.common_args()).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            id,
+            "--threads",
+            "1",
+            "--metrics",
+            "127.0.0.1:0",
+        ]);
+        let (child, line) = spawn(cmd);
+        self.procs.0.push((id.into(), field(&line, "metrics="), child));
+        field(&line, "grpc=")
+    }
+
+    fn coordinator(&mut self, id: &str, min_replicas: usize) {
+        let mut cmd = Command::new(bin("coordinator"));
+        cmd.args(self.common_args()).args(["--id", id, "--min-replicas", &min_replicas.to_string()]);
+        let (child, _) = spawn(cmd);
+        self.procs.0.push((id.into(), String::new(), child));
+    }
+
+    /// Starts a router and waits until it serves with full coverage.
+    fn router(&mut self) -> String {
+        let mut cmd = Command::new(bin("router"));
+        cmd.args(self.common_args()).args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1"]);
+        let (child, line) = spawn(cmd);
+        let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
+        self.procs.0.push(("router".into(), grpc.clone(), child));
+        assert!(wait(Duration::from_secs(30), || http_get(&http, "/ready").0 == 200), "router never became ready");
+        grpc
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.rt.block_on(self.store.get(key)).ok().flatten()
+    }
+
+    fn placement(&self) -> Option<Placement> {
+        self.get(&self.keys.placement()).and_then(|b| Placement::from_json(&b).ok())
+    }
+
+    fn node_ids(&self) -> Vec<String> {
+        match self.rt.block_on(self.store.list(&self.keys.nodes())) {
+            Ok(l) => l.entries.iter().map(|(k, v)| keys::decode::<NodeRecord>(k, v).unwrap().id).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn leader(&self) -> Option<String> {
+        self.get(&self.keys.leader()).map(|b| String::from_utf8(b).unwrap())
+    }
+
+    fn held(&self, addr: &str) -> usize {
+        self.rt.block_on(async {
+            let mut c = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();
+            let info = c.info(InfoRequest {}).await.unwrap().into_inner();
+            info.experts.iter().map(|l| l.experts.len()).sum()
+        })
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("expertmesh"))
+            .args(args)
+            .args(["--etcd", &self.etcd.url(), "--cluster", "test"])
+            .output()
+            .unwrap()
+    }
+}
+
+fn wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Requests sent back to back from `clients` threads until stopped; every
+/// result is checked against the transformers reference.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<(usize, Vec<String>)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(grpc: &str, clients: usize) -> Self {
+        let (prompt, greedy) = reference(CASE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new((0usize, Vec::new())));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, results, grpc, prompt, greedy) =
+                    (stop.clone(), results.clone(), grpc.to_string(), prompt.clone(), greedy.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = rt.block_on(one(&grpc, prompt.clone(), greedy.len() as u32));
+                        let mut res = results.lock().unwrap();
+                        match r {
+                            Ok(t) if t == greedy => res.0 += 1,
+                            Ok(t) => res.1.push(format!("wrong tokens {t:?}")),
+                            Err(e) => res.1.push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Traffic { stop, results, threads }
+    }
+
+    /// Stops and returns (successes, failures).
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let r = self.results.lock().unwrap();
+        (r.0, r.1.clone())
+    }
+}
+
+async fn one(grpc: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<Vec<u32>, String> {
+    let mut c = GenerateServiceClient::connect(format!("http://{grpc}")).await.map_err(|e| e.to_string())?;
+    let req = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt })),
+        sampling: Some(SamplingParams::default()),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut s = c.generate(req).await.map_err(|e| e.to_string())?.into_inner();
+    let mut toks = Vec::new();
+    while let Some(m) = s.message().await.map_err(|e| e.to_string())? {
+        toks.extend(m.token_ids);
+    }
+    Ok(toks)
+}
+
+#[test]
+fn members_appear_and_vanish_within_the_ttl_after_kill_9() {
+    let mut c = Cluster::new("members");
+    c.node("en-0");
+    c.node("en-1");
+    assert!(wait(Duration::from_secs(10), || c.node_ids() == ["en-0", "en-1"]));
+    let t0 = Instant::now();
+    c.procs.kill("en-1");
+    assert!(wait(Duration::from_secs(5), || c.node_ids() == ["en-0"]), "en-1 still listed");
+    let gone = t0.elapsed();
+    eprintln!("kill -9 to membership removal: {gone:?} (TTL {TTL} s)");
+    assert!(gone <= Duration::from_secs(4), "removed after {gone:?}");
+}
+
+#[test]
+fn killing_a_node_and_the_leader_loses_no_request() {
+    let mut c = Cluster::new("failover");
+    c.coordinator("co-a", 2);
+    c.coordinator("co-b", 2);
+    for i in 0..3 {
+        c.node(&format!("en-{i}"));
+    }
+    let grpc = c.router();
+    let first = c.placement().unwrap();
+    assert!(first.nodes.len() == 3);
+    let traffic = Traffic::start(&grpc, 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let leader = c.leader().unwrap();
+    let t0 = Instant::now();
+    c.procs.kill("en-1");
+    c.procs.kill(&leader);
+    // A new leader, and a placement that covers everything without en-1.
+    assert!(wait(Duration::from_secs(15), || c.leader().is_some_and(|l| l != leader)), "no new leader");
+    let elected = t0.elapsed();
+    assert!(
+        wait(Duration::from_secs(20), || c.placement().is_some_and(|p| !p.nodes.contains_key("en-1"))),
+        "no placement without en-1"
+    );
+    let replanned = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failed) = traffic.finish();
+    eprintln!("new leader after {elected:?}, full coverage after {replanned:?}; {ok} requests ok");
+    assert!(failed.is_empty(), "{} failed requests: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(ok >= 4, "only {ok} requests completed");
+    let status = c.cli(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s["placement"]["uncovered"], 0, "{s}");
+    assert_ne!(s["leader"], serde_json::json!(leader));
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 2, "{s}");
+}
+
+#[test]
+fn a_late_node_gets_experts_and_traffic_and_a_drain_moves_them_away() {
+    let mut c = Cluster::new("join");
+    c.coordinator("co-a", 1);
+    let a0 = c.node("en-0");
+    c.node("en-1");
+    let grpc = c.router();
+    let late = c.node("en-2");
+    assert!(
+        wait(Duration::from_secs(20), || c.placement().is_some_and(|p| !p.experts_of("en-2").is_empty())),
+        "the late node got no experts"
+    );
+    assert!(c.held(&late) > 0);
+    let traffic = Traffic::start(&grpc, 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = c.procs.0.iter().find(|(n, _, _)| n == "en-2").unwrap().1.clone();
+    let served: f64 = http_get(&metrics, "/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with("expertmesh_node_expert_tokens_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(served > 0.0, "the late node computed nothing");
+
+    // Drain en-0 under traffic.
+    let out = c.cli(&["drain", "en-0", "--wait", "30"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(c.placement().unwrap().experts_of("en-0").is_empty());
+    assert!(wait(Duration::from_secs(10), || c.held(&a0) == 0), "en-0 still holds experts");
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, failed) = traffic.finish();
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(ok >= 4);
+    let s: serde_json::Value = serde_json::from_slice(&c.cli(&["status", "--json"]).stdout).unwrap();
+    let en0 = s["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "en-0").unwrap().clone();
+    assert_eq!(en0["state"], "drained");
+    assert_eq!(en0["experts"], 0);
+}
+
+#[test]
+fn the_data_plane_rides_out_an_etcd_outage_and_the_control_plane_resumes() {
+    let mut c = Cluster::new("outage");
+    c.coordinator("co-a", 1);
+    c.node("en-0");
+    c.node("en-1");
+    let grpc = c.router();
+    let version = c.placement().unwrap().version;
+    c.etcd.kill();
+    let traffic = Traffic::start(&grpc, 2);
+    std::thread::sleep(Duration::from_secs(4));
+    let (ok, failed) = traffic.finish();
+    assert!(failed.is_empty() && ok >= 2, "during the outage: {ok} ok, failures {failed:?}");
+    c.etcd.restart().unwrap();
+    // Members re-register; a node joining now is placed.
+    assert!(wait(Duration::from_secs(20), || c.node_ids().len() == 2), "members did not come back");
+    c.node("en-2");
+    assert!(
+        wait(Duration::from_secs(25), || c
+            .placement()
+            .is_some_and(|p| p.version > version && !p.experts_of("en-2").is_empty())),
+        "the control plane did not resume"
+    );
+    let (ok, failed) = {
+        let t = Traffic::start(&grpc, 1);
+        std::thread::sleep(Duration::from_secs(1));
+        t.finish()
+    };
+    assert!(failed.is_empty() && ok >= 1, "after the outage: {ok} ok, failures {failed:?}");
+}
