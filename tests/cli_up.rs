@@ -1,6 +1,7 @@
-//! `expertmesh up` end to end: a local cluster from the CLI serves
-//! `generate --router` with transformers' exact tokens, `bench` reports,
-//! and neither Ctrl-C nor `kill -9` of `up` leaves a process behind.
+//! `expertmesh up` end to end: a local cluster from the CLI (private etcd,
+//! coordinator, nodes, router) serves `generate --router` with
+//! transformers' exact tokens, `status` and `bench` report, and neither
+//! Ctrl-C nor `kill -9` of `up` leaves a process behind.
 
 use std::path::{Path, PathBuf};
 
@@ -51,9 +52,12 @@ fn up(model: &Path, tag: &str) -> Up {
     Up { child, state, state_file }
 }
 
+/// Every process of the cluster: router, nodes, coordinators and the private etcd.
 fn pids(state: &serde_json::Value) -> Vec<u64> {
-    let mut v = vec![state["router"]["pid"].as_u64().unwrap()];
+    let mut v = vec![state["router"]["pid"].as_u64().unwrap(), state["etcd"]["pid"].as_u64().unwrap()];
     v.extend(state["expert_nodes"].as_array().unwrap().iter().map(|n| n["pid"].as_u64().unwrap()));
+    v.extend(state["coordinators"].as_array().unwrap().iter().map(|n| n["pid"].as_u64().unwrap()));
+    assert!(v.iter().all(|&p| alive(p)), "{state}");
     v
 }
 
@@ -70,6 +74,22 @@ fn up_serves_generate_and_bench_and_ctrl_c_cleans_up() {
     let u = up(&fixture("deepseek_v3_yarn_bf16"), "int");
     let grpc = u.state["router"]["grpc"].as_str().unwrap().to_string();
     assert_eq!(u.state["expert_nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(u.state["coordinators"].as_array().unwrap().len(), 1);
+    // The cluster as etcd sees it: a leader, three ready nodes, full coverage.
+    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(["status", "--json", "--etcd", u.state["etcd"]["url"].as_str().unwrap(), "--cluster", "local"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["leader"], "coordinator-0", "{st}");
+    assert_eq!(st["placement"]["uncovered"], 0);
+    let nodes = st["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    // 16 experts × 2 MoE layers × 2 replicas (+ redundant replicas), spread over the nodes.
+    let held: u64 = nodes.iter().map(|n| n["experts"].as_u64().unwrap()).sum();
+    assert!(held >= 64, "{st}");
+    assert!(nodes.iter().all(|n| n["state"] == "ready" && n["experts"].as_u64().unwrap() > 0), "{st}");
     let r: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("deepseek_v3_yarn_bf16").join("reference.json")).unwrap(),
     )

@@ -31,7 +31,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Write a random checkpoint in Hugging Face layout.
     GenModel(GenModelArgs),
-    /// Start a local cluster (router + expert nodes) as child processes.
+    /// Start a local cluster (etcd, coordinator, expert nodes, router) as child processes.
     Up(UpCmd),
     /// Load-test a router, or the same engine in this process.
     Bench(BenchCmd),
@@ -68,6 +68,14 @@ struct UpCmd {
     /// Compute threads per expert node.
     #[arg(long, env = "EXPERTMESH_THREADS_PER_NODE")]
     threads_per_node: Option<usize>,
+    /// Use this etcd instead of starting a private one.
+    #[arg(long, env = "EXPERTMESH_ETCD")]
+    etcd: Option<String>,
+    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "local")]
+    cluster: String,
+    /// Membership lease TTL in seconds for every component.
+    #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
+    lease_ttl: u64,
 }
 
 #[derive(Args)]
@@ -465,6 +473,9 @@ fn cmd_up(a: UpCmd) -> Result<()> {
             http_port: a.http_port,
             state_file: a.state_file,
             threads_per_node: a.threads_per_node,
+            etcd: a.etcd,
+            cluster: a.cluster,
+            lease_ttl: a.lease_ttl,
         },
         &STOP,
     )

@@ -1,5 +1,8 @@
-//! `expertmesh up`: a local cluster as child processes on loopback, a router
-//! plus N expert nodes with each expert on R distinct nodes.
+//! `expertmesh up`: a local cluster as child processes on loopback: etcd
+//! (private, unless `--etcd` names one), a coordinator, N expert nodes and a
+//! router. The nodes and the router join through etcd; the coordinator
+//! places every expert on R distinct nodes and the router serves once every
+//! expert is covered.
 //!
 //! Children are tied to this process twice over: on Linux each gets
 //! `PR_SET_PDEATHSIG = SIGKILL`, so even `kill -9` of `up` takes them along;
@@ -7,10 +10,10 @@
 //! kills what is left and removes the state file.
 
 use anyhow::{Context, Result, bail};
-use expertmesh_dataplane::placement::{NodeId, Placement};
+use expertmesh_cluster::etcd_server::EtcdServer;
 use expertmesh_model::config::ModelConfig;
 use serde_json::json;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +26,10 @@ pub struct UpArgs {
     pub http_port: u16,
     pub state_file: Option<PathBuf>,
     pub threads_per_node: Option<usize>,
+    /// An existing etcd; `None` starts a private one.
+    pub etcd: Option<String>,
+    pub cluster: String,
+    pub lease_ttl: u64,
 }
 
 /// A workspace binary installed next to `expertmesh`.
@@ -70,19 +77,7 @@ impl Drop for Family {
 /// Starts `cmd` tied to our lifetime; returns it with its start line.
 fn start(family: &mut Family, name: &str, mut cmd: Command) -> Result<String> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    expertmesh_cluster::process::tie_to_parent(&mut cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let stdout = child.stdout.take().context("child stdout")?;
     family.0.push(Member { name: name.to_string(), child });
@@ -94,6 +89,28 @@ fn start(family: &mut Family, name: &str, mut cmd: Command) -> Result<String> {
     Ok(line.trim().to_string())
 }
 
+/// Polls the router's `/ready` until it serves with full expert coverage.
+fn wait_ready(http: &str, family: &mut Family, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(http) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = write!(s, "GET /ready HTTP/1.0\r\nHost: {http}\r\n\r\n");
+            let mut reply = String::new();
+            let _ = s.read_to_string(&mut reply);
+            if reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200") {
+                return Ok(());
+            }
+        }
+        if let Some(c) = family.0.iter_mut().find_map(|c| matches!(c.child.try_wait(), Ok(Some(_))).then_some(&c.name))
+        {
+            bail!("{c} exited while the cluster was starting");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the router was not ready within {limit:?}: the coordinator placed no experts (see the logs above)")
+}
+
 pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     if a.expert_nodes == 0 {
         bail!("--expert-nodes must be at least 1");
@@ -101,68 +118,95 @@ pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     if a.replicas == 0 || a.replicas > a.expert_nodes {
         bail!("--replicas must be between 1 and --expert-nodes ({})", a.expert_nodes);
     }
-    let cfg = ModelConfig::from_dir(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
-    let (node_bin, router_bin) = (sibling("expert-node")?, sibling("router")?);
+    ModelConfig::from_dir(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    let bins = (sibling("expert-node")?, sibling("router")?, sibling("coordinator")?);
     let run_dir = std::env::temp_dir().join(format!("expertmesh-up-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
-    let ids: Vec<(NodeId, String)> = (0..a.expert_nodes).map(|i| (format!("en-{i}"), String::new())).collect();
-    let mut placement = Placement::round_robin(&cfg, &ids, a.replicas)?;
+    // Dropped last: children go first, then the private etcd.
+    let etcd = match &a.etcd {
+        Some(_) => None,
+        None => Some(EtcdServer::start(&run_dir.join("etcd")).map_err(|e| anyhow::anyhow!("{e}"))?),
+    };
+    let etcd_url = a.etcd.clone().or_else(|| etcd.as_ref().map(EtcdServer::url)).unwrap_or_default();
     let mut family = Family(Vec::new());
-    let mut metrics = std::collections::BTreeMap::new();
+    let result = serve(&a, &bins, &etcd_url, etcd.as_ref(), &mut family, stop);
+    drop(family);
+    drop(etcd);
+    if let Some(f) = &a.state_file {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
+
+fn serve(
+    a: &UpArgs,
+    (node_bin, router_bin, coord_bin): &(PathBuf, PathBuf, PathBuf),
+    etcd_url: &str,
+    etcd: Option<&EtcdServer>,
+    family: &mut Family,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     let model = a.model.to_string_lossy().into_owned();
-    for (id, _) in &ids {
-        let spec: Vec<String> = placement.experts_of(id).iter().map(|(l, e)| format!("{l}:{e}")).collect();
-        let mut cmd = Command::new(&node_bin);
-        cmd.args(["--model", &model, "--listen", "127.0.0.1:0", "--node-id", id, "--experts", &spec.join(",")])
-            .args(["--metrics", "127.0.0.1:0"]);
+    let ttl = a.lease_ttl.to_string();
+    let common = ["--model", &model, "--etcd", etcd_url, "--cluster", &a.cluster, "--lease-ttl", &ttl];
+    let mut cmd = Command::new(coord_bin);
+    cmd.args(common).args(["--id", "coordinator-0", "--min-replicas", &a.replicas.to_string()]);
+    cmd.args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
+    let line = start(family, "coordinator-0", cmd)?;
+    let coordinator =
+        json!({"id": "coordinator-0", "grpc": field(&line, "grpc="), "metrics": field(&line, "metrics=")});
+    let mut nodes = Vec::new();
+    for i in 0..a.expert_nodes {
+        let id = format!("en-{i}");
+        let mut cmd = Command::new(node_bin);
+        cmd.args(common).args(["--listen", "127.0.0.1:0", "--node-id", &id, "--metrics", "127.0.0.1:0"]);
         if let Some(t) = a.threads_per_node {
             cmd.args(["--threads", &t.to_string()]);
         }
-        let line = start(&mut family, id, cmd)?;
-        placement.nodes.insert(id.clone(), field(&line, "grpc="));
-        metrics.insert(id.clone(), field(&line, "metrics="));
+        let line = start(family, &id, cmd)?;
+        nodes.push((id, field(&line, "grpc="), field(&line, "metrics=")));
     }
-    let pfile = run_dir.join("placement.json");
-    std::fs::write(&pfile, serde_json::to_string_pretty(&placement)?)?;
-    let mut cmd = Command::new(&router_bin);
-    cmd.args(["--model", &model, "--placement", &pfile.to_string_lossy()]).args([
+    let mut cmd = Command::new(router_bin);
+    cmd.args(common).args(["--router-id", "router-0"]).args([
         "--grpc",
         &format!("127.0.0.1:{}", a.grpc_port),
         "--http",
         &format!("127.0.0.1:{}", a.http_port),
     ]);
-    let line = start(&mut family, "router", cmd)?;
+    let line = start(family, "router", cmd)?;
     let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
+    wait_ready(&http, family, Duration::from_secs(120))?;
     let pid = |name: &str| family.0.iter().find(|c| c.name == name).map(|c| c.child.id());
+    let mut coordinator = coordinator;
+    coordinator["pid"] = json!(pid("coordinator-0"));
     let state = json!({
         "router": {"pid": pid("router"), "grpc": grpc, "http": http},
-        "expert_nodes": ids.iter().map(|(id, _)| json!({"id": id, "pid": pid(id), "addr": placement.nodes[id], "metrics": metrics[id]})).collect::<Vec<_>>(),
+        "expert_nodes": nodes.iter().map(|(id, addr, m)| json!({"id": id, "pid": pid(id), "addr": addr, "metrics": m})).collect::<Vec<_>>(),
+        "coordinators": [coordinator],
+        "etcd": {"url": etcd_url, "pid": etcd.and_then(EtcdServer::pid), "cluster": a.cluster},
     });
     if let Some(f) = &a.state_file {
         std::fs::write(f, serde_json::to_string_pretty(&state)?)
             .with_context(|| format!("--state-file {}", f.display()))?;
     }
     println!("ExpertMesh is up: router gRPC {grpc}, HTTP http://{http} (/health /ready /metrics)");
-    for (id, _) in &ids {
-        println!("  expert node {id} at {} ({} experts)", placement.nodes[id], placement.experts_of(id).len());
+    for (id, addr, _) in &nodes {
+        println!("  expert node {id} at {addr}");
     }
+    println!("  coordinator-0, etcd {etcd_url} (cluster {:?})", a.cluster);
     println!("try: expertmesh generate --router {grpc} --chat --prompt \"Hello\"    (Ctrl-C stops the cluster)");
-    let result = loop {
+    println!("     expertmesh status --etcd {etcd_url} --cluster {}", a.cluster);
+    loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            break Ok(());
+            return Ok(());
         }
         if let Some(c) = family.0.iter_mut().find_map(|c| matches!(c.child.try_wait(), Ok(Some(_))).then_some(&c.name))
         {
-            break Err(anyhow::anyhow!("{c} exited; stopping the cluster"));
+            bail!("{c} exited; stopping the cluster");
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    drop(family);
-    if let Some(f) = &a.state_file {
-        let _ = std::fs::remove_file(f);
     }
-    let _ = std::fs::remove_dir_all(&run_dir);
-    result
 }
 
 /// The value of `key=` in a child's start line.
