@@ -8,7 +8,8 @@
 //! guarded on the leader key holding this candidate's id: a deposed leader
 //! that has not noticed yet cannot overwrite its successor's decisions.
 
-use crate::store::{ClusterStore, Etcd};
+use crate::membership::{connect_until, stop_or_sleep};
+use crate::store::ClusterStore;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -61,30 +62,9 @@ async fn campaign(
     leader: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
-    let pause = |d: Duration| {
-        let stop = stop.clone();
-        async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(d) => {}
-            }
-        }
-    };
-    let mut store: Option<Etcd> = None;
+    let pause = |d: Duration| stop_or_sleep(&stop, d);
+    let Some(s) = connect_until(&endpoints, &stop).await else { return };
     while !stop.is_cancelled() {
-        let s = match &store {
-            Some(s) => s.clone(),
-            None => match Etcd::connect(&endpoints).await {
-                Ok(s) => {
-                    store = Some(s.clone());
-                    s
-                }
-                Err(_) => {
-                    pause(Duration::from_millis(500)).await;
-                    continue;
-                }
-            },
-        };
         let lease = match s.grant(ttl).await {
             Ok(l) => l,
             Err(_) => {

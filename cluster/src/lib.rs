@@ -6,7 +6,8 @@
 //!   [`keys`]: the key schema and records; [`membership`]: leases kept alive
 //!   from their own thread, and list-then-watch; [`election`]: the
 //!   coordinator's leader election; [`etcd_server`]: a private etcd child.
-//! - [`planner`]: the expert placement algorithm.
+//! - [`planner`]: the expert placement algorithm; [`metrics`]: Prometheus
+//!   exposition.
 //!
 //! Linking this crate also makes mimalloc the process allocator. Dispatch
 //! batches are megabyte buffers allocated and freed at every MoE layer;
@@ -18,6 +19,7 @@ pub mod election;
 pub mod etcd_server;
 pub mod keys;
 pub mod membership;
+pub mod metrics;
 pub mod planner;
 pub mod process;
 pub mod store;

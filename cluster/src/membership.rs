@@ -83,23 +83,10 @@ async fn keep_registered(
     stop: CancellationToken,
     registered: Arc<AtomicBool>,
 ) {
-    let mut store: Option<Etcd> = None;
+    // The client reconnects by itself after etcd outages.
+    let Some(s) = connect_until(&endpoints, &stop).await else { return };
     let mut lease: Option<i64> = None;
     while !stop.is_cancelled() {
-        let s = match &store {
-            Some(s) => s.clone(),
-            None => match Etcd::connect(&endpoints).await {
-                Ok(s) => {
-                    store = Some(s.clone());
-                    s
-                }
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "membership: etcd unreachable; retrying");
-                    stop_or_sleep(&stop, RETRY).await;
-                    continue;
-                }
-            },
-        };
         let id = match lease {
             Some(id) => id,
             None => {
@@ -159,7 +146,21 @@ async fn register(s: &Etcd, key: &str, value: Vec<u8>, ttl: Duration) -> crate::
     Ok(id)
 }
 
-async fn stop_or_sleep(stop: &CancellationToken, d: Duration) {
+/// Connects to etcd, retrying until connected or stopped.
+pub(crate) async fn connect_until(endpoints: &[String], stop: &CancellationToken) -> Option<Etcd> {
+    while !stop.is_cancelled() {
+        match Etcd::connect(endpoints).await {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd unreachable; retrying");
+                stop_or_sleep(stop, RETRY).await;
+            }
+        }
+    }
+    None
+}
+
+pub(crate) async fn stop_or_sleep(stop: &CancellationToken, d: Duration) {
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = tokio::time::sleep(d) => {}

@@ -88,6 +88,20 @@ impl Etcd {
         let client = Client::connect(endpoints, Some(opts)).await.map_err(unavailable)?;
         Ok(Etcd { client })
     }
+
+    /// [`Self::connect`], retried for up to `limit`: at start-up etcd may
+    /// still be starting (as under `expertmesh up` or in a pod).
+    pub async fn connect_within(endpoints: &[String], limit: Duration) -> Result<Self> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match Self::connect(endpoints).await {
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                r => return r,
+            }
+        }
+    }
 }
 
 fn key_of(kv: &etcd_client::KeyValue) -> String {

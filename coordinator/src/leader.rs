@@ -58,19 +58,6 @@ impl Watches {
     }
 }
 
-async fn connect(endpoints: &[String]) -> Result<Etcd, CoordError> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match Etcd::connect(endpoints).await {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() > deadline => {
-                return Err(CoordError::Config { flag: "--etcd", message: e.to_string() });
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
 async fn serve_listeners(
     cfg: &Config,
     metrics: Arc<CoordMetrics>,
@@ -78,19 +65,8 @@ async fn serve_listeners(
 ) -> Result<Bound, CoordError> {
     let mut bound = Bound::default();
     if let Some(addr) = cfg.metrics {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| CoordError::Listen { addr, source })?;
-        bound.metrics = Some(l.local_addr().map_err(|source| CoordError::Listen { addr, source })?);
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = metrics.clone();
-                async move { m.render() }
-            }),
-        );
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(l, app).with_graceful_shutdown(async move { s.cancelled().await }).await;
-        });
+        let served = expertmesh_cluster::metrics::serve(addr, metrics.registry.clone(), stop.clone()).await;
+        bound.metrics = Some(served.map_err(|source| CoordError::Listen { addr, source })?);
     }
     if let Some(addr) = cfg.listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| CoordError::Listen { addr, source })?;
@@ -132,7 +108,9 @@ pub async fn run(
     };
     let metrics = Arc::new(CoordMetrics::new().map_err(|e| CoordError::Internal(format!("metrics: {e}")))?);
     let addrs = serve_listeners(&cfg, metrics.clone(), shutdown.clone()).await?;
-    let store = connect(&cfg.etcd).await?;
+    let store = Etcd::connect_within(&cfg.etcd, Duration::from_secs(15))
+        .await
+        .map_err(|e| CoordError::Config { flag: "--etcd", message: e.to_string() })?;
     let k = Keys::new(&cfg.cluster);
     let ttl = Duration::from_secs(cfg.lease_ttl);
     let record = CoordinatorRecord { id: cfg.id.clone(), addr: addrs.grpc.map(|a| a.to_string()).unwrap_or_default() };

@@ -49,10 +49,4 @@ impl CoordMetrics {
         m.registry.register(Box::new(m.is_leader.clone()))?;
         Ok(m)
     }
-
-    pub fn render(&self) -> String {
-        let mut buf = String::new();
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf);
-        buf
-    }
 }

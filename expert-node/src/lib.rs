@@ -161,23 +161,11 @@ pub async fn run(
         .map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
     let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
     let metrics_addr = match cfg.metrics {
-        Some(m) => {
-            let l = tokio::net::TcpListener::bind(m).await.map_err(|source| NodeError::Listen { addr: m, source })?;
-            let a = l.local_addr().map_err(|source| NodeError::Listen { addr: m, source })?;
-            let nm = node_metrics.clone();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let nm = nm.clone();
-                    async move { nm.render() }
-                }),
-            );
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(l, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
-            });
-            Some(a)
-        }
+        Some(m) => Some(
+            expertmesh_cluster::metrics::serve(m, node_metrics.registry.clone(), shutdown.clone())
+                .await
+                .map_err(|source| NodeError::Listen { addr: m, source })?,
+        ),
         None => None,
     };
     tracing::info!(node = %cfg.node_id, %addr, experts = used, "expert node serving");

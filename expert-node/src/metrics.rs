@@ -35,10 +35,4 @@ impl NodeMetrics {
         m.registry.register(Box::new(m.batch_tokens.clone()))?;
         Ok(m)
     }
-
-    pub fn render(&self) -> String {
-        let mut buf = String::new();
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf);
-        buf
-    }
 }

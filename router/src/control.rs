@@ -23,7 +23,7 @@ use expertmesh_model::config::ModelConfig;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How often routed-token counts are published.
@@ -42,16 +42,9 @@ pub struct ControlConfig {
 
 /// Connects to etcd (retrying for a while: etcd may still be starting).
 pub async fn connect(endpoints: &[String]) -> Result<Etcd, RouterError> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match Etcd::connect(endpoints).await {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() > deadline => {
-                return Err(RouterError::Config { flag: "--etcd", message: e.to_string() });
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+    Etcd::connect_within(endpoints, Duration::from_secs(15))
+        .await
+        .map_err(|e| RouterError::Config { flag: "--etcd", message: e.to_string() })
 }
 
 /// Runs until `shutdown`; then the registrations are revoked.

@@ -27,5 +27,8 @@ async fn ready(State(st): State<Arc<RouterState>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(st): State<Arc<RouterState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render())
+    (
+        [(header::CONTENT_TYPE, expertmesh_cluster::metrics::CONTENT_TYPE)],
+        expertmesh_cluster::metrics::render(&st.metrics.registry),
+    )
 }

@@ -70,13 +70,6 @@ impl Metrics {
         }
         m
     }
-
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut buf = String::new();
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf);
-        buf
-    }
 }
 
 impl Default for Metrics {

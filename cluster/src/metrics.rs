@@ -1,0 +1,36 @@
+//! Prometheus exposition shared by every service.
+
+use std::net::SocketAddr;
+use tokio_util::sync::CancellationToken;
+
+/// The text exposition format's content type.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Everything in `registry`, in the text exposition format.
+pub fn render(registry: &prometheus::Registry) -> String {
+    let mut buf = String::new();
+    let _ = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut buf);
+    buf
+}
+
+/// Serves `registry` at `/metrics` on `addr` until `stop`; returns the bound
+/// address (port 0 picks a free one).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: prometheus::Registry,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let r = registry.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], render(&r)) }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    });
+    Ok(bound)
+}
