@@ -78,8 +78,16 @@ impl Cluster {
     fn coordinator(&mut self, id: &str, min_replicas: usize) {
         let mut cmd = Command::new(bin("coordinator"));
         cmd.args(self.common_args()).args(["--id", id, "--min-replicas", &min_replicas.to_string()]);
-        let (child, _) = spawn(cmd);
-        self.procs.0.push((id.into(), String::new(), child));
+        cmd.args(["--metrics", "127.0.0.1:0"]);
+        let (child, line) = spawn(cmd);
+        self.procs.0.push((id.into(), field(&line, "metrics="), child));
+    }
+
+    /// A sample's value from a process's `/metrics` (exact series text).
+    fn metric(&self, proc_name: &str, series: &str) -> Option<f64> {
+        let addr = &self.procs.0.iter().find(|(n, _, _)| n == proc_name)?.1;
+        let body = http_get(addr, "/metrics").1;
+        body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     /// Starts a router and waits until it serves with full coverage.
@@ -276,6 +284,13 @@ fn a_late_node_gets_experts_and_traffic_and_a_drain_moves_them_away() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(served > 0.0, "the late node computed nothing");
+    assert_eq!(c.metric("co-a", "expertmesh_coordinator_is_leader"), Some(1.0));
+    assert_eq!(c.metric("co-a", "expertmesh_rebalances_total{reason=\"initial\"}"), Some(1.0));
+    assert_eq!(c.metric("co-a", "expertmesh_rebalances_total{reason=\"join\"}"), Some(1.0));
+    assert_eq!(c.metric("co-a", "expertmesh_placement_version"), Some(2.0));
+    assert_eq!(c.metric("co-a", "expertmesh_placement_uncovered_experts"), Some(0.0));
+    assert_eq!(c.metric("co-a", "expertmesh_cluster_nodes{state=\"ready\"}"), Some(3.0));
+    assert!(c.metric("co-a", "expertmesh_experts_moved_total").unwrap() > 0.0);
 
     // Drain en-0 under traffic.
     let out = c.cli(&["drain", "en-0", "--wait", "30"]);
@@ -290,6 +305,10 @@ fn a_late_node_gets_experts_and_traffic_and_a_drain_moves_them_away() {
     let en0 = s["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "en-0").unwrap().clone();
     assert_eq!(en0["state"], "drained");
     assert_eq!(en0["experts"], 0);
+    assert_eq!(c.metric("co-a", "expertmesh_rebalances_total{reason=\"drain\"}"), Some(1.0));
+    assert!(
+        wait(Duration::from_secs(3), || c.metric("co-a", "expertmesh_cluster_nodes{state=\"drained\"}") == Some(1.0))
+    );
 }
 
 #[test]

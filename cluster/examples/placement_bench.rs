@@ -121,8 +121,9 @@ fn main() {
         let (t_eplb, base) = time_ms(5, || eplb(&loads));
         let (_, base_next) = time_ms(1, || eplb(&drifted));
         println!(
-            "| {s} | EPLB greedy (Rust port of its description) | {t_eplb:.1} | {:.4} | {} (from scratch) | {:.1} |",
+            "| {s} | EPLB greedy (Rust port of its description) | {t_eplb:.1} | {:.4} (after drift: {:.4}) | {} (from scratch) | {:.1} |",
             mean_balancedness(&loads, &base),
+            mean_balancedness(&drifted, &base_next),
             moves(&base, &base_next),
             nodes_per_group(&base)
         );

@@ -340,6 +340,32 @@ mod tests {
     }
 
     #[test]
+    fn a_staged_placement_applies_at_the_next_step_and_loads_are_counted() {
+        let (t, ex, local) = setup(1);
+        let (hidden, routing) = batch();
+        let rb = RoutedBatch { layer: 0, hidden: &hidden, hidden_size: H, routing: &routing };
+        // Version 2 moves everything onto n2; n0 and n1 go down only after the switch.
+        let mut next = (*ex.placement()).clone();
+        next.version = 2;
+        for reps in next.layers.values_mut().flatten() {
+            *reps = vec!["n2".into()];
+        }
+        ex.stage_placement(Arc::new(next));
+        assert_eq!(ex.placement().version, 1, "staged, not applied mid-step");
+        assert!(close(&ex.execute(rb).unwrap(), &local.execute(rb).unwrap()));
+        ex.begin_step();
+        assert_eq!(ex.placement().version, 2);
+        t.set_down("n0", true);
+        t.set_down("n1", true);
+        assert!(close(&ex.execute(rb).unwrap(), &local.execute(rb).unwrap()), "served by n2 alone");
+        // Two calls, ten token-expert pairs each.
+        let loads = ex.take_loads();
+        assert_eq!(loads[&0].iter().sum::<u64>(), 20);
+        assert_eq!(loads[&0][0], 4);
+        assert!(ex.take_loads().is_empty(), "taking resets the window");
+    }
+
+    #[test]
     fn uncovered_experts_are_named() {
         let (t, ex, _) = setup(1);
         let (hidden, routing) = batch();
