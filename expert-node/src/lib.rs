@@ -112,6 +112,43 @@ pub async fn run(
         PrecisionArg::F32 => Precision::F32,
         PrecisionArg::Bf16 => Precision::Bf16,
     };
+    // Listen and join first (as `joining`), so the cluster sees the node
+    // while it loads: loading a large shard takes minutes.
+    let node_metrics = Arc::new(metrics::NodeMetrics::new().map_err(|e| NodeError::Load(format!("metrics: {e}")))?);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
+    let metrics_addr = match cfg.metrics {
+        Some(m) => Some(
+            expertmesh_cluster::metrics::serve(m, node_metrics.registry.clone(), shutdown.clone())
+                .await
+                .map_err(|source| NodeError::Listen { addr: m, source })?,
+        ),
+        None => None,
+    };
+    let mut record = NodeRecord {
+        id: cfg.node_id.clone(),
+        addr: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
+        metrics: metrics_addr.map(|m| m.to_string()).unwrap_or_default(),
+        device: "cpu".into(),
+        capacity_bytes: cfg.capacity_bytes,
+        expert_bytes: 0,
+        state: NodeState::Joining,
+        incarnation: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    };
+    let registration = if cfg.etcd.is_empty() {
+        None
+    } else {
+        let key = Keys::new(&cfg.cluster).node(&cfg.node_id);
+        let ttl = std::time::Duration::from_secs(cfg.lease_ttl);
+        Some(Arc::new(
+            Registration::start(cfg.etcd.clone(), key, keys::encode(&record), ttl)
+                .map_err(|e| NodeError::Load(format!("membership thread: {e}")))?,
+        ))
+    };
     let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
     let (store, experts) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
         let mut store = WeightStore::open(&dir, mc.fp8_block)?;
@@ -127,17 +164,16 @@ pub async fn run(
         .and_then(|l| store.dtype_name(&expertmesh_model::model::expert_tensor_names(&model_cfg, l, 0)[0]))
         .unwrap_or_else(|| "unknown".into());
     let used = experts.size_bytes() as u64;
-    let expert_bytes = match experts.loaded().len() {
-        0 => one_expert_bytes(&model_cfg, &store)?,
-        n => used / n as u64,
-    };
     if cfg.capacity_bytes > 0 && used > cfg.capacity_bytes {
         return Err(NodeError::Config {
             flag: "--capacity-bytes",
             message: format!("the selected experts need {used} bytes, more than {}", cfg.capacity_bytes),
         });
     }
-    let node_metrics = Arc::new(metrics::NodeMetrics::new().map_err(|e| NodeError::Load(format!("metrics: {e}")))?);
+    record.expert_bytes = match experts.loaded().len() {
+        0 => one_expert_bytes(&model_cfg, &store)?,
+        n => used / n as u64,
+    };
     node_metrics.experts_loaded.set(experts.loaded().len() as i64);
     let service = service::NodeService {
         node_id: cfg.node_id.clone(),
@@ -156,41 +192,11 @@ pub async fn run(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| NodeError::Load(e.to_string()))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
-    let metrics_addr = match cfg.metrics {
-        Some(m) => Some(
-            expertmesh_cluster::metrics::serve(m, node_metrics.registry.clone(), shutdown.clone())
-                .await
-                .map_err(|source| NodeError::Listen { addr: m, source })?,
-        ),
-        None => None,
-    };
     tracing::info!(node = %cfg.node_id, %addr, experts = used, "expert node serving");
-    let mut record = NodeRecord {
-        id: cfg.node_id.clone(),
-        addr: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
-        metrics: metrics_addr.map(|m| m.to_string()).unwrap_or_default(),
-        device: "cpu".into(),
-        capacity_bytes: cfg.capacity_bytes,
-        expert_bytes,
-        state: NodeState::Ready,
-        incarnation: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    };
-    let registration = if cfg.etcd.is_empty() {
-        None
-    } else {
-        let key = Keys::new(&cfg.cluster).node(&cfg.node_id);
-        let ttl = std::time::Duration::from_secs(cfg.lease_ttl);
-        Some(Arc::new(
-            Registration::start(cfg.etcd.clone(), key, keys::encode(&record), ttl)
-                .map_err(|e| NodeError::Load(format!("membership thread: {e}")))?,
-        ))
-    };
+    record.state = NodeState::Ready;
+    if let Some(r) = &registration {
+        r.update(keys::encode(&record));
+    }
     // Draining is announced at once; the lease is revoked (the node leaves)
     // only once in-flight batches are done.
     let announce = registration.clone();

@@ -104,7 +104,7 @@ pub struct Config {
     /// Membership lease TTL in seconds.
     #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
     pub lease_ttl: u64,
-    /// This router's id in the cluster (default: `router-<pid>`).
+    /// This router's id in the cluster (default: `router-<hostname>-<pid>`).
     #[arg(long, env = "EXPERTMESH_ROUTER_ID")]
     pub router_id: Option<String>,
 }
@@ -340,7 +340,7 @@ pub async fn run(
             let ccfg = control::ControlConfig {
                 endpoints: cfg.etcd.clone(),
                 cluster: cfg.cluster.clone(),
-                id: cfg.router_id.clone().unwrap_or_else(|| format!("router-{}", std::process::id())),
+                id: cfg.router_id.clone().unwrap_or_else(default_router_id),
                 lease_ttl: Duration::from_secs(cfg.lease_ttl),
                 grpc: addrs.grpc.to_string(),
                 http: addrs.http.to_string(),
@@ -365,4 +365,11 @@ pub async fn run(
         .map_err(|_| RouterError::Internal("engine thread panicked".into()))?;
     tracing::info!("router drained");
     Ok(())
+}
+
+/// `router-<hostname>-<pid>`: unique across the pods or machines of a cluster.
+fn default_router_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    format!("router-{}-{}", if host.is_empty() { "host" } else { &host }, std::process::id())
 }
