@@ -84,7 +84,10 @@ impl Etcd {
             .with_require_leader(true)
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            // HTTP/2 pings detect a dead etcd; etcd closes connections that
+            // ping more often than every 5 s (`--grpc-keepalive-min-time`),
+            // which broke every watch every few seconds at a 2 s interval.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         let client = Client::connect(endpoints, Some(opts)).await.map_err(unavailable)?;
         Ok(Etcd { client })
     }

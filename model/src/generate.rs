@@ -94,6 +94,16 @@ impl Sampler {
     }
 }
 
+/// The `n` most likely tokens, most likely first, with their
+/// log-probabilities under the raw logits (OpenAI's `top_logprobs`).
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let lse = crate::ops::log_sum_exp(logits);
+    top_k_indices(logits, n).into_iter().map(|i| (i as u32, (logits[i] as f64 - lse) as f32)).collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Stop,

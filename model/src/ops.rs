@@ -78,11 +78,15 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// `log_softmax(x)[i]`, computed in f64 so tiny probabilities keep precision.
-pub fn log_softmax_at(x: &[f32], i: usize) -> f32 {
+/// `log(sum(exp(x)))` in f64, so tiny probabilities keep precision.
+pub fn log_sum_exp(x: &[f32]) -> f64 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-    (x[i] as f64 - lse) as f32
+    x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max
+}
+
+/// `log_softmax(x)[i]`.
+pub fn log_softmax_at(x: &[f32], i: usize) -> f32 {
+    (x[i] as f64 - log_sum_exp(x)) as f32
 }
 
 /// Rotary embedding tables, computed the way transformers does (f32 inverse

@@ -11,7 +11,7 @@
 use crate::metrics::Metrics;
 use expertmesh_model::ModelError;
 use expertmesh_model::cache::KvCache;
-use expertmesh_model::generate::{FinishReason, Sampler, SamplingParams, check_request};
+use expertmesh_model::generate::{FinishReason, Sampler, SamplingParams, check_request, top_logprobs};
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,7 +33,12 @@ pub struct EngineConfig {
 /// What a request hears back, in order: tokens, then one `Finished` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
-    Token { id: u32, logprob: f32 },
+    /// `top`: the `top_logprobs` most likely tokens at this step, if asked.
+    Token {
+        id: u32,
+        logprob: f32,
+        top: Vec<(u32, f32)>,
+    },
     Finished(FinishReason),
     Failed(ModelError),
 }
@@ -43,6 +48,8 @@ pub struct Submit {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub ignore_eos: bool,
+    /// Alternatives reported with each token (0: none).
+    pub top_logprobs: usize,
     /// Must hold `max_tokens + 2` events (see [`event_channel`]).
     pub events: mpsc::Sender<Event>,
     pub arrived: Instant,
@@ -63,6 +70,7 @@ struct Seq {
     sampler: Sampler,
     max_tokens: usize,
     ignore_eos: bool,
+    top_logprobs: usize,
     events: mpsc::Sender<Event>,
     reserved: usize,
     arrived: Instant,
@@ -159,6 +167,7 @@ impl Engine {
                     sampler,
                     max_tokens: s.max_tokens,
                     ignore_eos: s.ignore_eos,
+                    top_logprobs: s.top_logprobs,
                     events: s.events,
                     reserved: need,
                     arrived: s.arrived,
@@ -232,7 +241,8 @@ impl Engine {
                 self.metrics.generation_tokens.inc();
                 // The channel holds max_tokens + 2 events, so it is never full:
                 // a slow client cannot stall the batch. An error means it left.
-                if s.events.try_send(Event::Token { id: tok, logprob }).is_err() {
+                let top = top_logprobs(&logits, s.top_logprobs);
+                if s.events.try_send(Event::Token { id: tok, logprob, top }).is_err() {
                     finished[*i] = true;
                     continue;
                 }

@@ -67,7 +67,15 @@ impl GenerateService for GenerateApi {
             return Err(Status::invalid_argument("max_tokens must be at least 1"));
         }
         let (events, mut rx) = event_channel(max_tokens);
-        let submit = Submit { prompt: prompt.clone(), params, max_tokens, ignore_eos: req.ignore_eos, events, arrived };
+        let submit = Submit {
+            prompt: prompt.clone(),
+            params,
+            max_tokens,
+            ignore_eos: req.ignore_eos,
+            top_logprobs: 0,
+            events,
+            arrived,
+        };
         st.submit(submit)?;
         let (out, out_rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -75,7 +83,7 @@ impl GenerateService for GenerateApi {
             let mut decoder = IncrementalDecoder::default();
             while let Some(ev) = rx.recv().await {
                 let msg = match ev {
-                    Event::Token { id, logprob } => Ok(GenerateResponse {
+                    Event::Token { id, logprob, .. } => Ok(GenerateResponse {
                         token_ids: vec![id],
                         logprobs: vec![logprob],
                         text: tok.as_ref().and_then(|t| decoder.push(t, id)).unwrap_or_default(),

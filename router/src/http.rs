@@ -1,5 +1,5 @@
-//! The router's HTTP listener: `/health`, `/ready`, `/metrics`.
-//! (The OpenAI-compatible API joins it on the same listener.)
+//! The router's HTTP listener: the OpenAI-compatible API under `/v1`, and
+//! `/health`, `/ready`, `/metrics` (open even with API keys).
 
 use crate::RouterState;
 use axum::Router;
@@ -10,12 +10,35 @@ use axum::routing::get;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+/// Largest request body the API reads.
+const MAX_BODY_BYTES: usize = 8 << 20;
+
 pub fn app(state: Arc<RouterState>) -> Router {
     Router::new()
+        .merge(crate::openai::routes(state.clone()))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .fallback(|| async { crate::openai::error::ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// `expertmesh_http_requests_total{route,status}`, by matched route (not
+/// raw path, so unknown paths do not grow the label set).
+async fn count(
+    State(st): State<Arc<RouterState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    st.metrics.http_requests.with_label_values(&[&route, resp.status().as_str()]).inc();
+    resp
 }
 
 async fn ready(State(st): State<Arc<RouterState>>) -> impl IntoResponse {

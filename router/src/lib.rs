@@ -9,11 +9,13 @@
 //! token, so tests embed it; on cancellation it stops accepting, finishes
 //! running requests and returns.
 
+pub mod auth;
 pub mod control;
 pub mod engine;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod openai;
 
 use clap::{Parser, ValueEnum};
 use engine::{Engine, EngineConfig, Submit};
@@ -107,6 +109,40 @@ pub struct Config {
     /// This router's id in the cluster (default: `router-<hostname>-<pid>`).
     #[arg(long, env = "EXPERTMESH_ROUTER_ID")]
     pub router_id: Option<String>,
+    /// The model name the APIs serve (default: the model directory's name).
+    #[arg(long, env = "EXPERTMESH_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Longest prompt + completion, in tokens (default: the model's
+    /// `max_position_embeddings`).
+    #[arg(long, env = "EXPERTMESH_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, env = "EXPERTMESH_MAX_TOKENS_LIMIT", default_value_t = 8192)]
+    pub max_tokens_limit: usize,
+    /// Seconds a public-API request may take in all (unset: no limit).
+    #[arg(long, env = "EXPERTMESH_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<f64>,
+    /// API keys (comma-separated) required on the public HTTP and gRPC APIs.
+    #[arg(long, env = "EXPERTMESH_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_key: Vec<String>,
+    /// Split reasoning from content in chat responses.
+    #[arg(long, value_enum, env = "EXPERTMESH_REASONING_PARSER")]
+    pub reasoning_parser: Option<ReasoningParser>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReasoningParser {
+    /// Text up to `</think>` is `reasoning_content` (DeepSeek-R1).
+    #[value(name = "deepseek_r1")]
+    DeepseekR1,
+}
+
+/// Request limits of the public APIs.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_model_len: usize,
+    pub max_tokens_limit: usize,
+    pub request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Error)]
@@ -143,6 +179,18 @@ impl Config {
         if self.threads == Some(0) {
             return bad("--threads", "must be at least 1");
         }
+        if self.max_model_len == Some(0) {
+            return bad("--max-model-len", "must be at least 1");
+        }
+        if self.max_tokens_limit == 0 {
+            return bad("--max-tokens-limit", "must be at least 1");
+        }
+        if self.request_timeout.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
+            return bad("--request-timeout", "must be a positive number of seconds");
+        }
+        if self.api_key.iter().any(|k| k.trim().is_empty()) {
+            return bad("--api-key", "keys must not be empty");
+        }
         if !self.etcd.is_empty() {
             if self.lease_ttl == 0 {
                 return bad("--lease-ttl", "must be at least 1 second");
@@ -162,6 +210,13 @@ impl Config {
 pub struct RouterState {
     pub model_cfg: ModelConfig,
     pub model_name: String,
+    /// The name the OpenAI and KServe APIs answer to.
+    pub served_model_name: String,
+    /// Unix time the router started (the models list's `created`).
+    pub started: u64,
+    pub limits: Limits,
+    pub api_keys: Arc<Vec<String>>,
+    pub reasoning_parser: bool,
     pub tokenizer: Option<Arc<TextTokenizer>>,
     pub metrics: Arc<metrics::Metrics>,
     pub ready: AtomicBool,
@@ -280,8 +335,19 @@ pub async fn run(
         .name("engine".into())
         .spawn(move || engine.run(rx))
         .map_err(|e| RouterError::Internal(format!("engine thread: {e}")))?;
+    let model_name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let limits = Limits {
+        max_model_len: cfg.max_model_len.unwrap_or(model_cfg.max_position_embeddings),
+        max_tokens_limit: cfg.max_tokens_limit,
+        request_timeout: cfg.request_timeout.map(Duration::from_secs_f64),
+    };
     let state = Arc::new(RouterState {
-        model_name: cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        served_model_name: cfg.served_model_name.clone().unwrap_or_else(|| model_name.clone()),
+        model_name,
+        started: openai::now_secs(),
+        limits,
+        api_keys: Arc::new(cfg.api_key.iter().map(|k| k.trim().to_string()).collect()),
+        reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
         tokenizer: TextTokenizer::from_dir(&cfg.model).ok().map(Arc::new),
         model_cfg,
         metrics,
@@ -306,9 +372,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| RouterError::Internal(e.to_string()))?;
-    let api = GenerateServiceServer::new(grpc::GenerateApi { state: state.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let api = tonic::service::interceptor::InterceptedService::new(
+        GenerateServiceServer::new(grpc::GenerateApi { state: state.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        auth::GrpcAuth { keys: state.api_keys.clone() },
+    );
     let grpc_stop = shutdown.clone();
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub e2e: Histogram,
     pub success: IntCounterVec,
     pub errors: IntCounterVec,
+    pub http_requests: IntCounterVec,
     pub kv_usage: Gauge,
 }
 
@@ -49,6 +50,11 @@ impl Metrics {
             .expect("static metric definition"),
             errors: IntCounterVec::new(Opts::new("expertmesh_request_errors_total", "Failed requests"), &["reason"])
                 .expect("static metric definition"),
+            http_requests: IntCounterVec::new(
+                Opts::new("expertmesh_http_requests_total", "HTTP requests by matched route and status"),
+                &["route", "status"],
+            )
+            .expect("static metric definition"),
             kv_usage: Gauge::new("expertmesh_kv_cache_usage_ratio", "Reserved share of the KV-cache budget")
                 .expect("static metric definition"),
             registry,
@@ -63,6 +69,7 @@ impl Metrics {
             Box::new(m.e2e.clone()),
             Box::new(m.success.clone()),
             Box::new(m.errors.clone()),
+            Box::new(m.http_requests.clone()),
             Box::new(m.kv_usage.clone()),
         ];
         for c in collectors {

@@ -111,3 +111,43 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+
+/// A plain HTTP/1.1 POST of `body` with extra headers; returns (status, body).
+pub fn http_post(addr: &str, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut head =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (and close) before reading an oversized body.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let buf = String::from_utf8_lossy(&buf).into_owned();
+    let status = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Writes a small random checkpoint with a tokenizer and chat template (the
+/// demo preset) into `dir`.
+pub fn demo_checkpoint(dir: &Path) {
+    let out = Command::new(bin("expertmesh")).args(["gen-model", "--out", dir.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "gen-model: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The Python interpreter of the real-client venv (created on first use by
+/// `tools/pyenv.sh`).
+pub fn python() -> PathBuf {
+    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/pyenv.sh");
+        let out = Command::new(script).output().unwrap();
+        assert!(out.status.success(), "tools/pyenv.sh: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}

@@ -1,0 +1,140 @@
+"""The OpenAI-compatible API through the real `openai` client.
+
+Usage: openai_suite.py BASE_URL API_KEY EXPECTED_JSON
+
+EXPECTED_JSON holds {"prompt_ids": [...], "greedy_ids": [...]}: what offline
+`expertmesh generate` produced for that prompt on the same checkpoint. The
+router runs with --reasoning-parser deepseek_r1 and --api-key API_KEY. Each
+check prints "ok <name>"; any failure raises (non-zero exit).
+"""
+
+import asyncio
+import json
+import sys
+
+import openai
+
+base, key, expected_path = sys.argv[1], sys.argv[2], sys.argv[3]
+expected = json.load(open(expected_path))
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+model = client.models.list().data[0].id
+print("ok models", model)
+
+
+def check(name, cond, detail=""):
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print("ok", name)
+
+
+# Greedy completion from token ids reproduces offline generate exactly.
+n = len(expected["greedy_ids"])
+r = client.completions.create(
+    model=model,
+    prompt=expected["prompt_ids"],
+    max_tokens=n,
+    temperature=0,
+    extra_body={"return_token_ids": True, "ignore_eos": True},
+)
+choice = r.choices[0].model_dump()
+check("completion token ids", choice["token_ids"] == expected["greedy_ids"], f"{choice['token_ids']} vs {expected['greedy_ids']}")
+check("completion prompt ids", choice["prompt_token_ids"] == expected["prompt_ids"])
+check("completion usage", r.usage.prompt_tokens == len(expected["prompt_ids"]) and r.usage.completion_tokens == n)
+check("completion finish", r.choices[0].finish_reason == "length")
+full_text = r.choices[0].text
+
+# Streaming gives the same text, then a usage chunk with no choices.
+chunks = list(
+    client.completions.create(
+        model=model,
+        prompt=expected["prompt_ids"],
+        max_tokens=n,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+)
+streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+check("completion stream text", streamed == full_text, f"{streamed!r} vs {full_text!r}")
+check("completion stream finish", [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length")
+check("completion usage chunk", chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n)
+
+# Legacy logprobs: the chosen token's logprob and N alternatives per token.
+r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
+lp = r.choices[0].logprobs
+# (Alternatives are keyed by text: tokens that decode alike share a key.)
+check("completion logprobs", len(lp.token_logprobs) == 4 and all(1 <= len(t) <= 3 for t in lp.top_logprobs), str(lp))
+check("greedy is the top choice", all(abs(max(t.values()) - c) < 1e-5 for t, c in zip(lp.top_logprobs, lp.token_logprobs)))
+
+# A stop string from the middle of the greedy text: the text ends just
+# before it and the reason is "stop".
+long = client.completions.create(model=model, prompt="The", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+text = long.choices[0].text
+stop = next((text[i : i + 2] for i in range(3, len(text) - 2) if text[i : i + 2].strip() and "\ufffd" not in text[i : i + 2]), None)
+check("a stop string is available", stop is not None, repr(text))
+r = client.completions.create(model=model, prompt="The", max_tokens=24, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+check("stop string", r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop", f"{r.choices[0].text!r} stop {stop!r} in {text!r}")
+streamed = "".join(
+    c.choices[0].text
+    for c in client.completions.create(model=model, prompt="The", max_tokens=24, temperature=0, stop=stop, stream=True, extra_body={"ignore_eos": True})
+    if c.choices
+)
+check("stop string streaming", streamed == r.choices[0].text, f"{streamed!r}")
+
+# Chat, with the R1 reasoning split: the demo model never closes </think>,
+# so everything is reasoning; streaming and not agree.
+messages = [{"role": "user", "content": "Hello there"}]
+r = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+m = r.choices[0].message.model_dump()
+check("chat reasoning", (m.get("reasoning_content") or "") != "" and (m["content"] or "") == "", json.dumps(m))
+check("chat logprobs", len(r.choices[0].logprobs.content) == r.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in r.choices[0].logprobs.content))
+chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))
+check("chat first chunk has the role", chunks[0].choices[0].delta.role == "assistant")
+reasoning = "".join((c.choices[0].delta.model_dump().get("reasoning_content") or "") for c in chunks if c.choices)
+content = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
+check("chat stream = non-stream", reasoning == m["reasoning_content"] and content == "", f"{reasoning!r} vs {m['reasoning_content']!r}")
+check("chat usage chunk", chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens)
+
+# Errors through the client's exception types.
+def raises(name, exc, fn):
+    try:
+        fn()
+    except exc as e:
+        check(name, True)
+        return e
+    raise AssertionError(f"{name}: no {exc.__name__}")
+
+
+raises("max_tokens 0 is 400", openai.BadRequestError, lambda: client.completions.create(model=model, prompt="x", max_tokens=0))
+raises("unknown model is 404", openai.NotFoundError, lambda: client.completions.create(model="nope", prompt="x", max_tokens=2))
+raises("prompt beyond the context is 400", openai.BadRequestError, lambda: client.completions.create(model=model, prompt=[5] * 100000, max_tokens=2))
+raises("n=2 is 400", openai.BadRequestError, lambda: client.completions.create(model=model, prompt="x", max_tokens=2, n=2))
+bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+raises("a wrong key is 401", openai.AuthenticationError, lambda: bad.models.list())
+
+
+# 64 concurrent streams all complete.
+async def many():
+    aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+
+    async def one(i):
+        s = await aclient.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=8,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        finish = None
+        async for c in s:
+            if c.choices and c.choices[0].finish_reason:
+                finish = c.choices[0].finish_reason
+        return finish
+
+    return await asyncio.gather(*(one(i) for i in range(64)))
+
+
+finishes = asyncio.run(many())
+check("64 concurrent streams", finishes == ["length"] * 64, str(finishes))
+print("ALL OK")

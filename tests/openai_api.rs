@@ -1,0 +1,166 @@
+//! The public HTTP API end to end: the real `openai` Python client against a
+//! router process (tests/clients/openai_suite.py), plus the error statuses,
+//! API keys on HTTP and gRPC, limits and timeouts, checked from Rust.
+
+use expertmesh_proto::v1::generate_request::Prompt;
+use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
+use expertmesh_proto::v1::{GenerateRequest, TokenIds};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+mod common;
+use common::{Procs, bin, demo_checkpoint, field, http_get, http_post, python, runtime, spawn};
+
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
+    let p = std::env::temp_dir().join(format!("em-openai-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    Scratch(p)
+}
+
+/// Starts a router with local experts; returns (grpc, http).
+fn router(procs: &mut Procs, model: &Path, extra: &[&str]) -> (String, String) {
+    let mut cmd = Command::new(bin("router"));
+    cmd.args(["--model", model.to_str().unwrap(), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1"])
+        .args(extra);
+    let (child, line) = spawn(cmd);
+    let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
+    procs.0.push(("router".into(), grpc.clone(), child));
+    (grpc, http)
+}
+
+const JSON: (&str, &str) = ("Content-Type", "application/json");
+const KEY: (&str, &str) = ("Authorization", "Bearer key-2");
+
+#[test]
+fn the_openai_client_works_and_errors_have_their_statuses() {
+    let dir = scratch("client");
+    let model = dir.0.join("model");
+    demo_checkpoint(&model);
+    // What offline generation produces, for the exactness check.
+    let prompt = [5u32, 17, 33, 8, 61];
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let out = Command::new(bin("expertmesh"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &ids.join(",")])
+        .args(["--max-tokens", "10", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let offline: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = dir.0.join("expected.json");
+    let body = serde_json::json!({"prompt_ids": prompt, "greedy_ids": offline["token_ids"]});
+    std::fs::write(&expected, body.to_string()).unwrap();
+
+    let mut procs = Procs::default();
+    let (grpc, http) = router(
+        &mut procs,
+        &model,
+        &["--api-key", "key-1,key-2", "--reasoning-parser", "deepseek_r1", "--served-model-name", "demo"],
+    );
+    let suite = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/openai_suite.py");
+    let out = Command::new(python())
+        .args([suite.to_str().unwrap(), &format!("http://{http}"), "key-2", expected.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && log.contains("ALL OK"), "{log}");
+
+    // Health and metrics stay open; the API needs a key.
+    assert_eq!(http_get(&http, "/health").0, 200);
+    let (status, body) = http_post(&http, "/v1/completions", br#"{"prompt":"x","max_tokens":1}"#, &[JSON]);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]["type"], "authentication_error");
+    // Malformed JSON, wrong types, huge bodies: refused with OpenAI-shaped errors.
+    for (bad, want) in [
+        (&br#"{"prompt": "x", "max_tokens": "#[..], 400),
+        (br#"{"prompt": {"a": 1}}"#, 400),
+        (br#"{"prompt": "x", "max_tokens": "ten"}"#, 400),
+        (br#"{"prompt": [4294967296]}"#, 400),
+        (br#"{"messages": []}"#, 400),
+    ] {
+        let path = if bad.starts_with(b"{\"messages") { "/v1/chat/completions" } else { "/v1/completions" };
+        let (status, body) = http_post(&http, path, bad, &[JSON, KEY]);
+        assert_eq!(status, want, "{}: {body}", String::from_utf8_lossy(bad));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+    }
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(9 << 20));
+    assert_eq!(http_post(&http, "/v1/completions", huge.as_bytes(), &[JSON, KEY]).0, 413);
+    assert_eq!(http_get(&http, "/v1/nope").0, 404);
+    // Out-of-vocabulary token ids are the engine's refusal, still a 400.
+    let (status, body) = http_post(&http, "/v1/completions", br#"{"prompt":[999999],"max_tokens":2}"#, &[JSON, KEY]);
+    assert_eq!(status, 400, "{body}");
+    // The server is unharmed: a good request still works.
+    let (status, body) = http_post(&http, "/v1/completions", br#"{"prompt":"ok","max_tokens":2}"#, &[JSON, KEY]);
+    assert_eq!(status, 200, "{body}");
+    let metrics = http_get(&http, "/metrics").1;
+    assert!(metrics.contains(r#"expertmesh_http_requests_total{route="/v1/completions",status="401"}"#), "{metrics}");
+    assert!(metrics.contains(r#"expertmesh_request_errors_total{reason="unauthorized"}"#));
+
+    // gRPC: the same keys in `authorization` metadata.
+    runtime().block_on(async {
+        let mut c = GenerateServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        let req = || {
+            let mut r = tonic::Request::new(GenerateRequest {
+                prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![5, 6, 7] })),
+                max_tokens: 2,
+                ..Default::default()
+            });
+            r.metadata_mut().insert("x-unrelated", "1".parse().unwrap());
+            r
+        };
+        let e = c.generate(req()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let mut ok = req();
+        ok.metadata_mut().insert("authorization", "Bearer key-1".parse().unwrap());
+        let mut s = c.generate(ok).await.unwrap().into_inner();
+        let mut n = 0;
+        while let Some(m) = s.message().await.unwrap() {
+            n += m.token_ids.len();
+        }
+        assert_eq!(n, 2);
+    });
+}
+
+#[test]
+fn timeouts_full_queues_and_missing_experts_have_their_statuses() {
+    let dir = scratch("limits");
+    let model = dir.0.join("model");
+    demo_checkpoint(&model);
+    let mut procs = Procs::default();
+    let (_, http) = router(
+        &mut procs,
+        &model,
+        &["--request-timeout", "0.5", "--max-num-seqs", "1", "--max-queue", "1", "--max-tokens-limit", "4000"],
+    );
+    let long = br#"{"prompt":"a","max_tokens":3000,"ignore_eos":true}"#;
+    // Three long requests at once: one runs (and times out), one waits, one finds the queue full.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3).map(|_| s.spawn(|| http_post(&http, "/v1/completions", long, &[JSON]).0)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.contains(&504), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (status, body) = http_post(&http, "/v1/completions", br#"{"prompt":"a","max_tokens":5000}"#, &[JSON]);
+    assert_eq!(status, 400, "over --max-tokens-limit: {body}");
+
+    // Experts on a node that does not exist: 503, quickly.
+    let cfg = expertmesh_model::config::ModelConfig::from_dir(&model).unwrap();
+    let nodes = vec![("gone".to_string(), "127.0.0.1:1".to_string())];
+    let p = expertmesh_dataplane::placement::Placement::round_robin(&cfg, &nodes, 1).unwrap();
+    let pfile = dir.0.join("placement.json");
+    std::fs::write(&pfile, serde_json::to_string(&p).unwrap()).unwrap();
+    let (_, http) = router(&mut procs, &model, &["--placement", pfile.to_str().unwrap(), "--dispatch-timeout", "2"]);
+    let t0 = std::time::Instant::now();
+    let (status, body) = http_post(&http, "/v1/completions", br#"{"prompt":"a","max_tokens":2}"#, &[JSON]);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no live replica"), "{body}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+}
