@@ -1,4 +1,4 @@
-//! Generates the expertmesh.v1 types and services with protoc (Debian's
+//! Generates the expertmesh.v1 and KServe v2 (`inference`) types and services with protoc (Debian's
 //! `protobuf-compiler`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -7,7 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Payloads stay `bytes::Bytes`: no copy between the wire and the codec.
         .bytes(".")
         .file_descriptor_set_path(out.join("expertmesh_descriptor.bin"))
-        .compile_protos(&["expertmesh/v1/expertmesh.proto"], &["."])?;
+        .compile_protos(&["expertmesh/v1/expertmesh.proto", "inference/grpc_service.proto"], &["."])?;
     println!("cargo:rerun-if-changed=expertmesh/v1/expertmesh.proto");
+    println!("cargo:rerun-if-changed=inference/grpc_service.proto");
     Ok(())
 }

@@ -5,36 +5,11 @@
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
 use expertmesh_proto::v1::{GenerateRequest, TokenIds};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 mod common;
-use common::{Procs, bin, demo_checkpoint, field, http_get, http_post, python, runtime, spawn};
-
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(tag: &str) -> Scratch {
-    let p = std::env::temp_dir().join(format!("em-openai-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Scratch(p)
-}
-
-/// Starts a router with local experts; returns (grpc, http).
-fn router(procs: &mut Procs, model: &Path, extra: &[&str]) -> (String, String) {
-    let mut cmd = Command::new(bin("router"));
-    cmd.args(["--model", model.to_str().unwrap(), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1"])
-        .args(extra);
-    let (child, line) = spawn(cmd);
-    let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
-    procs.0.push(("router".into(), grpc.clone(), child));
-    (grpc, http)
-}
+use common::{Procs, bin, demo_checkpoint, http_get, http_post, python, router, runtime, scratch};
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 const KEY: (&str, &str) = ("Authorization", "Bearer key-2");

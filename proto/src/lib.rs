@@ -3,12 +3,19 @@
 //! `ExpertService` is the router → expert-node data plane (a persistent
 //! bidirectional `Dispatch` stream per node) plus the coordinator's
 //! `LoadExperts`/`UnloadExperts`; `GenerateService` is the router's own
-//! streaming generation API.
+//! streaming generation API. [`inference`] is the KServe v2 / Triton gRPC
+//! protocol the router also serves.
 
 #![allow(clippy::all)]
 
 pub mod v1 {
     tonic::include_proto!("expertmesh.v1");
+}
+
+/// KServe v2 / Open Inference Protocol (`inference.GRPCInferenceService`),
+/// with Triton's `ModelStreamInfer`.
+pub mod inference {
+    tonic::include_proto!("inference");
 }
 
 /// Encoded file descriptor set, for gRPC server reflection.

@@ -29,11 +29,10 @@ pub fn status_of(e: &ModelError) -> Status {
     }
 }
 
-#[tonic::async_trait]
-impl GenerateService for GenerateApi {
-    type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
+type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+impl GenerateApi {
+    async fn start(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
         let req = request.into_inner();
         let st = &self.state;
@@ -109,6 +108,18 @@ impl GenerateService for GenerateApi {
             }
         });
         Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl GenerateService for GenerateApi {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let r = self.start(request).await;
+        let code = r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.state.metrics.grpc_requests.with_label_values(&["Generate", &format!("{code:?}")]).inc();
+        r
     }
 
     async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {

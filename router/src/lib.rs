@@ -14,6 +14,7 @@ pub mod control;
 pub mod engine;
 pub mod grpc;
 pub mod http;
+pub mod kserve;
 pub mod metrics;
 pub mod openai;
 
@@ -378,11 +379,19 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         auth::GrpcAuth { keys: state.api_keys.clone() },
     );
+    let kserve = tonic::service::interceptor::InterceptedService::new(
+        expertmesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+            kserve::KServeApi { state: state.clone() },
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        auth::GrpcAuth { keys: state.api_keys.clone() },
+    );
     let grpc_stop = shutdown.clone();
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
+        .add_service(kserve)
         .serve_with_incoming_shutdown(expertmesh_dataplane::grpc::nodelay_incoming(grpc_listener), async move {
             grpc_stop.cancelled().await
         });

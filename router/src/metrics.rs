@@ -14,6 +14,7 @@ pub struct Metrics {
     pub success: IntCounterVec,
     pub errors: IntCounterVec,
     pub http_requests: IntCounterVec,
+    pub grpc_requests: IntCounterVec,
     pub kv_usage: Gauge,
 }
 
@@ -55,6 +56,11 @@ impl Metrics {
                 &["route", "status"],
             )
             .expect("static metric definition"),
+            grpc_requests: IntCounterVec::new(
+                Opts::new("expertmesh_grpc_requests_total", "Public gRPC calls by method and status code"),
+                &["method", "code"],
+            )
+            .expect("static metric definition"),
             kv_usage: Gauge::new("expertmesh_kv_cache_usage_ratio", "Reserved share of the KV-cache budget")
                 .expect("static metric definition"),
             registry,
@@ -70,6 +76,7 @@ impl Metrics {
             Box::new(m.success.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.http_requests.clone()),
+            Box::new(m.grpc_requests.clone()),
             Box::new(m.kv_usage.clone()),
         ];
         for c in collectors {

@@ -151,3 +151,29 @@ pub fn python() -> PathBuf {
     })
     .clone()
 }
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch(tag: &str) -> Scratch {
+    let p = std::env::temp_dir().join(format!("em-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    Scratch(p)
+}
+
+/// Starts a router with local experts; returns (grpc, http).
+pub fn router(procs: &mut Procs, model: &Path, extra: &[&str]) -> (String, String) {
+    let mut cmd = Command::new(bin("router"));
+    cmd.args(["--model", model.to_str().unwrap(), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1"])
+        .args(extra);
+    let (child, line) = spawn(cmd);
+    let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
+    procs.0.push(("router".into(), grpc.clone(), child));
+    (grpc, http)
+}
