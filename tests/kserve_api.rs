@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 mod common;
-use common::{Procs, demo_checkpoint, python, router, runtime, scratch};
+use common::{Procs, demo_checkpoint, http_get, http_post, python, router, runtime, scratch};
 
 #[test]
 fn tritonclient_works_and_bad_requests_are_refused() {
@@ -17,7 +17,7 @@ fn tritonclient_works_and_bad_requests_are_refused() {
     let model = dir.0.join("model");
     demo_checkpoint(&model);
     let mut procs = Procs::default();
-    let (grpc, _) = router(&mut procs, &model, &["--api-key", "k", "--served-model-name", "demo"]);
+    let (grpc, http) = router(&mut procs, &model, &["--api-key", "k", "--served-model-name", "demo"]);
     let suite = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/triton_suite.py");
     let out = Command::new(python()).args([suite.to_str().unwrap(), &grpc, "k", "demo"]).output().unwrap();
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -66,4 +66,28 @@ fn tritonclient_works_and_bad_requests_are_refused() {
         live.metadata_mut().insert("authorization", "Bearer k".parse().unwrap());
         assert!(c.server_live(live).await.unwrap().into_inner().live);
     });
+
+    // Triton's HTTP generate extension.
+    let (json, key) = (("Content-Type", "application/json"), ("Authorization", "Bearer k"));
+    let body = br#"{"text_input": "Hello", "max_tokens": 6, "parameters": {"temperature": 0, "ignore_eos": true}}"#;
+    let (status, text) = http_post(&http, "/v2/models/demo/generate", body, &[json, key]);
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["num_output_tokens"], 6, "{v}");
+    assert_eq!(v["model_name"], "demo");
+    let whole = v["text_output"].as_str().unwrap().to_string();
+    let (status, events) = http_post(&http, "/v2/models/demo/generate_stream", body, &[json, key]);
+    assert_eq!(status, 200);
+    let chunks: Vec<serde_json::Value> =
+        events.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.len() >= 7, "{events}");
+    let streamed: String = chunks.iter().map(|c| c["text_output"].as_str().unwrap_or_default()).collect();
+    assert_eq!(streamed, whole);
+    assert_eq!(chunks.last().unwrap()["finish_reason"], "length");
+    let (status, text) = http_post(&http, "/v2/models/nope/generate", body, &[json, key]);
+    assert_eq!(status, 404, "{text}");
+    assert!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["error"].is_string());
+    assert_eq!(http_post(&http, "/v2/models/demo/generate", body, &[json]).0, 401);
+    assert_eq!(http_get(&http, "/v2/health/live").0, 200);
+    assert_eq!(http_get(&http, "/v2/health/ready").0, 200);
 }

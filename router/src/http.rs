@@ -1,5 +1,6 @@
-//! The router's HTTP listener: the OpenAI-compatible API under `/v1`, and
-//! `/health`, `/ready`, `/metrics` (open even with API keys).
+//! The router's HTTP listener: the OpenAI-compatible API under `/v1`,
+//! Triton's generate extension under `/v2/models`, and `/health`, `/ready`,
+//! `/metrics`, `/v2/health/*` (open even with API keys).
 
 use crate::RouterState;
 use axum::Router;
@@ -14,8 +15,11 @@ use std::sync::atomic::Ordering;
 const MAX_BODY_BYTES: usize = 8 << 20;
 
 pub fn app(state: Arc<RouterState>) -> Router {
+    let (generate, v2_health) = crate::triton_http::routes(state.clone());
     Router::new()
         .merge(crate::openai::routes(state.clone()))
+        .merge(generate)
+        .merge(v2_health)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -17,6 +17,7 @@ pub mod http;
 pub mod kserve;
 pub mod metrics;
 pub mod openai;
+pub mod triton_http;
 
 use clap::{Parser, ValueEnum};
 use engine::{Engine, EngineConfig, Submit};

@@ -194,7 +194,7 @@ async fn run(st: Arc<RouterState>, req: ChatRequest) -> Result<Response, ApiErro
                 }
             }
         });
-        return Ok(sse(stream));
+        return Ok(sse(stream, true));
     }
     let (mut text, mut ids, mut entries) = (String::new(), Vec::new(), Vec::new());
     while let Some(p) = rx.recv().await {

@@ -165,7 +165,7 @@ async fn run(st: Arc<RouterState>, req: CompletionRequest) -> Result<Response, A
                 }
             }
         });
-        return Ok(sse(stream));
+        return Ok(sse(stream, true));
     }
     let (mut text, mut ids, mut lp) = (String::new(), Vec::new(), Logprobs::default());
     while let Some(p) = rx.recv().await {

@@ -36,7 +36,7 @@ pub fn routes(state: Arc<RouterState>) -> axum::Router<Arc<RouterState>> {
 }
 
 /// `Authorization: Bearer <key>` against `--api-key` (no keys: open).
-async fn require_key(State(st): State<Arc<RouterState>>, req: Request, next: Next) -> Response {
+pub async fn require_key(State(st): State<Arc<RouterState>>, req: Request, next: Next) -> Response {
     if st.api_keys.is_empty() {
         return next.run(req).await;
     }
@@ -178,12 +178,14 @@ pub fn token_text(st: &RouterState, id: u32) -> String {
     st.tokenizer.as_ref().and_then(|t| t.decode(&[id], false).ok()).unwrap_or_else(|| format!("<{id}>"))
 }
 
-/// Server-sent events: each JSON chunk as `data: {json}`, then `data: [DONE]`.
-pub fn sse(chunks: impl Stream<Item = Value> + Send + 'static) -> Response {
+/// Server-sent events: each JSON chunk as `data: {json}`, then, for
+/// OpenAI clients, `data: [DONE]`.
+pub fn sse(chunks: impl Stream<Item = Value> + Send + 'static, done_marker: bool) -> Response {
     use tokio_stream::StreamExt;
+    let done = done_marker.then(|| SseEvent::default().data("[DONE]"));
     let events = chunks
         .map(|v| SseEvent::default().data(v.to_string()))
-        .chain(tokio_stream::once(SseEvent::default().data("[DONE]")))
+        .chain(tokio_stream::iter(done))
         .map(Ok::<_, Infallible>);
     Sse::new(events).into_response()
 }
