@@ -81,11 +81,23 @@ struct UpCmd {
 #[derive(Args)]
 struct BenchCmd {
     /// Run the engine in this process (local experts) as the baseline.
-    #[arg(long, conflicts_with = "router", required_unless_present = "router", env = "EXPERTMESH_MODEL")]
+    #[arg(long, conflicts_with_all = ["router", "url"], required_unless_present_any = ["router", "url"], env = "EXPERTMESH_MODEL")]
     model: Option<PathBuf>,
-    /// A router's gRPC address.
-    #[arg(long, env = "EXPERTMESH_ROUTER")]
+    /// A router's gRPC address (its own GenerateService).
+    #[arg(long, conflicts_with = "url", env = "EXPERTMESH_ROUTER")]
     router: Option<String>,
+    /// A public API endpoint: `http://HOST:PORT` for openai, `HOST:PORT` for kserve.
+    #[arg(long, requires = "api", env = "EXPERTMESH_URL")]
+    url: Option<String>,
+    /// Which public API `--url` speaks.
+    #[arg(long, value_enum, env = "EXPERTMESH_API")]
+    api: Option<crate::bench::Api>,
+    /// Bearer key for an API started with --api-key.
+    #[arg(long, env = "EXPERTMESH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The served model's name (KServe requests carry it).
+    #[arg(long, env = "EXPERTMESH_MODEL_NAME")]
+    model_name: Option<String>,
     #[arg(long, default_value_t = 8, env = "EXPERTMESH_CONCURRENCY")]
     concurrency: usize,
     #[arg(long, default_value_t = 32, env = "EXPERTMESH_REQUESTS")]
@@ -484,10 +496,25 @@ fn cmd_up(a: UpCmd) -> Result<()> {
 fn cmd_bench(a: BenchCmd) -> Result<()> {
     use clap::Parser as _;
     let rt = runtime()?;
+    let load = crate::bench::Load {
+        concurrency: a.concurrency,
+        requests: a.requests,
+        prompt_tokens: a.prompt_tokens,
+        max_tokens: a.max_tokens,
+    };
+    let target = |api, addr: String| crate::bench::Target {
+        api,
+        addr,
+        api_key: a.api_key.clone(),
+        model_name: a.model_name.clone(),
+    };
     let report = rt.block_on(async {
-        match (&a.router, &a.model) {
-            (Some(r), _) => crate::remote::bench(r, a.concurrency, a.requests, a.prompt_tokens, a.max_tokens).await,
-            (None, Some(m)) => {
+        match (&a.url, &a.router, &a.model) {
+            (Some(u), _, _) => {
+                crate::bench::bench(target(a.api.unwrap_or(crate::bench::Api::Grpc), u.clone()), load).await
+            }
+            (None, Some(r), _) => crate::bench::bench(target(crate::bench::Api::Grpc, r.clone()), load).await,
+            (None, None, Some(m)) => {
                 // The same engine and API in this process, with local experts.
                 let m = m.to_string_lossy().into_owned();
                 let seqs = a.concurrency.max(1).to_string();
@@ -506,19 +533,12 @@ fn cmd_bench(a: BenchCmd) -> Result<()> {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let server = tokio::spawn(expertmesh_router::run(cfg, stop.clone(), Some(tx)));
                 let bound = rx.await.context("the in-process engine failed to start")?;
-                let r = crate::remote::bench(
-                    &bound.grpc.to_string(),
-                    a.concurrency,
-                    a.requests,
-                    a.prompt_tokens,
-                    a.max_tokens,
-                )
-                .await;
+                let r = crate::bench::bench(target(crate::bench::Api::Grpc, bound.grpc.to_string()), load).await;
                 stop.cancel();
                 server.await??;
                 r
             }
-            (None, None) => bail!("one of --model or --router is required"),
+            (None, None, None) => bail!("one of --model, --router or --url is required"),
         }
     })?;
     if a.json {

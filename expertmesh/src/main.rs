@@ -1,5 +1,6 @@
 //! `expertmesh`: the ExpertMesh command-line interface.
 
+mod bench;
 mod cli;
 mod control;
 mod placement;

@@ -1,10 +1,10 @@
-//! Clients of a router's `GenerateService`: `generate --router` and `bench`.
+//! Clients of a router's `GenerateService`: `generate --router`, and the
+//! `grpc` API of `bench`.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
-use expertmesh_proto::v1::{FinishReason, GenerateRequest, ModelInfoRequest, SamplingParams, TokenIds};
-use serde_json::json;
+use expertmesh_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -25,7 +25,10 @@ pub struct Outcome {
     pub token_times: Vec<Duration>,
 }
 
-pub async fn run_one(client: &mut GenerateServiceClient<Channel>, req: GenerateRequest) -> Result<Outcome> {
+pub async fn run_one(
+    client: &mut GenerateServiceClient<Channel>,
+    req: impl tonic::IntoRequest<GenerateRequest>,
+) -> Result<Outcome> {
     let t0 = Instant::now();
     let mut stream =
         client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
@@ -65,73 +68,4 @@ pub fn request(prompt: Prompt, chat: bool, max_tokens: usize, s: SamplingParams,
         chat,
         request_id: String::new(),
     }
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-/// `bench`: `requests` random prompts of exactly `prompt_tokens` tokens,
-/// `concurrency` at a time, each generating exactly `max_tokens` tokens.
-pub async fn bench(
-    addr: &str,
-    concurrency: usize,
-    requests: usize,
-    prompt_tokens: usize,
-    max_tokens: usize,
-) -> Result<serde_json::Value> {
-    if concurrency == 0 || requests == 0 || prompt_tokens == 0 || max_tokens == 0 {
-        bail!("--concurrency, --requests, --prompt-tokens and --max-tokens must all be positive");
-    }
-    let mut client = connect(addr).await?;
-    let vocab = client.model_info(ModelInfoRequest {}).await?.into_inner().vocab_size.max(3);
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (next, mut client) = (next.clone(), client.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= requests {
-                    return out;
-                }
-                // Deterministic pseudo-random ids, never the special ids 0 and 1.
-                let ids = (0..prompt_tokens)
-                    .map(|k| (((i * 7919 + k) as u64 * 2654435761) % (vocab as u64 - 2)) as u32 + 2)
-                    .collect();
-                let req =
-                    request(Prompt::TokenIds(TokenIds { ids }), false, max_tokens, SamplingParams::default(), true);
-                out.push(run_one(&mut client, req).await);
-            }
-        }));
-    }
-    let (mut ttft, mut itl, mut tokens, mut errors) = (vec![], vec![], 0usize, 0usize);
-    for t in tasks {
-        for r in t.await? {
-            match r {
-                Ok(o) if o.token_ids.len() == max_tokens => {
-                    tokens += o.token_ids.len();
-                    ttft.push(o.token_times[0].as_secs_f64());
-                    itl.extend(o.token_times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()));
-                }
-                Ok(_) | Err(_) => errors += 1,
-            }
-        }
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    Ok(json!({
-        "requests": requests,
-        "errors": errors,
-        "output_tokens_per_s": tokens as f64 / wall,
-        "ttft_p50_s": percentile(&mut ttft, 0.5),
-        "ttft_p99_s": percentile(&mut ttft, 0.99),
-        "itl_p50_s": percentile(&mut itl, 0.5),
-        "itl_p99_s": percentile(&mut itl, 0.99),
-    }))
 }
