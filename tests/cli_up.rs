@@ -32,14 +32,21 @@ impl Drop for Up {
 }
 
 fn up(model: &Path, tag: &str) -> Up {
+    up_with(model, tag, &[], &[], Stdio::null())
+}
+
+/// `up` on 3 nodes × 2 replicas, with `extra` flags, `env` and `stderr`.
+fn up_with(model: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Up {
     let state_file = std::env::temp_dir().join(format!("em-up-{tag}-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&state_file);
     let child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
         .args(["up", "--model", model.to_str().unwrap(), "--expert-nodes", "3", "--replicas", "2"])
         .args(["--grpc-port", "0", "--http-port", "0", "--threads-per-node", "1"])
         .args(["--state-file", state_file.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let t0 = Instant::now();
@@ -164,4 +171,113 @@ fn bench_model_runs_the_engine_in_process() {
     let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(b["requests"], 8);
     assert_eq!(b["errors"], 0);
+}
+
+/// Runs the CLI, returning (success, stdout, stderr).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_expertmesh")).args(args).env_remove("EXPERTMESH_API_KEY").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// `ExpertService.Info` on an expert node, over whatever TLS `tls` gives.
+fn node_info(addr: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<(), String> {
+    use expertmesh_proto::v1::InfoRequest;
+    use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
+    common::runtime().block_on(async {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")).unwrap();
+        if let Some(t) = tls {
+            ep = ep.tls_config(t).unwrap();
+        }
+        let ch = ep.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        let mut c = ExpertServiceClient::new(ch);
+        let call = tokio::time::timeout(Duration::from_secs(5), c.info(InfoRequest {}));
+        call.await.map_err(|_| "timed out".to_string())?.map(|_| ()).map_err(|s| format!("{s:?}"))
+    })
+}
+
+#[test]
+fn up_tls_secures_every_hop_and_nodes_refuse_peers_without_a_certificate() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    const KEY: &str = "sekret-key-3f9a";
+    let log = std::env::temp_dir().join(format!("em-up-tls-{}.log", std::process::id()));
+    let stderr = std::fs::File::create(&log).unwrap();
+    // The key reaches the router through up's environment; debug logs must not show it.
+    let env = [("EXPERTMESH_API_KEY", KEY), ("RUST_LOG", "debug")];
+    let u = up_with(&fixture("deepseek_v3_yarn_bf16"), "tls", &["--tls"], &env, stderr.into());
+    let s = &u.state;
+    let (ca, cert, key) =
+        (s["tls"]["ca"].as_str().unwrap(), s["tls"]["cert"].as_str().unwrap(), s["tls"]["key"].as_str().unwrap());
+    let (grpc, http) = (s["router"]["grpc"].as_str().unwrap(), s["router"]["http"].as_str().unwrap());
+    let etcd = s["etcd"]["url"].as_str().unwrap();
+    assert!(etcd.starts_with("https://"), "{s}");
+
+    // Public gRPC: TLS with the key gives transformers' tokens; no key or no TLS is refused.
+    let (prompt, greedy) = common::reference("deepseek_v3_yarn_bf16");
+    let ids = prompt.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let gen_args = ["generate", "--router", grpc, "--prompt-ids", &ids, "--max-tokens", "8", "--ignore-eos", "--json"];
+    let (ok, out, err) = cli(&[&gen_args[..], &["--tls-ca", ca, "--api-key", KEY]].concat());
+    assert!(ok, "{err}");
+    let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(g["token_ids"], serde_json::json!(greedy));
+    let (ok, _, err) = cli(&[&gen_args[..], &["--tls-ca", ca]].concat());
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, _, _) = cli(&[&gen_args[..], &["--api-key", KEY]].concat());
+    assert!(!ok, "plaintext gRPC to a TLS listener must fail");
+
+    // Public TLS under bench: OpenAI over HTTPS, and GenerateService (KServe
+    // carries text only, and this fixture has no tokenizer).
+    let url = format!("https://{http}");
+    let load = ["--concurrency", "2", "--requests", "4", "--prompt-tokens", "4", "--max-tokens", "3", "--json"];
+    for api in [vec!["--url", &url, "--api", "openai"], vec!["--router", grpc]] {
+        let (ok, out, err) = cli(&[&["bench"][..], &api, &load, &["--tls-ca", ca, "--api-key", KEY]].concat());
+        assert!(ok, "{api:?}: {err}");
+        let b: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(b["errors"], 0, "{api:?}: {err}");
+    }
+
+    // etcd: TLS with client certificates; without them status cannot connect.
+    let (ok, out, err) = cli(&[
+        "status",
+        "--json",
+        "--etcd",
+        etcd,
+        "--etcd-ca",
+        ca,
+        "--etcd-cert",
+        cert,
+        "--etcd-key",
+        key,
+        "--cluster",
+        "local",
+    ]);
+    assert!(ok, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["placement"]["uncovered"], 0, "{st}");
+    let (ok, _, _) = cli(&["status", "--etcd", etcd, "--etcd-ca", ca, "--cluster", "local"]);
+    assert!(!ok, "etcd must refuse a client without a certificate");
+
+    // Expert nodes: only peers with a certificate from the cluster CA get in.
+    let node = s["expert_nodes"][0]["addr"].as_str().unwrap();
+    let ca_pem = Certificate::from_pem(std::fs::read(ca).unwrap());
+    let trusting = || ClientTlsConfig::new().ca_certificate(ca_pem.clone());
+    let member = Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    node_info(node, Some(trusting().identity(member))).unwrap();
+    let e = node_info(node, Some(trusting())).unwrap_err();
+    assert!(!e.is_empty(), "a client without a certificate was served");
+    assert!(node_info(node, None).is_err(), "a plaintext client was served");
+    // A certificate from another CA is refused too.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let stranger = Identity::from_pem(other.cert.pem(), other.signing_key.serialize_pem());
+    assert!(node_info(node, Some(trusting().identity(stranger))).is_err(), "a foreign certificate was served");
+
+    let all = pids(&u.state);
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGINT) };
+    wait_gone(&all);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(logs.contains("router serving"), "the children's logs were not captured");
+    assert!(!logs.contains(KEY), "the API key appeared in a log");
 }

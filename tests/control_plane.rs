@@ -47,7 +47,7 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         let etcd = EtcdServer::start(&dir).unwrap();
         let rt = common::runtime();
-        let store = rt.block_on(Etcd::connect(&[etcd.url()])).unwrap();
+        let store = rt.block_on(Etcd::connect(&etcd.options())).unwrap();
         Cluster { procs: Procs::default(), etcd, dir, rt, store, keys: Keys::new("test") }
     }
 

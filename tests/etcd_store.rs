@@ -44,7 +44,7 @@ fn kv_campaign_fencing_and_leases() {
     let dir = Scratch::new("kv");
     let etcd = EtcdServer::start(&dir.0).unwrap();
     rt().block_on(async {
-        let s = Etcd::connect(&[etcd.url()]).await.unwrap();
+        let s = Etcd::connect(&etcd.options()).await.unwrap();
         s.put("/t/a", b"1".to_vec(), None).await.unwrap();
         s.put("/t/b", b"2".to_vec(), None).await.unwrap();
         s.put("/u/c", b"3".to_vec(), None).await.unwrap();
@@ -82,7 +82,7 @@ fn watch_survives_compaction_and_etcd_restart() {
     let mut etcd = EtcdServer::start(&dir.0).unwrap();
     let rt = rt();
     let stop = CancellationToken::new();
-    let s: Arc<dyn ClusterStore> = Arc::new(rt.block_on(Etcd::connect(&[etcd.url()])).unwrap());
+    let s: Arc<dyn ClusterStore> = Arc::new(rt.block_on(Etcd::connect(&etcd.options())).unwrap());
     let mut snap = rt.block_on(async { watch_prefix(s.clone(), "/w/".into(), stop.clone()) });
     let seen = |snap: &mut tokio::sync::watch::Receiver<_>, key: &'static str, want: Option<&'static [u8]>| {
         rt.block_on(async {
@@ -129,9 +129,9 @@ fn registration_keeps_alive_rejoins_and_leaves() {
     let dir = Scratch::new("reg");
     let etcd = EtcdServer::start(&dir.0).unwrap();
     let rt = rt();
-    let s = rt.block_on(Etcd::connect(&[etcd.url()])).unwrap();
+    let s = rt.block_on(Etcd::connect(&etcd.options())).unwrap();
     let reg =
-        Registration::start(vec![etcd.url()], "/r/nodes/n1".into(), b"v1".to_vec(), Duration::from_secs(2)).unwrap();
+        Registration::start(etcd.options(), "/r/nodes/n1".into(), b"v1".to_vec(), Duration::from_secs(2)).unwrap();
     let value = || rt.block_on(s.get("/r/nodes/n1")).unwrap();
     let wait = |want: Option<&[u8]>, limit: u64| {
         let deadline = Instant::now() + Duration::from_secs(limit);
@@ -166,4 +166,28 @@ fn registration_keeps_alive_rejoins_and_leaves() {
     reg.stop();
     assert_eq!(value(), None);
     assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn user_and_password_are_required_once_etcd_auth_is_on() {
+    let dir = Scratch::new("auth");
+    let etcd = EtcdServer::start(&dir.0).unwrap();
+    rt().block_on(async {
+        // Turn on etcd auth the way an operator would: a root user, then auth.
+        let mut admin = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+        admin.user_add("root", "pw-root-7c1e", None).await.unwrap();
+        admin.user_grant_role("root", "root").await.unwrap();
+        admin.auth_enable().await.unwrap();
+
+        let mut o = etcd.options();
+        let anonymous = Etcd::connect(&o).await.unwrap();
+        assert!(anonymous.put("/a/k", b"v".to_vec(), None).await.is_err(), "etcd accepted an anonymous write");
+        o.etcd_user = Some("root".into());
+        o.etcd_password = Some("wrong".into());
+        assert!(Etcd::connect(&o).await.is_err(), "a wrong password connected");
+        o.etcd_password = Some("pw-root-7c1e".into());
+        let s = Etcd::connect(&o).await.unwrap();
+        s.put("/a/k", b"v".to_vec(), None).await.unwrap();
+        assert_eq!(s.get("/a/k").await.unwrap(), Some(b"v".to_vec()));
+    });
 }

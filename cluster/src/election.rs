@@ -9,7 +9,7 @@
 //! that has not noticed yet cannot overwrite its successor's decisions.
 
 use crate::membership::{connect_until, stop_or_sleep};
-use crate::store::ClusterStore;
+use crate::store::{ClusterStore, EtcdOptions};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ pub struct Election {
 
 impl Election {
     /// Campaigns for `key` with value `id` until stopped.
-    pub fn start(endpoints: Vec<String>, key: String, id: String, ttl: Duration) -> std::io::Result<Self> {
+    pub fn start(endpoints: EtcdOptions, key: String, id: String, ttl: Duration) -> std::io::Result<Self> {
         let (tx, rx) = watch::channel(false);
         let stop = CancellationToken::new();
         let s = stop.clone();
@@ -55,7 +55,7 @@ impl Drop for Election {
 }
 
 async fn campaign(
-    endpoints: Vec<String>,
+    endpoints: EtcdOptions,
     key: String,
     id: String,
     ttl: Duration,

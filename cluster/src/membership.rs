@@ -11,7 +11,7 @@
 //! watch from the listing's revision + 1, and list again whenever the watch
 //! is lost (compaction, stream error, etcd restart).
 
-use crate::store::{ClusterStore, Etcd, WatchEvent};
+use crate::store::{ClusterStore, Etcd, EtcdOptions, WatchEvent};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +32,7 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn start(endpoints: Vec<String>, key: String, record: Vec<u8>, ttl: Duration) -> std::io::Result<Self> {
+    pub fn start(endpoints: EtcdOptions, key: String, record: Vec<u8>, ttl: Duration) -> std::io::Result<Self> {
         let (tx, rx) = watch::channel(record);
         let stop = CancellationToken::new();
         let registered = Arc::new(AtomicBool::new(false));
@@ -76,7 +76,7 @@ impl Drop for Registration {
 }
 
 async fn keep_registered(
-    endpoints: Vec<String>,
+    endpoints: EtcdOptions,
     key: String,
     mut record: watch::Receiver<Vec<u8>>,
     ttl: Duration,
@@ -147,7 +147,7 @@ async fn register(s: &Etcd, key: &str, value: Vec<u8>, ttl: Duration) -> crate::
 }
 
 /// Connects to etcd, retrying until connected or stopped.
-pub(crate) async fn connect_until(endpoints: &[String], stop: &CancellationToken) -> Option<Etcd> {
+pub(crate) async fn connect_until(endpoints: &EtcdOptions, stop: &CancellationToken) -> Option<Etcd> {
     while !stop.is_cancelled() {
         match Etcd::connect(endpoints).await {
             Ok(s) => return Some(s),

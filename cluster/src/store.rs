@@ -71,6 +71,83 @@ pub trait ClusterStore: Send + Sync {
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<mpsc::Receiver<WatchEvent>>;
 }
 
+/// How to reach etcd: `--etcd` endpoints, and optionally TLS (a CA, and a
+/// client certificate when etcd checks them) and a user whose password is
+/// read from `EXPERTMESH_ETCD_PASSWORD` only (a flag would show it in `ps`).
+#[derive(clap::Args, Clone, Default)]
+pub struct EtcdOptions {
+    /// etcd endpoints (comma-separated); `https://` ones need --etcd-ca.
+    #[arg(long = "etcd", env = "EXPERTMESH_ETCD", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// CA (PEM) of etcd's server certificate: turns on TLS to etcd.
+    #[arg(long, env = "EXPERTMESH_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for an etcd started with --client-cert-auth.
+    #[arg(long, env = "EXPERTMESH_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "EXPERTMESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// etcd user (etcd auth); the password comes from EXPERTMESH_ETCD_PASSWORD.
+    #[arg(long, env = "EXPERTMESH_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(skip = std::env::var("EXPERTMESH_ETCD_PASSWORD").ok())]
+    pub etcd_password: Option<String>,
+}
+
+// Hand-written so the password never reaches a log line.
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("etcd_ca", &self.etcd_ca)
+            .field("etcd_cert", &self.etcd_cert)
+            .field("etcd_user", &self.etcd_user)
+            .field("etcd_password", &self.etcd_password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl EtcdOptions {
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.iter().all(|e| e.trim().is_empty())
+    }
+
+    /// Checks the options without connecting: files readable, a password
+    /// with a user. Returns the flag at fault.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.etcd_user.is_some() && self.etcd_password.is_none() {
+            return Err(("--etcd-user", "needs the password in EXPERTMESH_ETCD_PASSWORD".into()));
+        }
+        for (flag, path) in
+            [("--etcd-ca", &self.etcd_ca), ("--etcd-cert", &self.etcd_cert), ("--etcd-key", &self.etcd_key)]
+        {
+            if let Some(p) = path {
+                std::fs::metadata(p).map_err(|e| (flag, format!("{}: {e}", p.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn connect_options(&self) -> Result<ConnectOptions> {
+        let mut opts = ConnectOptions::new();
+        if let (Some(user), Some(password)) = (&self.etcd_user, &self.etcd_password) {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        if let Some(ca) = &self.etcd_ca {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| StoreError::Unavailable(format!("reading {}: {e}", p.display())))
+            };
+            let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            if let (Some(c), Some(k)) = (&self.etcd_cert, &self.etcd_key) {
+                tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
+            }
+            opts = opts.with_tls(tls);
+        }
+        Ok(opts)
+    }
+}
+
 /// etcd v3 through `etcd-client`. Every request requires a leader (a
 /// partitioned member answers with an error instead of stale data).
 #[derive(Clone)]
@@ -79,8 +156,9 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    pub async fn connect(endpoints: &[String]) -> Result<Self> {
-        let opts = ConnectOptions::new()
+    pub async fn connect(o: &EtcdOptions) -> Result<Self> {
+        let opts = o
+            .connect_options()?
             .with_require_leader(true)
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
@@ -88,13 +166,13 @@ impl Etcd {
             // ping more often than every 5 s (`--grpc-keepalive-min-time`),
             // which broke every watch every few seconds at a 2 s interval.
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = Client::connect(endpoints, Some(opts)).await.map_err(unavailable)?;
+        let client = Client::connect(&o.endpoints, Some(opts)).await.map_err(unavailable)?;
         Ok(Etcd { client })
     }
 
     /// [`Self::connect`], retried for up to `limit`: at start-up etcd may
     /// still be starting (as under `expertmesh up` or in a pod).
-    pub async fn connect_within(endpoints: &[String], limit: Duration) -> Result<Self> {
+    pub async fn connect_within(endpoints: &EtcdOptions, limit: Duration) -> Result<Self> {
         let deadline = std::time::Instant::now() + limit;
         loop {
             match Self::connect(endpoints).await {
@@ -204,5 +282,22 @@ impl ClusterStore for Etcd {
             let _ = tx.send(WatchEvent::Lost(lost)).await;
         });
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EtcdOptions;
+
+    #[test]
+    fn options_validate_and_never_print_the_password() {
+        let mut o = EtcdOptions { endpoints: vec!["https://e:2379".into()], ..Default::default() };
+        o.etcd_user = Some("root".into());
+        assert_eq!(o.validate().unwrap_err().0, "--etcd-user");
+        o.etcd_password = Some("hunter2-secret".into());
+        assert!(o.validate().is_ok());
+        assert!(!format!("{o:?}").contains("hunter2"));
+        o.etcd_ca = Some("/nonexistent/ca.pem".into());
+        assert_eq!(o.validate().unwrap_err().0, "--etcd-ca");
     }
 }

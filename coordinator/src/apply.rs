@@ -12,6 +12,7 @@ use expertmesh_cluster::keys::{self, DrainRecord, DrainState, Keys, RouterRecord
 use expertmesh_cluster::membership::Snapshot;
 use expertmesh_cluster::store::ClusterStore;
 use expertmesh_dataplane::placement::Placement;
+use expertmesh_dataplane::tls::InternalTls;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{ExpertSet, InfoRequest, LayerExperts};
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,15 +23,6 @@ type Experts = BTreeSet<(usize, usize)>;
 
 /// Node RPCs: loading experts reads them from disk, which can take a while.
 const RPC_TIMEOUT: Duration = Duration::from_secs(300);
-
-async fn client(addr: &str) -> Result<ExpertServiceClient<tonic::transport::Channel>, CoordError> {
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| CoordError::Node { addr: addr.into(), message: e.to_string() })?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(RPC_TIMEOUT);
-    let ch = ep.connect().await.map_err(|e| CoordError::Node { addr: addr.into(), message: e.to_string() })?;
-    Ok(ExpertServiceClient::new(ch))
-}
 
 fn node_err(addr: &str) -> impl Fn(tonic::Status) -> CoordError + '_ {
     move |s| CoordError::Node { addr: addr.into(), message: format!("{:?}: {}", s.code(), s.message()) }
@@ -48,59 +40,76 @@ fn to_groups(set: &Experts) -> Vec<LayerExperts> {
     by.into_iter().map(|(l, experts)| LayerExperts { layer: l as u32, experts }).collect()
 }
 
-/// What a node holds now.
-pub async fn held(addr: &str) -> Result<Experts, CoordError> {
-    let info = client(addr).await?.info(InfoRequest {}).await.map_err(node_err(addr))?.into_inner();
-    Ok(to_set(&info.experts))
+/// The expert nodes' admin RPCs, over internal mutual TLS when configured.
+#[derive(Clone, Default)]
+pub struct Nodes {
+    pub tls: Option<InternalTls>,
 }
 
-/// Loads onto each node of `p` what `p` gives it and it lacks; returns the
-/// replicas loaded. Nodes are loaded concurrently.
-pub async fn load_all(p: &Placement) -> Result<usize, CoordError> {
-    let tasks: Vec<_> = p
-        .nodes
-        .iter()
-        .map(|(id, addr)| {
-            let want: Experts = p.experts_of(id).into_iter().collect();
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                let missing: Experts = want.difference(&held(&addr).await?).copied().collect();
-                if !missing.is_empty() {
-                    let mut c = client(&addr).await?;
-                    c.load_experts(ExpertSet { experts: to_groups(&missing) }).await.map_err(node_err(&addr))?;
-                }
-                Ok::<usize, CoordError>(missing.len())
-            })
-        })
-        .collect();
-    let mut loaded = 0;
-    for t in tasks {
-        loaded += t.await.map_err(|e| CoordError::Internal(e.to_string()))??;
+impl Nodes {
+    async fn client(&self, addr: &str) -> Result<ExpertServiceClient<tonic::transport::Channel>, CoordError> {
+        let ep = expertmesh_dataplane::tls::endpoint(self.tls.as_ref(), addr)
+            .map_err(|message| CoordError::Node { addr: addr.into(), message })?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(RPC_TIMEOUT);
+        let ch = ep.connect().await.map_err(|e| CoordError::Node { addr: addr.into(), message: e.to_string() })?;
+        Ok(ExpertServiceClient::new(ch))
     }
-    Ok(loaded)
-}
 
-/// Unloads from each live node what `p` does not give it.
-pub async fn unload_extra(p: &Placement, live: &BTreeMap<String, String>) {
-    for (id, addr) in live {
-        let want: Experts = p.experts_of(id).into_iter().collect();
-        let extra = match held(addr).await {
-            Ok(h) => h.difference(&want).copied().collect::<Experts>(),
-            Err(e) => {
-                tracing::warn!(node = %id, error = %e, "cannot list experts to unload");
+    /// What a node holds now.
+    pub async fn held(&self, addr: &str) -> Result<Experts, CoordError> {
+        let info = self.client(addr).await?.info(InfoRequest {}).await.map_err(node_err(addr))?.into_inner();
+        Ok(to_set(&info.experts))
+    }
+
+    /// Loads onto each node of `p` what `p` gives it and it lacks; returns
+    /// the replicas loaded. Nodes are loaded concurrently.
+    pub async fn load_all(&self, p: &Placement) -> Result<usize, CoordError> {
+        let tasks: Vec<_> = p
+            .nodes
+            .iter()
+            .map(|(id, addr)| {
+                let want: Experts = p.experts_of(id).into_iter().collect();
+                let (addr, nodes) = (addr.clone(), self.clone());
+                tokio::spawn(async move {
+                    let missing: Experts = want.difference(&nodes.held(&addr).await?).copied().collect();
+                    if !missing.is_empty() {
+                        let mut c = nodes.client(&addr).await?;
+                        c.load_experts(ExpertSet { experts: to_groups(&missing) }).await.map_err(node_err(&addr))?;
+                    }
+                    Ok::<usize, CoordError>(missing.len())
+                })
+            })
+            .collect();
+        let mut loaded = 0;
+        for t in tasks {
+            loaded += t.await.map_err(|e| CoordError::Internal(e.to_string()))??;
+        }
+        Ok(loaded)
+    }
+
+    /// Unloads from each live node what `p` does not give it.
+    pub async fn unload_extra(&self, p: &Placement, live: &BTreeMap<String, String>) {
+        for (id, addr) in live {
+            let want: Experts = p.experts_of(id).into_iter().collect();
+            let extra = match self.held(addr).await {
+                Ok(h) => h.difference(&want).copied().collect::<Experts>(),
+                Err(e) => {
+                    tracing::warn!(node = %id, error = %e, "cannot list experts to unload");
+                    continue;
+                }
+            };
+            if extra.is_empty() {
                 continue;
             }
-        };
-        if extra.is_empty() {
-            continue;
-        }
-        let r = match client(addr).await {
-            Ok(mut c) => c.unload_experts(ExpertSet { experts: to_groups(&extra) }).await.map_err(node_err(addr)),
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(_) => tracing::info!(node = %id, experts = extra.len(), "unloaded"),
-            Err(e) => tracing::warn!(node = %id, error = %e, "unload failed"),
+            let r = match self.client(addr).await {
+                Ok(mut c) => c.unload_experts(ExpertSet { experts: to_groups(&extra) }).await.map_err(node_err(addr)),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(_) => tracing::info!(node = %id, experts = extra.len(), "unloaded"),
+                Err(e) => tracing::warn!(node = %id, error = %e, "unload failed"),
+            }
         }
     }
 }

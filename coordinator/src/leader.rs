@@ -10,6 +10,7 @@ use expertmesh_cluster::keys::{self, CoordinatorRecord, DrainRecord, Keys, NodeS
 use expertmesh_cluster::membership::{Registration, Snapshot, watch_prefix};
 use expertmesh_cluster::store::{ClusterStore, Etcd};
 use expertmesh_dataplane::placement::Placement;
+use expertmesh_dataplane::tls::{InternalTls, server_builder};
 use expertmesh_model::config::ModelConfig;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,6 +61,7 @@ impl Watches {
 
 async fn serve_listeners(
     cfg: &Config,
+    tls: Option<&InternalTls>,
     metrics: Arc<CoordMetrics>,
     stop: CancellationToken,
 ) -> Result<Bound, CoordError> {
@@ -74,9 +76,11 @@ async fn serve_listeners(
         let (health, service) = tonic_health::server::health_reporter();
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let s = stop.clone();
+        let mut builder =
+            server_builder(tls).map_err(|e| CoordError::Config { flag: "--internal-cert", message: e.to_string() })?;
         tokio::spawn(async move {
             let incoming = expertmesh_dataplane::grpc::nodelay_incoming(l);
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move { s.cancelled().await })
                 .await;
@@ -106,8 +110,11 @@ pub async fn run(
         threshold: cfg.rebalance_threshold,
         sustain: Duration::from_secs_f64(cfg.rebalance_after),
     };
+    let tls = InternalTls::load(&cfg.internal_tls)
+        .map_err(|e| CoordError::Config { flag: "--internal-cert", message: e.to_string() })?;
+    let nodes = apply::Nodes { tls: tls.clone() };
     let metrics = Arc::new(CoordMetrics::new().map_err(|e| CoordError::Internal(format!("metrics: {e}")))?);
-    let addrs = serve_listeners(&cfg, metrics.clone(), shutdown.clone()).await?;
+    let addrs = serve_listeners(&cfg, tls.as_ref(), metrics.clone(), shutdown.clone()).await?;
     let store = Etcd::connect_within(&cfg.etcd, Duration::from_secs(15))
         .await
         .map_err(|e| CoordError::Config { flag: "--etcd", message: e.to_string() })?;
@@ -163,7 +170,8 @@ pub async fn run(
         }
         let now = Instant::now();
         if let Some(trigger) = decide(&view, &shape, &policy, &mut st, now) {
-            let step = change(trigger, &view, &shape, &policy, &*store, &k, &cfg.id, &mut w.routers, &metrics, ack);
+            let step =
+                change(trigger, &view, &shape, &policy, &*store, &k, &cfg.id, &mut w.routers, &metrics, ack, &nodes);
             let r = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = step => r,
@@ -180,7 +188,7 @@ pub async fn run(
             // make sure every node holds what the placement says.
             let now_inc = incarnations(&view);
             if reconciled.as_ref() != Some(&now_inc) {
-                match apply::load_all(&restrict(p, &view)).await {
+                match nodes.load_all(&restrict(p, &view)).await {
                     Ok(n) => {
                         if n > 0 {
                             tracing::info!(replicas = n, "reloaded experts the placement expects");
@@ -233,6 +241,7 @@ async fn change(
     routers: &mut watch::Receiver<Snapshot>,
     metrics: &CoordMetrics,
     ack: Duration,
+    nodes: &apply::Nodes,
 ) -> Result<Placement, CoordError> {
     let t0 = Instant::now();
     let (v, s, p) = (view.clone(), shape.clone(), policy.clone());
@@ -246,11 +255,11 @@ async fn change(
         planned,
         "applying placement"
     );
-    let loaded = apply::load_all(&next).await?;
+    let loaded = nodes.load_all(&next).await?;
     apply::publish(store, k, id, &next).await?;
     apply::wait_for_routers(routers, k, next.version, ack).await;
     let live: BTreeMap<String, String> = view.nodes.iter().map(|(n, r)| (n.clone(), r.addr.clone())).collect();
-    apply::unload_extra(&next, &live).await;
+    nodes.unload_extra(&next, &live).await;
     apply::mark_drained(store, k, id, &view.drains, &next).await?;
     metrics.rebalances.with_label_values(&[trigger.as_str()]).inc();
     metrics.rebalance_seconds.observe(t0.elapsed().as_secs_f64());

@@ -15,6 +15,8 @@ pub mod leader;
 pub mod metrics;
 
 use clap::Parser;
+use expertmesh_cluster::store::EtcdOptions;
+use expertmesh_dataplane::tls::InternalTlsArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -25,9 +27,12 @@ pub struct Config {
     /// Checkpoint directory (only its config is read).
     #[arg(long, env = "EXPERTMESH_MODEL")]
     pub model: PathBuf,
-    /// etcd endpoints (comma-separated).
-    #[arg(long, env = "EXPERTMESH_ETCD", value_delimiter = ',', required = true)]
-    pub etcd: Vec<String>,
+    /// etcd (`--etcd` endpoints, comma-separated, and its TLS and user).
+    #[command(flatten)]
+    pub etcd: EtcdOptions,
+    /// Mutual TLS to the expert nodes and on the health endpoint.
+    #[command(flatten)]
+    pub internal_tls: InternalTlsArgs,
     /// Cluster name: keys live under `/expertmesh/<cluster>/`.
     #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
     pub cluster: String,
@@ -64,8 +69,11 @@ pub struct Config {
 impl Config {
     pub fn validate(&self) -> Result<(), CoordError> {
         let bad = |flag, message: &str| Err(CoordError::Config { flag, message: message.to_string() });
-        if self.etcd.iter().all(|e| e.trim().is_empty()) {
+        if self.etcd.is_empty() {
             return bad("--etcd", "at least one endpoint is required");
+        }
+        if let Err((flag, message)) = self.etcd.validate() {
+            return bad(flag, &message);
         }
         if self.cluster.is_empty() || self.cluster.contains('/') {
             return bad("--cluster", "must be a non-empty name without '/'");

@@ -9,6 +9,7 @@ use crate::codec;
 use crate::error::{DataPlaneError, Result};
 use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
+use crate::tls::InternalTls;
 use crate::transport::{NodeBatch, Transport};
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
@@ -53,6 +54,7 @@ pub struct GrpcTransport {
     timeout: Duration,
     dtype: Dtype,
     metrics: Option<Arc<DispatchMetrics>>,
+    tls: Option<InternalTls>,
 }
 
 impl GrpcTransport {
@@ -65,7 +67,14 @@ impl GrpcTransport {
             timeout,
             dtype,
             metrics: None,
+            tls: None,
         }
+    }
+
+    /// Dials nodes over mutual TLS.
+    pub fn with_tls(mut self, tls: Option<InternalTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Counts activation bytes per node and direction.
@@ -96,7 +105,7 @@ impl GrpcTransport {
         }
         let addr = self.addrs.read().ok().and_then(|a| a.get(node).cloned()).ok_or_else(|| err("no address"))?;
         let (tx, rx) = mpsc::channel(64);
-        self.rt.spawn(run_link(node.to_string(), addr, rx));
+        self.rt.spawn(run_link(node.to_string(), addr, self.tls.clone(), rx));
         links.insert(node.to_string(), tx.clone());
         Ok(tx)
     }
@@ -176,7 +185,7 @@ fn fail_all(inflight: &mut VecDeque<Reply>, e: &DataPlaneError) {
 }
 
 /// Owns one node's stream: sends calls in order, matches responses in order.
-async fn run_link(node: NodeId, addr: String, mut calls: mpsc::Receiver<Call>) {
+async fn run_link(node: NodeId, addr: String, tls: Option<InternalTls>, mut calls: mpsc::Receiver<Call>) {
     let transport_err = |m: String| DataPlaneError::Transport { node: node.clone(), message: m };
     let mut next: Option<Call> = None;
     loop {
@@ -187,7 +196,7 @@ async fn run_link(node: NodeId, addr: String, mut calls: mpsc::Receiver<Call>) {
                 None => return,
             },
         };
-        let channel = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        let channel = match crate::tls::endpoint(tls.as_ref(), &addr) {
             // Batches are megabytes: HTTP/2's default 64 KiB windows would cost
             // a round trip per window.
             Ok(ep) => {
@@ -200,7 +209,7 @@ async fn run_link(node: NodeId, addr: String, mut calls: mpsc::Receiver<Call>) {
                     .await
             }
             Err(e) => {
-                let _ = call.reply.send(Err(transport_err(format!("bad address {addr:?}: {e}"))));
+                let _ = call.reply.send(Err(transport_err(e)));
                 continue;
             }
         };

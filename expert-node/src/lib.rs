@@ -13,6 +13,8 @@ pub mod spec;
 use clap::{Parser, ValueEnum};
 use expertmesh_cluster::keys::{self, Keys, NodeRecord, NodeState};
 use expertmesh_cluster::membership::Registration;
+use expertmesh_cluster::store::EtcdOptions;
+use expertmesh_dataplane::tls::{InternalTls, InternalTlsArgs, server_builder};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::load_experts;
 use expertmesh_model::tensor::Precision;
@@ -60,10 +62,15 @@ pub struct Config {
     /// Memory for expert weights, in bytes; 0 = unlimited.
     #[arg(long, env = "EXPERTMESH_CAPACITY_BYTES", default_value_t = 0)]
     pub capacity_bytes: u64,
-    /// etcd endpoints (comma-separated): join the cluster under a lease, so
-    /// the coordinator places experts here and routers find this node.
-    #[arg(long, env = "EXPERTMESH_ETCD", value_delimiter = ',')]
-    pub etcd: Vec<String>,
+    /// etcd (`--etcd` endpoints, comma-separated, and its TLS and user): join
+    /// the cluster under a lease, so the coordinator places experts here and
+    /// routers find this node.
+    #[command(flatten)]
+    pub etcd: EtcdOptions,
+    /// Mutual TLS: with it, peers without a certificate from
+    /// --internal-ca are refused.
+    #[command(flatten)]
+    pub internal_tls: InternalTlsArgs,
     /// Cluster name: keys live under `/expertmesh/<cluster>/`.
     #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
     pub cluster: String,
@@ -88,6 +95,8 @@ pub enum NodeError {
     Serve(#[from] tonic::transport::Error),
     #[error("loading experts: {0}")]
     Load(String),
+    #[error(transparent)]
+    Tls(#[from] expertmesh_dataplane::tls::TlsError),
 }
 
 /// Loads this node's experts, serves until `shutdown` is cancelled, then
@@ -105,6 +114,8 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), NodeError> {
     validate_membership(&cfg)?;
+    // TLS material is checked before the (slow) expert load.
+    let tls = InternalTls::load(&cfg.internal_tls)?;
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
     let spec = cfg.experts.clone().unwrap_or_else(|| if cfg.etcd.is_empty() { "all".into() } else { String::new() });
     let wanted = spec::parse(&spec, &model_cfg).map_err(|m| NodeError::Config { flag: "--experts", message: m })?;
@@ -207,7 +218,7 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let drain = shutdown.clone();
-    tonic::transport::Server::builder()
+    server_builder(tls.as_ref())?
         .tcp_nodelay(true)
         .initial_stream_window_size(expertmesh_dataplane::grpc::WINDOW)
         .initial_connection_window_size(expertmesh_dataplane::grpc::WINDOW)
@@ -232,6 +243,9 @@ pub async fn run(
 
 fn validate_membership(cfg: &Config) -> Result<(), NodeError> {
     let bad = |flag, message: &str| Err(NodeError::Config { flag, message: message.to_string() });
+    if let Err((flag, message)) = cfg.etcd.validate() {
+        return bad(flag, &message);
+    }
     if cfg.etcd.is_empty() {
         return Ok(());
     }

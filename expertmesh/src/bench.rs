@@ -9,7 +9,7 @@
 //! - `kserve`: `ModelStreamInfer` (text prompts of `prompt_tokens` words, as
 //!   that protocol carries text only; one response per token).
 
-use crate::remote::{connect, request, run_one};
+use crate::remote::{channel, connect, http_client, request, run_one};
 use anyhow::{Context, Result, bail};
 use expertmesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use expertmesh_proto::inference::model_infer_request::InferInputTensor;
@@ -34,10 +34,11 @@ pub struct Target {
     pub api_key: Option<String>,
     /// The served model (KServe requests name it).
     pub model_name: Option<String>,
+    /// CA of the router's public TLS certificate: use TLS, trusting it.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// One client task's connections, opened on first use and reused.
-#[derive(Default)]
 struct Conns {
     grpc: Option<expertmesh_proto::v1::generate_service_client::GenerateServiceClient<tonic::transport::Channel>>,
     kserve: Option<GrpcInferenceServiceClient<tonic::transport::Channel>>,
@@ -63,7 +64,7 @@ async fn one(t: &Target, conns: &mut Conns, i: usize, load: &Load) -> Result<Vec
     match t.api {
         Api::Grpc => {
             if conns.grpc.is_none() {
-                conns.grpc = Some(connect(&t.addr).await?);
+                conns.grpc = Some(connect(&t.addr, t.tls_ca.as_deref()).await?);
             }
             let c = conns.grpc.as_mut().context("connection")?;
             let req =
@@ -101,8 +102,7 @@ async fn one(t: &Target, conns: &mut Conns, i: usize, load: &Load) -> Result<Vec
         }
         Api::Kserve => {
             if conns.kserve.is_none() {
-                let url = if t.addr.contains("://") { t.addr.clone() } else { format!("http://{}", t.addr) };
-                conns.kserve = Some(GrpcInferenceServiceClient::connect(url).await?);
+                conns.kserve = Some(GrpcInferenceServiceClient::new(channel(&t.addr, t.tls_ca.as_deref()).await?));
             }
             let c = conns.kserve.as_mut().context("connection")?;
             let t0 = Instant::now();
@@ -150,7 +150,7 @@ async fn one(t: &Target, conns: &mut Conns, i: usize, load: &Load) -> Result<Vec
     }
 }
 
-fn authorize<T>(r: &mut tonic::Request<T>, key: &Option<String>) -> Result<()> {
+pub fn authorize<T>(r: &mut tonic::Request<T>, key: &Option<String>) -> Result<()> {
     if let Some(k) = key {
         r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().context("--api-key")?);
     }
@@ -171,12 +171,14 @@ pub async fn bench(t: Target, load: Load) -> Result<serde_json::Value> {
     }
     let (t, load) = (std::sync::Arc::new(t), std::sync::Arc::new(load));
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // One HTTP client: its clones share one connection pool.
+    let http = http_client(t.tls_ca.as_deref())?;
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..load.concurrency)
         .map(|_| {
-            let (t, load, next) = (t.clone(), load.clone(), next.clone());
+            let (t, load, next, http) = (t.clone(), load.clone(), next.clone(), http.clone());
             tokio::spawn(async move {
-                let mut conns = Conns::default();
+                let mut conns = Conns { grpc: None, kserve: None, http };
                 let mut out = Vec::new();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -76,6 +76,12 @@ struct UpCmd {
     /// Membership lease TTL in seconds for every component.
     #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
     lease_ttl: u64,
+    /// Secure the cluster with a throwaway CA: TLS on the router's public
+    /// listeners, mutual TLS between the processes, TLS with client
+    /// certificates to the private etcd. The CA is written next to the
+    /// state file's other paths and printed.
+    #[arg(long, env = "EXPERTMESH_TLS", conflicts_with = "etcd")]
+    tls: bool,
 }
 
 #[derive(Args)]
@@ -98,6 +104,9 @@ struct BenchCmd {
     /// The served model's name (KServe requests carry it).
     #[arg(long, env = "EXPERTMESH_MODEL_NAME")]
     model_name: Option<String>,
+    /// CA (PEM) of a router started with --tls-cert: connect over TLS.
+    #[arg(long, env = "EXPERTMESH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     #[arg(long, default_value_t = 8, env = "EXPERTMESH_CONCURRENCY")]
     concurrency: usize,
     #[arg(long, default_value_t = 32, env = "EXPERTMESH_REQUESTS")]
@@ -118,6 +127,12 @@ struct GenerateArgs {
     /// Generate through a running router (its gRPC address) instead.
     #[arg(long, conflicts_with = "model", env = "EXPERTMESH_ROUTER")]
     router: Option<String>,
+    /// CA (PEM) of a router started with --tls-cert: connect over TLS.
+    #[arg(long, env = "EXPERTMESH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Bearer key for a router started with --api-key.
+    #[arg(long, env = "EXPERTMESH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids", env = "EXPERTMESH_PROMPT")]
     prompt: Option<String>,
@@ -439,9 +454,10 @@ fn cmd_generate_remote(a: GenerateArgs) -> Result<()> {
     let rt = runtime()?;
     let t0 = Instant::now();
     let (o, load_s) = rt.block_on(async {
-        let mut client = crate::remote::connect(&addr).await?;
+        let mut client = crate::remote::connect(&addr, a.tls_ca.as_deref()).await?;
         let load_s = t0.elapsed().as_secs_f64();
-        let req = crate::remote::request(prompt, a.chat, a.max_tokens, sampling, a.ignore_eos);
+        let mut req = tonic::Request::new(crate::remote::request(prompt, a.chat, a.max_tokens, sampling, a.ignore_eos));
+        crate::bench::authorize(&mut req, &a.api_key)?;
         crate::remote::run_one(&mut client, req).await.map(|o| (o, load_s))
     })?;
     let first = o.token_times.first().map_or(0.0, |d| d.as_secs_f64());
@@ -488,6 +504,7 @@ fn cmd_up(a: UpCmd) -> Result<()> {
             etcd: a.etcd,
             cluster: a.cluster,
             lease_ttl: a.lease_ttl,
+            tls: a.tls,
         },
         &STOP,
     )
@@ -507,6 +524,7 @@ fn cmd_bench(a: BenchCmd) -> Result<()> {
         addr,
         api_key: a.api_key.clone(),
         model_name: a.model_name.clone(),
+        tls_ca: a.tls_ca.clone(),
     };
     let report = rt.block_on(async {
         match (&a.url, &a.router, &a.model) {

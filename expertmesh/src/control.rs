@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use expertmesh_cluster::keys::{self, DrainRecord, DrainState, Keys, NodeRecord};
-use expertmesh_cluster::store::{ClusterStore, Etcd};
+use expertmesh_cluster::store::{ClusterStore, Etcd, EtcdOptions};
 use expertmesh_coordinator::decide::{ModelShape, View, balancedness, uncovered};
 use expertmesh_dataplane::placement::Placement;
 use serde_json::json;
@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct EtcdArgs {
-    /// etcd endpoints (comma-separated).
-    #[arg(long, env = "EXPERTMESH_ETCD", value_delimiter = ',', required = true)]
-    etcd: Vec<String>,
+    /// etcd (`--etcd` endpoints, comma-separated, and its TLS and user).
+    #[command(flatten)]
+    etcd: EtcdOptions,
     #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
     cluster: String,
 }
@@ -49,7 +49,13 @@ pub struct RebalanceCmd {
 }
 
 async fn connect(a: &EtcdArgs) -> Result<(Etcd, Keys)> {
-    let store = Etcd::connect(&a.etcd).await.with_context(|| format!("--etcd {}", a.etcd.join(",")))?;
+    if a.etcd.is_empty() {
+        bail!("--etcd: at least one endpoint is required");
+    }
+    if let Err((flag, message)) = a.etcd.validate() {
+        bail!("{flag}: {message}");
+    }
+    let store = Etcd::connect(&a.etcd).await.with_context(|| format!("--etcd {}", a.etcd.endpoints.join(",")))?;
     Ok((store, Keys::new(&a.cluster)))
 }
 

@@ -1,17 +1,54 @@
 //! Clients of a router's `GenerateService`: `generate --router`, and the
 //! `grpc` API of `bench`.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
 use expertmesh_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
+use std::path::Path;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-pub async fn connect(addr: &str) -> Result<GenerateServiceClient<Channel>> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let client = GenerateServiceClient::connect(url.clone()).await.with_context(|| format!("connecting to {url}"))?;
+/// A channel to a router's public gRPC at `addr` (`HOST:PORT` or a URL):
+/// TLS trusting `tls_ca` when given, plaintext otherwise.
+pub async fn channel(addr: &str, tls_ca: Option<&Path>) -> Result<Channel> {
+    let host = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let url = format!("{}://{host}", if tls_ca.is_some() { "https" } else { "http" });
+    let mut ep = tonic::transport::Endpoint::from_shared(url.clone()).with_context(|| format!("address {addr:?}"))?;
+    if let Some(ca) = tls_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("--tls-ca {}", ca.display()))?;
+        ep = ep.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+    }
+    ep.connect().await.with_context(|| format!("connecting to {url}"))
+}
+
+pub async fn connect(addr: &str, tls_ca: Option<&Path>) -> Result<GenerateServiceClient<Channel>> {
+    let client = GenerateServiceClient::new(channel(addr, tls_ca).await?);
     Ok(client.max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES))
+}
+
+/// An HTTP client for the router's HTTP APIs; with `tls_ca`, `https://`
+/// URLs are verified against that CA alone.
+pub fn http_client(tls_ca: Option<&Path>) -> Result<reqwest::Client> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    use tokio_rustls::rustls;
+    let mut b = reqwest::Client::builder();
+    if let Some(ca) = tls_ca {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("--tls-ca {}", ca.display()))? {
+            roots.add(cert.with_context(|| format!("--tls-ca {}", ca.display()))?)?;
+        }
+        if roots.is_empty() {
+            bail!("--tls-ca {}: no PEM certificate in the file", ca.display());
+        }
+        let cfg =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        b = b.tls_backend_preconfigured(cfg);
+    }
+    Ok(b.build()?)
 }
 
 /// One finished generation, timed on the client.

@@ -4,18 +4,26 @@
 //! places every expert on R distinct nodes and the router serves once every
 //! expert is covered.
 //!
+//! With `--tls` it first makes a throwaway CA ([`crate::certs`]): etcd
+//! serves TLS and checks client certificates, the processes talk mutual TLS,
+//! and the router's public listeners serve TLS. Children inherit `up`'s
+//! environment (so `EXPERTMESH_API_KEY` and the like reach the router);
+//! the flags `up` passes take precedence over it.
+//!
 //! Children are tied to this process twice over: on Linux each gets
 //! `PR_SET_PDEATHSIG = SIGKILL`, so even `kill -9` of `up` takes them along;
 //! and on Ctrl-C/SIGTERM `up` sends them SIGTERM (they drain), waits, then
 //! kills what is left and removes the state file.
 
+use crate::certs::LocalPki;
 use anyhow::{Context, Result, bail};
-use expertmesh_cluster::etcd_server::EtcdServer;
+use expertmesh_cluster::etcd_server::{EtcdServer, EtcdTls};
 use expertmesh_model::config::ModelConfig;
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct UpArgs {
@@ -30,6 +38,7 @@ pub struct UpArgs {
     pub etcd: Option<String>,
     pub cluster: String,
     pub lease_ttl: u64,
+    pub tls: bool,
 }
 
 /// A workspace binary installed next to `expertmesh`.
@@ -89,18 +98,16 @@ fn start(family: &mut Family, name: &str, mut cmd: Command) -> Result<String> {
     Ok(line.trim().to_string())
 }
 
-/// Polls the router's `/ready` until it serves with full expert coverage.
-fn wait_ready(http: &str, family: &mut Family, limit: Duration) -> Result<()> {
+/// Polls the router's `/ready` (at `url`) until it serves with full expert
+/// coverage.
+fn wait_ready(url: &str, ca: Option<&Path>, family: &mut Family, limit: Duration) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = crate::remote::http_client(ca)?;
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect(http) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = write!(s, "GET /ready HTTP/1.0\r\nHost: {http}\r\n\r\n");
-            let mut reply = String::new();
-            let _ = s.read_to_string(&mut reply);
-            if reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200") {
-                return Ok(());
-            }
+        let probe = async { client.get(format!("{url}/ready")).timeout(Duration::from_secs(2)).send().await };
+        if rt.block_on(probe).is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
         }
         if let Some(c) = family.0.iter_mut().find_map(|c| matches!(c.child.try_wait(), Ok(Some(_))).then_some(&c.name))
         {
@@ -111,7 +118,7 @@ fn wait_ready(http: &str, family: &mut Family, limit: Duration) -> Result<()> {
     bail!("the router was not ready within {limit:?}: the coordinator placed no experts (see the logs above)")
 }
 
-pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+pub fn up(a: UpArgs, stop: &AtomicBool) -> Result<()> {
     if a.expert_nodes == 0 {
         bail!("--expert-nodes must be at least 1");
     }
@@ -122,16 +129,7 @@ pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     let bins = (sibling("expert-node")?, sibling("router")?, sibling("coordinator")?);
     let run_dir = std::env::temp_dir().join(format!("expertmesh-up-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
-    // Dropped last: children go first, then the private etcd.
-    let etcd = match &a.etcd {
-        Some(_) => None,
-        None => Some(EtcdServer::start(&run_dir.join("etcd")).map_err(|e| anyhow::anyhow!("{e}"))?),
-    };
-    let etcd_url = a.etcd.clone().or_else(|| etcd.as_ref().map(EtcdServer::url)).unwrap_or_default();
-    let mut family = Family(Vec::new());
-    let result = serve(&a, &bins, &etcd_url, etcd.as_ref(), &mut family, stop);
-    drop(family);
-    drop(etcd);
+    let result = start_all(&a, &bins, &run_dir, stop);
     if let Some(f) = &a.state_file {
         let _ = std::fs::remove_file(f);
     }
@@ -139,19 +137,57 @@ pub fn up(a: UpArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     result
 }
 
+/// The certificates (with `--tls`), etcd, then the processes; everything
+/// started is stopped on return, children first.
+fn start_all(a: &UpArgs, bins: &(PathBuf, PathBuf, PathBuf), run_dir: &Path, stop: &AtomicBool) -> Result<()> {
+    let pki = if a.tls { Some(crate::certs::make(&run_dir.join("tls"))?) } else { None };
+    let etcd_tls =
+        pki.as_ref().map(|p| EtcdTls { ca: p.ca.clone(), cert: p.internal.cert.clone(), key: p.internal.key.clone() });
+    // Dropped last: children go first, then the private etcd.
+    let etcd = match &a.etcd {
+        Some(_) => None,
+        None => Some(EtcdServer::start_with(&run_dir.join("etcd"), etcd_tls).map_err(|e| anyhow::anyhow!("{e}"))?),
+    };
+    let etcd_url = a.etcd.clone().or_else(|| etcd.as_ref().map(EtcdServer::url)).unwrap_or_default();
+    let mut family = Family(Vec::new());
+    let r = serve(a, bins, &etcd_url, etcd.as_ref(), pki.as_ref(), &mut family, stop);
+    drop(family);
+    drop(etcd);
+    r
+}
+
+/// Flags naming a file, as `--flag PATH` pairs.
+fn file_args(pairs: &[(&str, &Path)]) -> Vec<String> {
+    pairs.iter().flat_map(|(f, p)| [f.to_string(), p.to_string_lossy().into_owned()]).collect()
+}
+
 fn serve(
     a: &UpArgs,
     (node_bin, router_bin, coord_bin): &(PathBuf, PathBuf, PathBuf),
     etcd_url: &str,
     etcd: Option<&EtcdServer>,
+    pki: Option<&LocalPki>,
     family: &mut Family,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &AtomicBool,
 ) -> Result<()> {
     let model = a.model.to_string_lossy().into_owned();
     let ttl = a.lease_ttl.to_string();
-    let common = ["--model", &model, "--etcd", etcd_url, "--cluster", &a.cluster, "--lease-ttl", &ttl];
+    let mut common: Vec<String> = ["--model", &model, "--etcd", etcd_url, "--cluster", &a.cluster, "--lease-ttl", &ttl]
+        .map(String::from)
+        .to_vec();
+    let etcd_flags = pki.map(|p| {
+        file_args(&[("--etcd-ca", &p.ca), ("--etcd-cert", &p.internal.cert), ("--etcd-key", &p.internal.key)])
+    });
+    if let Some(p) = pki {
+        common.extend(etcd_flags.clone().unwrap_or_default());
+        common.extend(file_args(&[
+            ("--internal-ca", &p.ca),
+            ("--internal-cert", &p.internal.cert),
+            ("--internal-key", &p.internal.key),
+        ]));
+    }
     let mut cmd = Command::new(coord_bin);
-    cmd.args(common).args(["--id", "coordinator-0", "--min-replicas", &a.replicas.to_string()]);
+    cmd.args(&common).args(["--id", "coordinator-0", "--min-replicas", &a.replicas.to_string()]);
     cmd.args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
     let line = start(family, "coordinator-0", cmd)?;
     let coordinator =
@@ -160,7 +196,7 @@ fn serve(
     for i in 0..a.expert_nodes {
         let id = format!("en-{i}");
         let mut cmd = Command::new(node_bin);
-        cmd.args(common).args(["--listen", "127.0.0.1:0", "--node-id", &id, "--metrics", "127.0.0.1:0"]);
+        cmd.args(&common).args(["--listen", "127.0.0.1:0", "--node-id", &id, "--metrics", "127.0.0.1:0"]);
         if let Some(t) = a.threads_per_node {
             cmd.args(["--threads", &t.to_string()]);
         }
@@ -168,15 +204,19 @@ fn serve(
         nodes.push((id, field(&line, "grpc="), field(&line, "metrics=")));
     }
     let mut cmd = Command::new(router_bin);
-    cmd.args(common).args(["--router-id", "router-0"]).args([
+    cmd.args(&common).args(["--router-id", "router-0"]).args([
         "--grpc",
         &format!("127.0.0.1:{}", a.grpc_port),
         "--http",
         &format!("127.0.0.1:{}", a.http_port),
     ]);
+    if let Some(p) = pki {
+        cmd.args(file_args(&[("--tls-cert", &p.public.cert), ("--tls-key", &p.public.key)]));
+    }
     let line = start(family, "router", cmd)?;
     let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
-    wait_ready(&http, family, Duration::from_secs(120))?;
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    wait_ready(&format!("{scheme}://{http}"), pki.map(|p| p.ca.as_path()), family, Duration::from_secs(120))?;
     let pid = |name: &str| family.0.iter().find(|c| c.name == name).map(|c| c.child.id());
     let mut coordinator = coordinator;
     coordinator["pid"] = json!(pid("coordinator-0"));
@@ -185,20 +225,23 @@ fn serve(
         "expert_nodes": nodes.iter().map(|(id, addr, m)| json!({"id": id, "pid": pid(id), "addr": addr, "metrics": m})).collect::<Vec<_>>(),
         "coordinators": [coordinator],
         "etcd": {"url": etcd_url, "pid": etcd.and_then(EtcdServer::pid), "cluster": a.cluster},
+        "tls": pki.map(|p| json!({"ca": p.ca, "cert": p.internal.cert, "key": p.internal.key})),
     });
     if let Some(f) = &a.state_file {
         std::fs::write(f, serde_json::to_string_pretty(&state)?)
             .with_context(|| format!("--state-file {}", f.display()))?;
     }
-    println!("ExpertMesh is up: router gRPC {grpc}, HTTP http://{http} (/health /ready /metrics)");
+    println!("ExpertMesh is up: router gRPC {grpc}, HTTP {scheme}://{http} (/health /ready /metrics)");
     for (id, addr, _) in &nodes {
         println!("  expert node {id} at {addr}");
     }
     println!("  coordinator-0, etcd {etcd_url} (cluster {:?})", a.cluster);
-    println!("try: expertmesh generate --router {grpc} --chat --prompt \"Hello\"    (Ctrl-C stops the cluster)");
-    println!("     expertmesh status --etcd {etcd_url} --cluster {}", a.cluster);
+    let ca = pki.map(|p| format!(" --tls-ca {}", p.ca.display())).unwrap_or_default();
+    let etcd_tls = etcd_flags.map(|f| format!(" {}", f.join(" "))).unwrap_or_default();
+    println!("try: expertmesh generate --router {grpc}{ca} --chat --prompt \"Hello\"    (Ctrl-C stops the cluster)");
+    println!("     expertmesh status --etcd {etcd_url}{etcd_tls} --cluster {}", a.cluster);
     loop {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
         if let Some(c) = family.0.iter_mut().find_map(|c| matches!(c.child.try_wait(), Ok(Some(_))).then_some(&c.name))

@@ -2,6 +2,23 @@
 //! on HTTP, `authorization: Bearer <key>` metadata on gRPC. Health and
 //! metrics stay open. Keys are compared in constant time and never logged.
 
+/// One `--api-key`; its `Debug` is redacted so a logged config shows none.
+#[derive(Clone)]
+pub struct ApiKey(pub String);
+
+impl std::str::FromStr for ApiKey {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ApiKey(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
 /// Whether `given` is one of `keys`, without an early exit on the first
 /// differing byte (no timing hint about how much of a key matched).
 pub fn key_matches(keys: &[String], given: &str) -> bool {

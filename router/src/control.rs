@@ -15,7 +15,7 @@
 use crate::{RouterError, RouterState};
 use expertmesh_cluster::keys::{self, Keys, LoadReport, RouterRecord};
 use expertmesh_cluster::membership::{Registration, watch_prefix};
-use expertmesh_cluster::store::{ClusterStore, Etcd};
+use expertmesh_cluster::store::{ClusterStore, Etcd, EtcdOptions};
 use expertmesh_dataplane::executor::RemoteExecutor;
 use expertmesh_dataplane::grpc::GrpcTransport;
 use expertmesh_dataplane::placement::Placement;
@@ -32,7 +32,7 @@ pub const LOAD_WINDOW: Duration = Duration::from_secs(5);
 const LOAD_DECAY: f64 = 0.5;
 
 pub struct ControlConfig {
-    pub endpoints: Vec<String>,
+    pub etcd: EtcdOptions,
     pub cluster: String,
     pub id: String,
     pub lease_ttl: Duration,
@@ -41,7 +41,7 @@ pub struct ControlConfig {
 }
 
 /// Connects to etcd (retrying for a while: etcd may still be starting).
-pub async fn connect(endpoints: &[String]) -> Result<Etcd, RouterError> {
+pub async fn connect(endpoints: &EtcdOptions) -> Result<Etcd, RouterError> {
     Etcd::connect_within(endpoints, Duration::from_secs(15))
         .await
         .map_err(|e| RouterError::Config { flag: "--etcd", message: e.to_string() })
@@ -61,7 +61,7 @@ pub async fn run(
     let mut record =
         RouterRecord { id: cfg.id.clone(), grpc: cfg.grpc.clone(), http: cfg.http.clone(), placement_version: 0 };
     let start = |key: String, value: Vec<u8>| {
-        Registration::start(cfg.endpoints.clone(), key, value, cfg.lease_ttl)
+        Registration::start(cfg.etcd.clone(), key, value, cfg.lease_ttl)
             .map_err(|e| RouterError::Internal(format!("membership thread: {e}")))
     };
     let me = start(keys.router(&cfg.id), keys::encode(&record))?;

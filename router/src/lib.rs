@@ -17,14 +17,17 @@ pub mod http;
 pub mod kserve;
 pub mod metrics;
 pub mod openai;
+pub mod tls;
 pub mod triton_http;
 
 use clap::{Parser, ValueEnum};
 use engine::{Engine, EngineConfig, Submit};
+use expertmesh_cluster::store::EtcdOptions;
 use expertmesh_dataplane::executor::RemoteExecutor;
 use expertmesh_dataplane::grpc::GrpcTransport;
 use expertmesh_dataplane::metrics::DispatchMetrics;
 use expertmesh_dataplane::placement::Placement;
+use expertmesh_dataplane::tls::{InternalTls, InternalTlsArgs, identity};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::{Model, load_experts};
 use expertmesh_model::moe::ExpertExecutor;
@@ -70,7 +73,7 @@ pub struct Config {
     pub http: SocketAddr,
     /// Placement file (JSON) naming the expert nodes. Without it the routed
     /// experts run in this process (the single-process baseline).
-    #[arg(long, env = "EXPERTMESH_PLACEMENT")]
+    #[arg(long, env = "EXPERTMESH_PLACEMENT", conflicts_with = "endpoints")]
     pub placement: Option<PathBuf>,
     /// Seconds a MoE layer's dispatch may take before the node counts as failed.
     #[arg(long, env = "EXPERTMESH_DISPATCH_TIMEOUT", default_value_t = 10.0)]
@@ -98,10 +101,19 @@ pub struct Config {
     pub micro_batches: u8,
     #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
     pub precision: PrecisionArg,
-    /// etcd endpoints (comma-separated): register this router and follow the
-    /// coordinator's placement instead of a `--placement` file.
-    #[arg(long, env = "EXPERTMESH_ETCD", value_delimiter = ',', conflicts_with = "placement")]
-    pub etcd: Vec<String>,
+    /// etcd (`--etcd` endpoints, comma-separated, and its TLS and user):
+    /// register this router and follow the coordinator's placement instead
+    /// of a `--placement` file.
+    #[command(flatten)]
+    pub etcd: EtcdOptions,
+    #[command(flatten)]
+    pub internal_tls: InternalTlsArgs,
+    /// Certificate chain (PEM) for TLS on the public --grpc and --http listeners.
+    #[arg(long, env = "EXPERTMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "EXPERTMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Cluster name: keys live under `/expertmesh/<cluster>/`.
     #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
     pub cluster: String,
@@ -126,7 +138,7 @@ pub struct Config {
     pub request_timeout: Option<f64>,
     /// API keys (comma-separated) required on the public HTTP and gRPC APIs.
     #[arg(long, env = "EXPERTMESH_API_KEY", value_delimiter = ',', hide_env_values = true)]
-    pub api_key: Vec<String>,
+    pub api_key: Vec<auth::ApiKey>,
     /// Split reasoning from content in chat responses.
     #[arg(long, value_enum, env = "EXPERTMESH_REASONING_PARSER")]
     pub reasoning_parser: Option<ReasoningParser>,
@@ -190,8 +202,11 @@ impl Config {
         if self.request_timeout.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
             return bad("--request-timeout", "must be a positive number of seconds");
         }
-        if self.api_key.iter().any(|k| k.trim().is_empty()) {
+        if self.api_key.iter().any(|k| k.0.trim().is_empty()) {
             return bad("--api-key", "keys must not be empty");
+        }
+        if let Err((flag, message)) = self.etcd.validate() {
+            return bad(flag, &message);
         }
         if !self.etcd.is_empty() {
             if self.lease_ttl == 0 {
@@ -257,6 +272,16 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), RouterError> {
     cfg.validate()?;
+    let internal_tls = InternalTls::load(&cfg.internal_tls)
+        .map_err(|e| RouterError::Config { flag: "--internal-cert", message: e.to_string() })?;
+    let public_tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => {
+            let id = identity(("--tls-cert", c), ("--tls-key", k))
+                .map_err(|e| RouterError::Config { flag: "--tls-cert", message: e.to_string() })?;
+            Some((tls::acceptor(c, k)?, id))
+        }
+        _ => None,
+    };
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
     let precision = match cfg.precision {
         PrecisionArg::F32 => Precision::F32,
@@ -295,7 +320,8 @@ pub async fn run(
                     Duration::from_secs_f64(cfg.dispatch_timeout),
                     dtype,
                 )
-                .with_metrics(dispatch_metrics.clone()),
+                .with_metrics(dispatch_metrics.clone())
+                .with_tls(internal_tls),
             );
             let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(dispatch_metrics));
             remote = Some((ex.clone(), t));
@@ -348,7 +374,7 @@ pub async fn run(
         model_name,
         started: openai::now_secs(),
         limits,
-        api_keys: Arc::new(cfg.api_key.iter().map(|k| k.trim().to_string()).collect()),
+        api_keys: Arc::new(cfg.api_key.iter().map(|k| k.0.trim().to_string()).collect()),
         reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
         tokenizer: TextTokenizer::from_dir(&cfg.model).ok().map(Arc::new),
         model_cfg,
@@ -388,7 +414,11 @@ pub async fn run(
         auth::GrpcAuth { keys: state.api_keys.clone() },
     );
     let grpc_stop = shutdown.clone();
-    let grpc_server = tonic::transport::Server::builder()
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some((_, id)) = &public_tls {
+        grpc_builder = grpc_builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.clone()))?;
+    }
+    let grpc_server = grpc_builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
@@ -397,8 +427,18 @@ pub async fn run(
             grpc_stop.cancelled().await
         });
     let http_stop = shutdown.clone();
-    let http_server = axum::serve(http_listener, http::app(state.clone()))
-        .with_graceful_shutdown(async move { http_stop.cancelled().await });
+    let drained = async move { http_stop.cancelled().await };
+    let http_server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+        match &public_tls {
+            Some((acceptor, _)) => {
+                let l = tls::TlsListener::new(http_listener, acceptor.clone(), shutdown.clone())
+                    .map_err(|source| RouterError::Listen { addr: cfg.http, source })?;
+                Box::pin(axum::serve(l, http::app(state.clone())).with_graceful_shutdown(drained).into_future())
+            }
+            None => Box::pin(
+                axum::serve(http_listener, http::app(state.clone())).with_graceful_shutdown(drained).into_future(),
+            ),
+        };
     state.ready.store(true, Ordering::Release);
     tracing::info!(grpc = %addrs.grpc, http = %addrs.http, "router serving");
     if let Some(b) = bound {
@@ -417,7 +457,7 @@ pub async fn run(
     let control = match (etcd, remote) {
         (Some(store), Some((executor, transport))) => {
             let ccfg = control::ControlConfig {
-                endpoints: cfg.etcd.clone(),
+                etcd: cfg.etcd.clone(),
                 cluster: cfg.cluster.clone(),
                 id: cfg.router_id.clone().unwrap_or_else(default_router_id),
                 lease_ttl: Duration::from_secs(cfg.lease_ttl),
