@@ -8,6 +8,9 @@
 //!   prompts (`return_token_ids` marks each token's chunk);
 //! - `kserve`: `ModelStreamInfer` (text prompts of `prompt_tokens` words, as
 //!   that protocol carries text only; one response per token).
+//!
+//! `text: true` sends every API the same text prompt of `prompt_tokens`
+//! words instead, so the three APIs do the same work.
 
 use crate::remote::{channel, connect, http_client, request, run_one};
 use anyhow::{Context, Result, bail};
@@ -49,6 +52,8 @@ pub struct Load {
     pub concurrency: usize,
     pub requests: usize,
     pub prompt_tokens: usize,
+    /// Text prompts for every API (see the module doc).
+    pub text: bool,
     pub max_tokens: usize,
 }
 
@@ -58,23 +63,30 @@ fn prompt_ids(i: usize, n: usize) -> Vec<u32> {
     (0..n).map(|k| (((i * 7919 + k) as u64 * 2654435761) % 254) as u32 + 2).collect()
 }
 
+/// A text prompt of `n` words, varied per request.
+fn prompt_text(i: usize, n: usize) -> String {
+    (0..n).map(|k| if (i + k).is_multiple_of(2) { "hello" } else { "world" }).collect::<Vec<_>>().join(" ")
+}
+
 /// Arrival times of each generated token, from the request start.
 async fn one(t: &Target, conns: &mut Conns, i: usize, load: &Load) -> Result<Vec<Duration>> {
     let ids = prompt_ids(i, load.prompt_tokens);
+    let text = prompt_text(i, load.prompt_tokens);
     match t.api {
         Api::Grpc => {
             if conns.grpc.is_none() {
                 conns.grpc = Some(connect(&t.addr, t.tls_ca.as_deref()).await?);
             }
             let c = conns.grpc.as_mut().context("connection")?;
-            let req =
-                request(Prompt::TokenIds(TokenIds { ids }), false, load.max_tokens, SamplingParams::default(), true);
+            let prompt = if load.text { Prompt::Text(text) } else { Prompt::TokenIds(TokenIds { ids }) };
+            let req = request(prompt, false, load.max_tokens, SamplingParams::default(), true);
             let mut r = tonic::Request::new(req);
             authorize(&mut r, &t.api_key)?;
             Ok(run_one(c, r).await?.token_times)
         }
         Api::Openai => {
-            let body = json!({"prompt": ids, "max_tokens": load.max_tokens, "temperature": 0, "ignore_eos": true,
+            let prompt = if load.text { json!(text) } else { json!(ids) };
+            let body = json!({"prompt": prompt, "max_tokens": load.max_tokens, "temperature": 0, "ignore_eos": true,
                               "stream": true, "return_token_ids": true});
             let t0 = Instant::now();
             let mut req = conns.http.post(format!("{}/v1/completions", t.addr.trim_end_matches('/'))).json(&body);
@@ -106,8 +118,6 @@ async fn one(t: &Target, conns: &mut Conns, i: usize, load: &Load) -> Result<Vec
             }
             let c = conns.kserve.as_mut().context("connection")?;
             let t0 = Instant::now();
-            let text = (0..load.prompt_tokens).map(|k| if (i + k).is_multiple_of(2) { "hello" } else { "world" });
-            let text = text.collect::<Vec<_>>().join(" ");
             let params = json!({"max_tokens": load.max_tokens, "temperature": 0, "ignore_eos": true}).to_string();
             let bytes = |s: &str| {
                 let mut v = (s.len() as u32).to_le_bytes().to_vec();

@@ -111,8 +111,13 @@ struct BenchCmd {
     concurrency: usize,
     #[arg(long, default_value_t = 32, env = "EXPERTMESH_REQUESTS")]
     requests: usize,
+    /// Prompt length: token ids, or words with --text-prompts (and for kserve).
     #[arg(long, default_value_t = 64, env = "EXPERTMESH_PROMPT_TOKENS")]
     prompt_tokens: usize,
+    /// Send every API the same text prompt (words), as kserve always does,
+    /// so the APIs are compared at equal work.
+    #[arg(long, env = "EXPERTMESH_TEXT_PROMPTS")]
+    text_prompts: bool,
     #[arg(long, default_value_t = 32, env = "EXPERTMESH_MAX_TOKENS")]
     max_tokens: usize,
     #[arg(long, env = "EXPERTMESH_JSON")]
@@ -517,6 +522,7 @@ fn cmd_bench(a: BenchCmd) -> Result<()> {
         concurrency: a.concurrency,
         requests: a.requests,
         prompt_tokens: a.prompt_tokens,
+        text: a.text_prompts,
         max_tokens: a.max_tokens,
     };
     let target = |api, addr: String| crate::bench::Target {
