@@ -8,14 +8,13 @@
 use crate::RouterState;
 use crate::openai::completions::async_stream;
 use crate::openai::error::ApiError;
-use crate::openai::generation::{GenRequest, Piece, start};
-use crate::openai::{ApiJson, Sampling, Stop, sse};
+use crate::openai::generation::{Piece, TextParams, start};
+use crate::openai::{ApiJson, sse};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -44,15 +43,6 @@ fn triton_error(e: ApiError) -> Response {
     (e.status, Json(json!({"error": e.message}))).into_response()
 }
 
-#[derive(Debug, Deserialize)]
-struct Params {
-    max_tokens: Option<i64>,
-    #[serde(flatten)]
-    sampling: Sampling,
-    stop: Option<Stop>,
-    ignore_eos: Option<bool>,
-}
-
 async fn begin(
     st: &Arc<RouterState>,
     model: &str,
@@ -71,21 +61,10 @@ async fn begin(
     };
     body.remove("stream");
     fields.extend(body);
-    let p: Params =
+    let p: TextParams =
         serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::bad(format!("parameters: {e}")))?;
     let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json"))?;
-    start(
-        st,
-        GenRequest {
-            prompt: tok.encode(&text)?,
-            params: p.sampling.params()?,
-            max_tokens: Some(p.max_tokens.unwrap_or(16)),
-            ignore_eos: p.ignore_eos.unwrap_or(false),
-            stop: Stop::into_vec(p.stop)?,
-            top_logprobs: 0,
-        },
-    )
-    .await
+    start(st, p.request(tok.encode(&text)?)?).await
 }
 
 fn answer(st: &RouterState, fields: Value) -> Value {

@@ -11,12 +11,10 @@ pub mod tensors;
 
 use crate::RouterState;
 use crate::openai::error::ApiError;
-use crate::openai::generation::{GenRequest, Piece, start};
-use crate::openai::{Sampling, Stop};
+use crate::openai::generation::{Piece, TextParams, start};
 use expertmesh_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use expertmesh_proto::inference::model_metadata_response::TensorMetadata;
 use expertmesh_proto::inference::*;
-use serde::Deserialize;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,16 +41,6 @@ impl From<ApiError> for Status {
             _ => Status::internal(e.message),
         }
     }
-}
-
-/// Generation settings from `parameters` and `sampling_parameters`.
-#[derive(Debug, Deserialize)]
-struct Params {
-    max_tokens: Option<i64>,
-    #[serde(flatten)]
-    sampling: Sampling,
-    stop: Option<Stop>,
-    ignore_eos: Option<bool>,
 }
 
 /// One inference request, checked and started.
@@ -89,22 +77,11 @@ impl KServeApi {
         self.check_model(&req.model_name)?;
         let text = tensors::text_input(&req)?;
         let stream = tensors::stream_input(&req)?;
-        let p: Params = serde_json::from_value(serde_json::Value::Object(tensors::sampling(&req)?))
+        let p: TextParams = serde_json::from_value(serde_json::Value::Object(tensors::sampling(&req)?))
             .map_err(|e| Status::invalid_argument(format!("sampling parameters: {e}")))?;
         let tok = self.state.tokenizer.as_ref().ok_or_else(|| Status::failed_precondition("no tokenizer.json"))?;
         let prompt = tok.encode(&text).map_err(|e| Status::from(ApiError::from(e)))?;
-        let pieces = start(
-            &self.state,
-            GenRequest {
-                prompt,
-                params: p.sampling.params()?,
-                max_tokens: Some(p.max_tokens.unwrap_or(16)),
-                ignore_eos: p.ignore_eos.unwrap_or(false),
-                stop: Stop::into_vec(p.stop)?,
-                top_logprobs: 0,
-            },
-        )
-        .await?;
+        let pieces = start(&self.state, p.request(prompt)?).await?;
         Ok(Started {
             id: req.id,
             stream,

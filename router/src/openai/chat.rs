@@ -6,7 +6,9 @@ use super::completions::async_stream;
 use super::error::ApiError;
 use super::generation::{GenRequest, Piece, TokenOut, start};
 use super::text::ReasoningSplitter;
-use super::{ApiJson, Sampling, Stop, StreamOptions, check_model, finish_str, now_secs, response_id, sse, usage};
+use super::{
+    ApiJson, Sampling, Stop, StreamOptions, check_model, finish_str, now_secs, response_id, send_finish, sse, usage,
+};
 use crate::RouterState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -155,14 +157,8 @@ async fn run(st: Arc<RouterState>, req: ChatRequest) -> Result<Response, ApiErro
                             let delta = json!({"index": 0, "delta": {"reasoning_content": r, "content": c}, "logprobs": null, "finish_reason": null});
                             let _ = tx.send(chunk(delta)).await;
                         }
-                        choice["finish_reason"] = json!(finish_str(reason));
-                        let _ = tx.send(chunk(choice)).await;
-                        if include_usage {
-                            let mut u = chunk(json!(null));
-                            u["choices"] = json!([]);
-                            u["usage"] = usage(prompt_tokens, completion_tokens);
-                            let _ = tx.send(u).await;
-                        }
+                        let usage_of = include_usage.then_some((prompt_tokens, completion_tokens));
+                        send_finish(&tx, &chunk, choice, reason, usage_of).await;
                         return;
                     }
                     Err(e) => {

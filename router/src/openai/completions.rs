@@ -2,7 +2,9 @@
 
 use super::error::ApiError;
 use super::generation::{GenRequest, Piece, TokenOut, start};
-use super::{ApiJson, Sampling, Stop, StreamOptions, check_model, finish_str, now_secs, response_id, sse, usage};
+use super::{
+    ApiJson, Sampling, Stop, StreamOptions, check_model, finish_str, now_secs, response_id, send_finish, sse, usage,
+};
 use crate::RouterState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -145,14 +147,8 @@ async fn run(st: Arc<RouterState>, req: CompletionRequest) -> Result<Response, A
                     }
                     Ok(Piece::Tail(text)) => choice["text"] = json!(text),
                     Ok(Piece::Done { reason, prompt_tokens, completion_tokens }) => {
-                        choice["finish_reason"] = json!(finish_str(reason));
-                        let _ = tx.send(chunk(choice)).await;
-                        if include_usage {
-                            let mut u = chunk(json!(null));
-                            u["choices"] = json!([]);
-                            u["usage"] = usage(prompt_tokens, completion_tokens);
-                            let _ = tx.send(u).await;
-                        }
+                        let usage_of = include_usage.then_some((prompt_tokens, completion_tokens));
+                        send_finish(&tx, &chunk, choice, reason, usage_of).await;
                         return;
                     }
                     Err(e) => {

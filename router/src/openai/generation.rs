@@ -24,6 +24,32 @@ pub struct GenRequest {
     pub top_logprobs: usize,
 }
 
+/// Generation settings of the text protocols (KServe's `sampling_parameters`
+/// and request parameters, Triton's generate extension), with the names
+/// Triton's vLLM backend uses.
+#[derive(Debug, serde::Deserialize)]
+pub struct TextParams {
+    max_tokens: Option<i64>,
+    #[serde(flatten)]
+    sampling: super::Sampling,
+    stop: Option<super::Stop>,
+    ignore_eos: Option<bool>,
+}
+
+impl TextParams {
+    /// The request for `prompt`; `max_tokens` defaults to 16, as vLLM's.
+    pub fn request(self, prompt: Vec<u32>) -> Result<GenRequest, ApiError> {
+        Ok(GenRequest {
+            prompt,
+            params: self.sampling.params()?,
+            max_tokens: Some(self.max_tokens.unwrap_or(16)),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            stop: super::Stop::into_vec(self.stop)?,
+            top_logprobs: 0,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TokenOut {
     pub id: u32,

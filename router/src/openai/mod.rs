@@ -173,6 +173,25 @@ pub fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// Ends a stream: the chunk carrying `finish_reason`, then, with
+/// `stream_options.include_usage`, one with `choices: []` and `usage`.
+pub async fn send_finish(
+    tx: &tokio::sync::mpsc::Sender<Value>,
+    chunk: impl Fn(Value) -> Value,
+    mut choice: Value,
+    reason: FinishReason,
+    usage_of: Option<(usize, usize)>,
+) {
+    choice["finish_reason"] = json!(finish_str(reason));
+    let _ = tx.send(chunk(choice)).await;
+    if let Some((prompt, completion)) = usage_of {
+        let mut u = chunk(json!(null));
+        u["choices"] = json!([]);
+        u["usage"] = usage(prompt, completion);
+        let _ = tx.send(u).await;
+    }
+}
+
 /// One token as text, for logprobs.
 pub fn token_text(st: &RouterState, id: u32) -> String {
     st.tokenizer.as_ref().and_then(|t| t.decode(&[id], false).ok()).unwrap_or_else(|| format!("<{id}>"))
