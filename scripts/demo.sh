@@ -8,6 +8,10 @@ need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
+# Not needed by the cluster, but by `cargo test --workspace` (the README's
+# second command): a real Prometheus, and a venv for the real API clients.
+command -v prometheus >/dev/null || need+=(prometheus)
+python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}"; else sudo apt-get install -y "${need[@]}"; fi
 fi

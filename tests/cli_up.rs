@@ -3,11 +3,11 @@
 //! transformers' exact tokens, `status` and `bench` report, and neither
 //! Ctrl-C nor `kill -9` of `up` leaves a process behind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
-use common::fixture;
-use std::process::{Child, Command, Stdio};
+use common::{Up, fixture, up_with};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn alive(pid: u64) -> bool {
@@ -17,48 +17,6 @@ fn alive(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
-struct Up {
-    child: Child,
-    state: serde_json::Value,
-    state_file: PathBuf,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.state_file);
-    }
-}
-
-fn up(model: &Path, tag: &str) -> Up {
-    up_with(model, tag, &[], &[], Stdio::null())
-}
-
-/// `up` on 3 nodes × 2 replicas, with `extra` flags, `env` and `stderr`.
-fn up_with(model: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Up {
-    let state_file = std::env::temp_dir().join(format!("em-up-{tag}-{}.json", std::process::id()));
-    let _ = std::fs::remove_file(&state_file);
-    let child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-        .args(["up", "--model", model.to_str().unwrap(), "--expert-nodes", "3", "--replicas", "2"])
-        .args(["--grpc-port", "0", "--http-port", "0", "--threads-per-node", "1"])
-        .args(["--state-file", state_file.to_str().unwrap()])
-        .args(extra)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !state_file.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "cluster did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(50)); // the file is written in one call; let it land
-    let state = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
-    Up { child, state, state_file }
-}
-
 /// Every process of the cluster: router, nodes, coordinators and the private etcd.
 fn pids(state: &serde_json::Value) -> Vec<u64> {
     let mut v = vec![state["router"]["pid"].as_u64().unwrap(), state["etcd"]["pid"].as_u64().unwrap()];
@@ -66,6 +24,10 @@ fn pids(state: &serde_json::Value) -> Vec<u64> {
     v.extend(state["coordinators"].as_array().unwrap().iter().map(|n| n["pid"].as_u64().unwrap()));
     assert!(v.iter().all(|&p| alive(p)), "{state}");
     v
+}
+
+fn up(model: &Path, tag: &str) -> Up {
+    up_with(model, tag, &[], &[], Stdio::null())
 }
 
 fn wait_gone(pids: &[u64]) {

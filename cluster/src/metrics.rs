@@ -3,6 +3,25 @@
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
+/// A registry holding what every component exports besides its own
+/// metrics: `expertmesh_build_info{component,version}` (always 1) and, on
+/// Linux, the standard `process_*` metrics (CPU seconds, resident memory,
+/// open file descriptors, start time).
+pub fn registry(component: &str) -> prometheus::Registry {
+    let r = prometheus::Registry::new();
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("expertmesh_build_info", "Build of this component (always 1)"),
+        &["component", "version"],
+    );
+    if let Ok(info) = info {
+        info.with_label_values(&[component, env!("CARGO_PKG_VERSION")]).set(1);
+        let _ = r.register(Box::new(info));
+    }
+    #[cfg(target_os = "linux")]
+    let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+    r
+}
+
 /// The text exposition format's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 

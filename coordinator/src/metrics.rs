@@ -16,7 +16,7 @@ pub struct CoordMetrics {
 impl CoordMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let m = CoordMetrics {
-            registry: Registry::new(),
+            registry: expertmesh_cluster::metrics::registry("coordinator"),
             nodes: IntGaugeVec::new(
                 Opts::new("expertmesh_cluster_nodes", "Expert nodes registered, by state"),
                 &["state"],

@@ -207,7 +207,8 @@ impl ExpertExecutor for RemoteExecutor {
         if let Some(m) = &self.metrics {
             let layer = batch.layer.to_string();
             for g in &pending {
-                m.expert_tokens.with_label_values(&[&layer, &g.expert.to_string()]).inc_by(g.rows.len() as u64);
+                let e = crate::metrics::expert_label(m.per_expert, g.expert);
+                m.expert_tokens.with_label_values(&[&layer, &e]).inc_by(g.rows.len() as u64);
             }
         }
         let mut served: HashMap<NodeId, u64> = HashMap::new();

@@ -8,12 +8,22 @@ use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounterVec, Opts, Regist
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// The `expert` label of a per-expert series: the expert, or `all` when
+/// `--per-expert-metrics false` folds each layer's experts into one series
+/// (layers × experts series are 58 × 256 = 14,848 for DeepSeek-V3, per
+/// router and across the nodes).
+pub fn expert_label(per_expert: bool, expert: u32) -> String {
+    if per_expert { expert.to_string() } else { "all".to_string() }
+}
+
 pub struct DispatchMetrics {
     pub expert_tokens: IntCounterVec,
     pub node_tokens: IntCounterVec,
     pub bytes: IntCounterVec,
     pub seconds: Histogram,
     pub balancedness: GaugeVec,
+    /// One `expert_tokens` series per expert, or one per layer (`expert="all"`).
+    pub per_expert: bool,
     /// Decayed per-layer, per-node token load behind `balancedness`.
     window: Mutex<HashMap<usize, HashMap<String, f64>>>,
 }
@@ -23,7 +33,7 @@ const DECAY: f64 = 0.02;
 
 impl DispatchMetrics {
     /// Creates the metrics and registers them in `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry, per_expert: bool) -> prometheus::Result<Self> {
         let m = DispatchMetrics {
             expert_tokens: IntCounterVec::new(
                 Opts::new("expertmesh_expert_tokens_total", "Routed token-expert pairs"),
@@ -45,6 +55,7 @@ impl DispatchMetrics {
                 Opts::new("expertmesh_balancedness_ratio", "Mean over max node load per layer (1 = perfectly even)"),
                 &["layer"],
             )?,
+            per_expert,
             window: Mutex::new(HashMap::new()),
         };
         registry.register(Box::new(m.expert_tokens.clone()))?;

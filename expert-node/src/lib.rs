@@ -59,6 +59,10 @@ pub struct Config {
     /// Serve Prometheus `/metrics` on this address (port 0 picks one).
     #[arg(long, env = "EXPERTMESH_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// Per-expert metric series (`{layer,expert}`); `false` folds each
+    /// layer's experts into one series (`expert="all"`) for very large models.
+    #[arg(long, env = "EXPERTMESH_PER_EXPERT_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub per_expert_metrics: bool,
     /// Memory for expert weights, in bytes; 0 = unlimited.
     #[arg(long, env = "EXPERTMESH_CAPACITY_BYTES", default_value_t = 0)]
     pub capacity_bytes: u64,
@@ -125,7 +129,9 @@ pub async fn run(
     };
     // Listen and join first (as `joining`), so the cluster sees the node
     // while it loads: loading a large shard takes minutes.
-    let node_metrics = Arc::new(metrics::NodeMetrics::new().map_err(|e| NodeError::Load(format!("metrics: {e}")))?);
+    let node_metrics = Arc::new(
+        metrics::NodeMetrics::new(cfg.per_expert_metrics).map_err(|e| NodeError::Load(format!("metrics: {e}")))?,
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;

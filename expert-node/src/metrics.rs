@@ -9,12 +9,14 @@ pub struct NodeMetrics {
     pub compute_seconds: CounterVec,
     pub experts_loaded: IntGauge,
     pub batch_tokens: Histogram,
+    /// Per-expert series, or one per layer (`expert="all"`).
+    pub per_expert: bool,
 }
 
 impl NodeMetrics {
-    pub fn new() -> prometheus::Result<Self> {
+    pub fn new(per_expert: bool) -> prometheus::Result<Self> {
         let m = NodeMetrics {
-            registry: Registry::new(),
+            registry: expertmesh_cluster::metrics::registry("expert-node"),
             expert_tokens: IntCounterVec::new(
                 Opts::new("expertmesh_node_expert_tokens_total", "Token-expert pairs computed"),
                 &["layer", "expert"],
@@ -28,6 +30,7 @@ impl NodeMetrics {
                 HistogramOpts::new("expertmesh_node_batch_tokens", "Distinct token rows per dispatch batch")
                     .buckets(prometheus::exponential_buckets(1.0, 2.0, 14)?),
             )?,
+            per_expert,
         };
         m.registry.register(Box::new(m.expert_tokens.clone()))?;
         m.registry.register(Box::new(m.compute_seconds.clone()))?;

@@ -86,7 +86,7 @@ fn process(
         table.compute_timed(layer, &rows, h, &groups).map_err(|e| DataPlaneError::Compute(e.to_string()))?;
     let l = layer.to_string();
     for (g, s) in groups.iter().zip(seconds) {
-        let e = g.expert.to_string();
+        let e = expertmesh_dataplane::metrics::expert_label(metrics.per_expert, g.expert);
         metrics.expert_tokens.with_label_values(&[&l, &e]).inc_by(g.rows.len() as u64);
         metrics.compute_seconds.with_label_values(&[&l, &e]).inc_by(s);
     }

@@ -65,6 +65,10 @@ struct UpCmd {
     /// Written once every component serves; removed on exit.
     #[arg(long, env = "EXPERTMESH_STATE_FILE")]
     state_file: Option<PathBuf>,
+    /// Write Prometheus file_sd targets (every component's /metrics, labelled
+    /// component, id, cluster, model) here; deploy/prometheus/prometheus.yml reads it.
+    #[arg(long, env = "EXPERTMESH_PROMETHEUS_TARGETS")]
+    prometheus_targets: Option<PathBuf>,
     /// Compute threads per expert node.
     #[arg(long, env = "EXPERTMESH_THREADS_PER_NODE")]
     threads_per_node: Option<usize>,
@@ -505,6 +509,7 @@ fn cmd_up(a: UpCmd) -> Result<()> {
             grpc_port: a.grpc_port,
             http_port: a.http_port,
             state_file: a.state_file,
+            prometheus_targets: a.prometheus_targets,
             threads_per_node: a.threads_per_node,
             etcd: a.etcd,
             cluster: a.cluster,

@@ -33,6 +33,8 @@ pub struct UpArgs {
     pub grpc_port: u16,
     pub http_port: u16,
     pub state_file: Option<PathBuf>,
+    /// Prometheus file_sd targets for every component's `/metrics`.
+    pub prometheus_targets: Option<PathBuf>,
     pub threads_per_node: Option<usize>,
     /// An existing etcd; `None` starts a private one.
     pub etcd: Option<String>,
@@ -130,7 +132,7 @@ pub fn up(a: UpArgs, stop: &AtomicBool) -> Result<()> {
     let run_dir = std::env::temp_dir().join(format!("expertmesh-up-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
     let result = start_all(&a, &bins, &run_dir, stop);
-    if let Some(f) = &a.state_file {
+    for f in [&a.state_file, &a.prometheus_targets].into_iter().flatten() {
         let _ = std::fs::remove_file(f);
     }
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -230,6 +232,18 @@ fn serve(
     if let Some(f) = &a.state_file {
         std::fs::write(f, serde_json::to_string_pretty(&state)?)
             .with_context(|| format!("--state-file {}", f.display()))?;
+    }
+    if let Some(f) = &a.prometheus_targets {
+        let model = a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let target = |addr: &str, component: &str, id: &str| json!({"targets": [addr], "labels": {"component": component, "id": id, "cluster": a.cluster, "model": model, "__scheme__": scheme}});
+        let mut t = vec![target(&http, "router", "router-0")];
+        t.extend(nodes.iter().map(|(id, _, m)| target(m, "expert-node", id)));
+        t.push(target(coordinator["metrics"].as_str().unwrap_or_default(), "coordinator", "coordinator-0"));
+        // Written whole and renamed, so Prometheus never reads half a file.
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&t)?)
+            .and_then(|_| std::fs::rename(&tmp, f))
+            .with_context(|| format!("--prometheus-targets {}", f.display()))?;
     }
     println!("ExpertMesh is up: router gRPC {grpc}, HTTP {scheme}://{http} (/health /ready /metrics)");
     for (id, addr, _) in &nodes {

@@ -139,6 +139,11 @@ pub struct Config {
     /// API keys (comma-separated) required on the public HTTP and gRPC APIs.
     #[arg(long, env = "EXPERTMESH_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_key: Vec<auth::ApiKey>,
+    /// Per-expert metric series (`{layer,expert}`); `false` folds each
+    /// layer's experts into one series (`expert="all"`) for very large
+    /// models (per-node totals stay in `expertmesh_node_tokens_total`).
+    #[arg(long, env = "EXPERTMESH_PER_EXPERT_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub per_expert_metrics: bool,
     /// Split reasoning from content in chat responses.
     #[arg(long, value_enum, env = "EXPERTMESH_REASONING_PARSER")]
     pub reasoning_parser: Option<ReasoningParser>,
@@ -289,7 +294,8 @@ pub async fn run(
     };
     let metrics = Arc::new(metrics::Metrics::new());
     let dispatch_metrics = Arc::new(
-        DispatchMetrics::register(&metrics.registry).map_err(|e| RouterError::Internal(format!("metrics: {e}")))?,
+        DispatchMetrics::register(&metrics.registry, cfg.per_expert_metrics)
+            .map_err(|e| RouterError::Internal(format!("metrics: {e}")))?,
     );
     // With etcd the placement comes later, from the coordinator.
     let etcd = match cfg.etcd.is_empty() {

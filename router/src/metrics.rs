@@ -26,7 +26,7 @@ impl Metrics {
     /// Builds and registers every metric. Names and label sets are fixed at
     /// compile time, so construction cannot fail at run time.
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = expertmesh_cluster::metrics::registry("router");
         let buckets = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
         let m = Metrics {
             requests_running: IntGauge::new("expertmesh_requests_running", "Requests in the running batch")

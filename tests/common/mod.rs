@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn fixture(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(case)
@@ -176,4 +177,43 @@ pub fn router(procs: &mut Procs, model: &Path, extra: &[&str]) -> (String, Strin
     let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
     procs.0.push(("router".into(), grpc.clone(), child));
     (grpc, http)
+}
+
+/// `expertmesh up` as a child, with the state file it wrote.
+pub struct Up {
+    pub child: Child,
+    pub state: serde_json::Value,
+    pub state_file: PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+}
+
+/// `up` on 3 nodes × 2 replicas, with `extra` flags, `env` and `stderr`.
+pub fn up_with(model: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Up {
+    let state_file = std::env::temp_dir().join(format!("em-up-{tag}-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&state_file);
+    let child = Command::new(bin("expertmesh"))
+        .args(["up", "--model", model.to_str().unwrap(), "--expert-nodes", "3", "--replicas", "2"])
+        .args(["--grpc-port", "0", "--http-port", "0", "--threads-per-node", "1"])
+        .args(["--state-file", state_file.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !state_file.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "cluster did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // the file is written in one call; let it land
+    let state = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    Up { child, state, state_file }
 }

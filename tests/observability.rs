@@ -1,0 +1,201 @@
+//! Observability end to end: a real Prometheus (Debian's `prometheus`)
+//! scrapes a local `expertmesh up` cluster through the shipped
+//! `deploy/prometheus/prometheus.yml` and rules while traffic flows, and
+//! every query of every shipped Grafana dashboard returns data; the
+//! routers' and the nodes' per-expert counters agree in Prometheus.
+
+mod common;
+use common::{fixture, up_with};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "deepseek_v3_yarn_bf16";
+
+fn repo(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+}
+
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Prometheus on the shipped config, pointed at `targets` and scraping every
+/// second (the shipped 5 s would make the test slow, nothing else).
+fn prometheus(targets: &Path) -> Prometheus {
+    let dir = std::env::temp_dir().join(format!("em-prom-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = std::fs::read_to_string(repo("deploy/prometheus/prometheus.yml")).unwrap();
+    assert!(cfg.contains("/tmp/expertmesh-targets.json") && cfg.contains("- expertmesh-rules.yml"));
+    let rules = repo("deploy/prometheus/expertmesh-rules.yml");
+    let cfg = cfg
+        .replace("/tmp/expertmesh-targets.json", targets.to_str().unwrap())
+        .replace("- expertmesh-rules.yml", &format!("- {}", rules.to_str().unwrap()))
+        .replace("scrape_interval: 5s", "scrape_interval: 1s")
+        .replace("evaluation_interval: 5s", "evaluation_interval: 1s");
+    std::fs::write(dir.join("prometheus.yml"), cfg).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting prometheus ({e}): install Debian's prometheus package"));
+    Prometheus { child, dir, url: format!("http://127.0.0.1:{port}") }
+}
+
+fn get(rt: &tokio::runtime::Runtime, url: &str, query: &[(&str, &str)]) -> Option<Value> {
+    rt.block_on(async {
+        let url = reqwest::Url::parse_with_params(url, query).ok()?;
+        let r = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+        r.json::<Value>().await.ok()
+    })
+}
+
+/// An instant query's result vector (empty on error).
+fn query(rt: &tokio::runtime::Runtime, prom: &Prometheus, q: &str) -> Vec<Value> {
+    get(rt, &format!("{}/api/v1/query", prom.url), &[("query", q)])
+        .and_then(|v| v["data"]["result"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Whether a result has at least one real (not NaN) value.
+fn has_data(result: &[Value]) -> bool {
+    result.iter().any(|s| s["value"][1].as_str().is_some_and(|v| v != "NaN"))
+}
+
+/// Every `expr` of every panel, and every template variable's query.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for name in ["cluster-overview", "expert-utilization", "data-plane"] {
+        let d: Value =
+            serde_json::from_str(&std::fs::read_to_string(repo(&format!("deploy/grafana/{name}.json"))).unwrap())
+                .unwrap();
+        for p in d["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                out.push((format!("{name}: {}", p["title"]), t["expr"].as_str().unwrap().to_string()));
+            }
+        }
+        for v in d["templating"]["list"].as_array().unwrap() {
+            if let Some(q) = v["query"]["query"].as_str() {
+                // label_values(METRIC_SELECTOR, label): the selector must match series.
+                let inner = q.strip_prefix("label_values(").and_then(|r| r.rsplit_once(',')).unwrap().0;
+                out.push((format!("{name}: variable {}", v["name"]), inner.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn prometheus_scrapes_the_cluster_and_every_dashboard_query_has_data() {
+    // reqwest is built without a TLS provider of its own (as in the CLI).
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let targets = std::env::temp_dir().join(format!("em-targets-{}.json", std::process::id()));
+    let model = fixture(MODEL);
+    let extra = ["--prometheus-targets", targets.to_str().unwrap()];
+    let u = up_with(&model, "obs", &extra, &[], Stdio::null());
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(&targets).unwrap()).unwrap();
+    assert_eq!(t.as_array().unwrap().len(), 5, "router, 3 nodes, coordinator: {t}");
+    let prom = prometheus(&targets);
+    let rt = common::runtime();
+    let (grpc, http) = (u.state["router"]["grpc"].as_str().unwrap(), u.state["router"]["http"].as_str().unwrap());
+
+    // Traffic until the queries are done: OpenAI over HTTP and the gRPC API,
+    // plus one refused request so errors have a reason.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, grpc, url) = (stop.clone(), grpc.to_string(), format!("http://{http}"));
+        std::thread::spawn(move || {
+            let load = ["--concurrency", "4", "--requests", "8", "--prompt-tokens", "8", "--max-tokens", "8", "--json"];
+            while !stop.load(Ordering::Relaxed) {
+                for api in [vec!["--url", url.as_str(), "--api", "openai"], vec!["--router", grpc.as_str()]] {
+                    let out =
+                        Command::new(env!("CARGO_BIN_EXE_expertmesh")).arg("bench").args(&api).args(load).output();
+                    assert!(out.is_ok_and(|o| o.status.success()), "bench {api:?} failed");
+                }
+            }
+        })
+    };
+    let bad = get(&rt, &format!("http://{http}/v1/models"), &[]);
+    assert!(bad.is_some());
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("http://{http}/v1/completions"))
+            .json(&serde_json::json!({"prompt": [5, 6], "max_tokens": -1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    });
+
+    // Every target up, then every dashboard query answers with data.
+    let t0 = Instant::now();
+    while query(&rt, &prom, "up == 1").len() != 5 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "targets not scraped: {:?}", query(&rt, &prom, "up"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let name = MODEL;
+    let mut missing: Vec<(String, String)> = dashboard_queries();
+    assert!(missing.len() >= 40, "the dashboards lost their queries: {}", missing.len());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !missing.is_empty() && Instant::now() < deadline {
+        missing.retain(|(_, expr)| {
+            let q = expr
+                .replace("$cluster", "local")
+                .replace("$model", name)
+                .replace("$layer", ".*")
+                .replace("$__rate_interval", "10s");
+            !has_data(&query(&rt, &prom, &q))
+        });
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    assert!(missing.is_empty(), "dashboard queries without data: {missing:#?}");
+
+    // The shipped rules load and evaluate without errors.
+    let rules = get(&rt, &format!("{}/api/v1/rules", prom.url), &[]).unwrap();
+    let all: Vec<&Value> =
+        rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    assert_eq!(all.len(), 12, "{rules}");
+    assert!(all.iter().all(|r| r["health"] != "err"), "{rules}");
+
+    // With traffic stopped, routed (router) and computed (node) token-expert
+    // pairs agree exactly for every (layer, expert), once both are scraped.
+    let by = |m: &str| -> std::collections::BTreeMap<(String, String), String> {
+        query(&rt, &prom, &format!("sum by (layer, expert) ({m}{{cluster=\"local\"}})"))
+            .iter()
+            .map(|s| {
+                let k = (s["metric"]["layer"].as_str().unwrap().into(), s["metric"]["expert"].as_str().unwrap().into());
+                (k, s["value"][1].as_str().unwrap().to_string())
+            })
+            .collect()
+    };
+    let t0 = Instant::now();
+    loop {
+        let (routed, computed) = (by("expertmesh_expert_tokens_total"), by("expertmesh_node_expert_tokens_total"));
+        if !routed.is_empty() && routed == computed {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "router {routed:?}\nnodes {computed:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = std::fs::remove_file(&targets);
+}
