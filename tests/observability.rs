@@ -199,3 +199,52 @@ fn prometheus_scrapes_the_cluster_and_every_dashboard_query_has_data() {
     }
     let _ = std::fs::remove_file(&targets);
 }
+
+#[test]
+fn json_logs_carry_a_request_trace_id_from_the_router_to_the_expert_nodes() {
+    use expertmesh_proto::v1::generate_request::Prompt;
+    use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
+    use expertmesh_proto::v1::{GenerateRequest, TokenIds};
+    let log = std::env::temp_dir().join(format!("em-trace-{}.log", std::process::id()));
+    let env =
+        [("EXPERTMESH_LOG_FORMAT", "json"), ("RUST_LOG", "info,expertmesh_router=debug,expertmesh_expert_node=debug")];
+    let mut u = up_with(&fixture(MODEL), "trace", &[], &env, std::fs::File::create(&log).unwrap().into());
+    let grpc = u.state["router"]["grpc"].as_str().unwrap().to_string();
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    common::runtime().block_on(async {
+        let mut c = GenerateServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        let mut r = tonic::Request::new(GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![5, 6, 7, 8] })),
+            max_tokens: 4,
+            ignore_eos: true,
+            ..Default::default()
+        });
+        r.metadata_mut().insert("traceparent", format!("00-{id}-b7ad6b7169203331-01").parse().unwrap());
+        let mut s = c.generate(r).await.unwrap().into_inner();
+        while s.message().await.unwrap().is_some() {}
+    });
+    // SAFETY: signalling the child we spawned; it drains and exits.
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGINT) };
+    let _ = u.child.wait();
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let _ = std::fs::remove_file(&log);
+    assert!(lines.len() > 10, "no JSON log lines");
+    let msg = |l: &Value, m: &str| l["message"] == m;
+    let done = lines.iter().find(|l| msg(l, "request finished") && l["trace_id"] == id);
+    assert!(done.is_some_and(|l| l["completion_tokens"] == 4), "the router did not log the request under its trace id");
+    // The steps that ran the request, and the node batches of those steps.
+    let steps: Vec<&str> = lines
+        .iter()
+        .filter(|l| msg(l, "engine step") && l["requests"].as_str().is_some_and(|r| r.contains(id)))
+        .filter_map(|l| l["trace_id"].as_str())
+        .collect();
+    assert!(steps.len() >= 4, "prefill and decode steps: {steps:?}");
+    let batches = lines
+        .iter()
+        .filter(|l| msg(l, "dispatch batch computed") && l["trace_id"].as_str().is_some_and(|t| steps.contains(&t)))
+        .count();
+    // 2 MoE layers per step, each on at least one node.
+    assert!(batches >= 2 * steps.len(), "{batches} node batches for {} steps", steps.len());
+    assert!(!lines.iter().any(|l| msg(l, "prompt")), "prompts were logged without --log-prompts");
+}

@@ -2,13 +2,32 @@
 
 use tokio_util::sync::CancellationToken;
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (fields flattened), for log pipelines.
+    Json,
+}
+
+/// `--log-format`, shared by every service.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LogArgs {
+    /// Log line format on stderr; `RUST_LOG` filters (default `info`).
+    #[arg(long, value_enum, env = "EXPERTMESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
 /// Structured logs on stderr, filtered by `RUST_LOG` (default `info`);
 /// stdout stays free for the one machine-readable start line.
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+pub fn init_tracing(a: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match a.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).init(),
+    }
 }
 
 /// Sizes the global compute pool (`--threads`); `None` keeps one per core.

@@ -64,6 +64,8 @@ pub struct Config {
     /// Seconds to wait for every router to switch before unloading old copies.
     #[arg(long, env = "EXPERTMESH_ROUTER_ACK_TIMEOUT", default_value_t = 30.0)]
     pub router_ack_timeout: f64,
+    #[command(flatten)]
+    pub log: expertmesh_cluster::process::LogArgs,
 }
 
 impl Config {

@@ -6,7 +6,7 @@ use expertmesh_coordinator::{Bound, Config, run};
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
-    process::init_tracing();
+    process::init_tracing(&cfg.log);
     process::runtime()?.block_on(async {
         let shutdown = process::shutdown_on_signal();
         let (tx, rx) = tokio::sync::oneshot::channel::<Bound>();

@@ -124,7 +124,7 @@ impl GrpcTransport {
                     weights: g.weights.clone(),
                 })
                 .collect(),
-            trace_id: String::new(),
+            trace_id: crate::trace::step(),
         }
     }
 }

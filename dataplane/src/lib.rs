@@ -6,6 +6,7 @@
 //! - [`transport`]: the collective seam (`Transport::exchange`), with an
 //!   in-process implementation; [`grpc`] implements it over persistent
 //!   bidirectional `Dispatch` streams. An NCCL transport fits the same seam.
+//! - [`trace`]: request and step trace ids, carried to the expert nodes.
 //! - [`tls`]: mutual TLS between the cluster's processes, and public TLS.
 //! - [`executor`]: `RemoteExecutor`, the model's `ExpertExecutor` for a
 //!   cluster: plans one batch per node per MoE layer, picks replicas by
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod placement;
 pub mod tls;
+pub mod trace;
 pub mod transport;
 
 pub use error::{DataPlaneError, Result};

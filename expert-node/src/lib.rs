@@ -85,6 +85,8 @@ pub struct Config {
     /// address; set it when listening on 0.0.0.0).
     #[arg(long, env = "EXPERTMESH_ADVERTISE")]
     pub advertise: Option<String>,
+    #[command(flatten)]
+    pub log: expertmesh_cluster::process::LogArgs,
 }
 
 #[derive(Debug, Error)]

@@ -163,12 +163,16 @@ impl ExpertService for NodeService {
                     }
                 };
                 let (experts, cfg, metrics) = (experts.clone(), cfg.clone(), metrics.clone());
-                let (step, layer) = (req.step, req.layer);
+                let (step, layer, trace_id) = (req.step, req.layer, req.trace_id.clone());
                 // Expert compute is heavy: off the async runtime.
                 let item = match tokio::task::spawn_blocking(move || process(&experts, &cfg, &metrics, req)).await {
-                    Ok(Ok(resp)) => Ok(resp),
+                    Ok(Ok(resp)) => {
+                        let seconds = resp.compute_seconds;
+                        tracing::debug!(%trace_id, step, layer, seconds, "dispatch batch computed");
+                        Ok(resp)
+                    }
                     Ok(Err(e)) => {
-                        tracing::warn!(step, layer, error = %e, "refused dispatch batch");
+                        tracing::warn!(%trace_id, step, layer, error = %e, "refused dispatch batch");
                         Err(Status::from(e))
                     }
                     Err(e) => Err(Status::internal(format!("expert computation failed: {e}"))),

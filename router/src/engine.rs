@@ -9,6 +9,7 @@
 //! and its KV cache freed.
 
 use crate::metrics::Metrics;
+use expertmesh_dataplane::trace;
 use expertmesh_model::ModelError;
 use expertmesh_model::cache::KvCache;
 use expertmesh_model::generate::{FinishReason, Sampler, SamplingParams, check_request, top_logprobs};
@@ -53,6 +54,8 @@ pub struct Submit {
     /// Must hold `max_tokens + 2` events (see [`event_channel`]).
     pub events: mpsc::Sender<Event>,
     pub arrived: Instant,
+    /// The request's trace id (see `expertmesh_dataplane::trace`).
+    pub trace_id: String,
 }
 
 /// A request's event channel, sized so the engine never waits on it.
@@ -75,6 +78,7 @@ struct Seq {
     reserved: usize,
     arrived: Instant,
     last_token_at: Option<Instant>,
+    trace_id: String,
 }
 
 impl Seq {
@@ -172,6 +176,7 @@ impl Engine {
                     reserved: need,
                     arrived: s.arrived,
                     last_token_at: None,
+                    trace_id: s.trace_id,
                 });
             }
             // Cancellation: a client that went away frees its slot now.
@@ -208,6 +213,15 @@ impl Engine {
                 plan.push((i, n));
                 budget -= n;
             }
+            // The step's trace id goes to the expert nodes with every dispatch;
+            // this line joins it to the requests' ids.
+            let step_trace = trace::new_id();
+            trace::set_step(&step_trace);
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let requests: Vec<&str> = plan.iter().map(|&(i, _)| running[i].trace_id.as_str()).collect();
+                let tokens: usize = plan.iter().map(|&(_, n)| n).sum();
+                tracing::debug!(trace_id = %step_trace, ?requests, tokens, "engine step");
+            }
             let results = self.step(&mut running, &plan);
             let mut finished = vec![false; running.len()];
             for ((i, n), res) in plan.iter().zip(results) {
@@ -216,6 +230,7 @@ impl Engine {
                     Ok(l) => l,
                     Err(e) => {
                         self.metrics.errors.with_label_values(&[error_reason(&e)]).inc();
+                        tracing::warn!(trace_id = %s.trace_id, error = %e, "request failed");
                         let _ = s.events.try_send(Event::Failed(e));
                         finished[*i] = true;
                         continue;
@@ -250,7 +265,10 @@ impl Engine {
                 if stop || s.generated == s.max_tokens {
                     let reason = if stop { FinishReason::Stop } else { FinishReason::Length };
                     self.metrics.success.with_label_values(&[reason.as_str()]).inc();
-                    self.metrics.e2e.observe(s.arrived.elapsed().as_secs_f64());
+                    let e2e = s.arrived.elapsed().as_secs_f64();
+                    self.metrics.e2e.observe(e2e);
+                    tracing::info!(trace_id = %s.trace_id, prompt_tokens = s.prompt.len(), completion_tokens = s.generated,
+                                   finish_reason = reason.as_str(), e2e_seconds = e2e, "request finished");
                     let _ = s.events.try_send(Event::Finished(reason));
                     finished[*i] = true;
                 }

@@ -2,6 +2,7 @@
 
 use crate::RouterState;
 use crate::engine::{Event, Submit, event_channel};
+use expertmesh_dataplane::trace;
 use expertmesh_model::ModelError;
 use expertmesh_model::generate::{FinishReason, SamplingParams};
 use expertmesh_model::tokenizer::{ChatMessage, IncrementalDecoder};
@@ -34,6 +35,8 @@ type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 impl GenerateApi {
     async fn start(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
+        let given = request.metadata().get("traceparent").and_then(|v| v.to_str().ok());
+        let trace_id = given.and_then(trace::from_traceparent).unwrap_or_else(trace::new_id);
         let req = request.into_inner();
         let st = &self.state;
         let tok = st.tokenizer.clone();
@@ -65,6 +68,7 @@ impl GenerateApi {
         if max_tokens == 0 {
             return Err(Status::invalid_argument("max_tokens must be at least 1"));
         }
+        crate::log_prompt(st, &trace_id, &prompt);
         let (events, mut rx) = event_channel(max_tokens);
         let submit = Submit {
             prompt: prompt.clone(),
@@ -74,6 +78,7 @@ impl GenerateApi {
             top_logprobs: 0,
             events,
             arrived,
+            trace_id,
         };
         st.submit(submit)?;
         let (out, out_rx) = mpsc::channel(16);

@@ -144,6 +144,12 @@ pub struct Config {
     /// models (per-node totals stay in `expertmesh_node_tokens_total`).
     #[arg(long, env = "EXPERTMESH_PER_EXPERT_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub per_expert_metrics: bool,
+    /// Log each request's prompt (token ids) at info; off by default, as
+    /// prompts may hold what users would not want in logs.
+    #[arg(long, env = "EXPERTMESH_LOG_PROMPTS")]
+    pub log_prompts: bool,
+    #[command(flatten)]
+    pub log: expertmesh_cluster::process::LogArgs,
     /// Split reasoning from content in chat responses.
     #[arg(long, value_enum, env = "EXPERTMESH_REASONING_PARSER")]
     pub reasoning_parser: Option<ReasoningParser>,
@@ -239,6 +245,8 @@ pub struct RouterState {
     pub limits: Limits,
     pub api_keys: Arc<Vec<String>>,
     pub reasoning_parser: bool,
+    /// `--log-prompts`.
+    pub log_prompts: bool,
     pub tokenizer: Option<Arc<TextTokenizer>>,
     pub metrics: Arc<metrics::Metrics>,
     pub ready: AtomicBool,
@@ -247,6 +255,13 @@ pub struct RouterState {
     pub covered: AtomicBool,
     /// Dropped at shutdown: the engine then drains and exits.
     submit: Mutex<Option<mpsc::Sender<Submit>>>,
+}
+
+/// With `--log-prompts`, logs a request's prompt under its trace id.
+pub fn log_prompt(st: &RouterState, trace_id: &str, prompt: &[u32]) {
+    if st.log_prompts {
+        tracing::info!(%trace_id, ?prompt, "prompt");
+    }
 }
 
 impl RouterState {
@@ -382,6 +397,7 @@ pub async fn run(
         limits,
         api_keys: Arc::new(cfg.api_key.iter().map(|k| k.0.trim().to_string()).collect()),
         reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
+        log_prompts: cfg.log_prompts,
         tokenizer: TextTokenizer::from_dir(&cfg.model).ok().map(Arc::new),
         model_cfg,
         metrics,

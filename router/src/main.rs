@@ -6,7 +6,7 @@ use expertmesh_router::{Bound, Config, run};
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
-    process::init_tracing();
+    process::init_tracing(&cfg.log);
     process::set_compute_threads(cfg.threads).map_err(anyhow::Error::msg)?;
     process::runtime()?.block_on(async {
         let shutdown = process::shutdown_on_signal();

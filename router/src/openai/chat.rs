@@ -92,8 +92,12 @@ fn logprob_entry(st: &RouterState, t: &TokenOut) -> Value {
     e
 }
 
-pub async fn handle(State(st): State<Arc<RouterState>>, ApiJson(req): ApiJson<ChatRequest>) -> Response {
-    match run(st.clone(), req).await {
+pub async fn handle(
+    State(st): State<Arc<RouterState>>,
+    headers: axum::http::HeaderMap,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Response {
+    match run(st.clone(), req, super::trace_id(&headers)).await {
         Ok(r) => r,
         Err(e) => {
             st.metrics.errors.with_label_values(&[e.reason()]).inc();
@@ -102,7 +106,7 @@ pub async fn handle(State(st): State<Arc<RouterState>>, ApiJson(req): ApiJson<Ch
     }
 }
 
-async fn run(st: Arc<RouterState>, req: ChatRequest) -> Result<Response, ApiError> {
+async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result<Response, ApiError> {
     check_model(&st, req.model.as_deref())?;
     let top = match (req.logprobs, req.top_logprobs) {
         (_, Some(n)) if !(0..=20).contains(&n) => {
@@ -121,6 +125,7 @@ async fn run(st: Arc<RouterState>, req: ChatRequest) -> Result<Response, ApiErro
         ignore_eos: req.ignore_eos,
         stop: Stop::into_vec(req.stop)?,
         top_logprobs: top,
+        trace_id,
     };
     let mut rx = start(&st, request).await?;
     let (id, created, model) = (response_id("chatcmpl"), now_secs(), st.served_model_name.clone());

@@ -86,8 +86,12 @@ impl Logprobs {
     }
 }
 
-pub async fn handle(State(st): State<Arc<RouterState>>, ApiJson(req): ApiJson<CompletionRequest>) -> Response {
-    match run(st.clone(), req).await {
+pub async fn handle(
+    State(st): State<Arc<RouterState>>,
+    headers: axum::http::HeaderMap,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Response {
+    match run(st.clone(), req, super::trace_id(&headers)).await {
         Ok(r) => r,
         Err(e) => {
             st.metrics.errors.with_label_values(&[e.reason()]).inc();
@@ -96,7 +100,7 @@ pub async fn handle(State(st): State<Arc<RouterState>>, ApiJson(req): ApiJson<Co
     }
 }
 
-async fn run(st: Arc<RouterState>, req: CompletionRequest) -> Result<Response, ApiError> {
+async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> Result<Response, ApiError> {
     check_model(&st, req.model.as_deref())?;
     if req.echo {
         return Err(ApiError::param("echo", "echo is not supported"));
@@ -114,6 +118,7 @@ async fn run(st: Arc<RouterState>, req: CompletionRequest) -> Result<Response, A
         ignore_eos: req.ignore_eos,
         stop: Stop::into_vec(req.stop)?,
         top_logprobs: logprobs.unwrap_or(0),
+        trace_id,
     };
     let mut rx = start(&st, request).await?;
     let (id, created, model) = (response_id("cmpl"), now_secs(), st.served_model_name.clone());

@@ -22,6 +22,8 @@ pub struct GenRequest {
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub top_logprobs: usize,
+    /// See `expertmesh_dataplane::trace`.
+    pub trace_id: String,
 }
 
 /// Generation settings of the text protocols (KServe's `sampling_parameters`
@@ -46,6 +48,7 @@ impl TextParams {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             stop: super::Stop::into_vec(self.stop)?,
             top_logprobs: 0,
+            trace_id: expertmesh_dataplane::trace::new_id(),
         })
     }
 }
@@ -122,6 +125,7 @@ pub async fn start(
     let max_tokens = check_limits(st, req.prompt.len(), req.max_tokens)?;
     req.params.validate()?;
     let prompt_tokens = req.prompt.len();
+    crate::log_prompt(st, &req.trace_id, &req.prompt);
     let (events, mut rx) = event_channel(max_tokens);
     st.submit(Submit {
         prompt: req.prompt,
@@ -131,6 +135,7 @@ pub async fn start(
         top_logprobs: req.top_logprobs,
         events,
         arrived,
+        trace_id: req.trace_id,
     })?;
     let timeout = st.limits.request_timeout;
     let deadline = tokio::time::Instant::from_std(arrived + timeout.unwrap_or(Duration::from_secs(365 * 86400)));

@@ -160,6 +160,12 @@ pub fn finish_str(r: FinishReason) -> &'static str {
     r.as_str()
 }
 
+/// The trace id of a W3C `traceparent` header, or a fresh one.
+pub fn trace_id(headers: &axum::http::HeaderMap) -> String {
+    let given = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    given.and_then(expertmesh_dataplane::trace::from_traceparent).unwrap_or_else(expertmesh_dataplane::trace::new_id)
+}
+
 /// A fresh response id with OpenAI's prefix.
 pub fn response_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
