@@ -26,7 +26,7 @@ pub fn init_tracing(a: &LogArgs) {
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match a.log_format {
         LogFormat::Text => fmt.init(),
-        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
     }
 }
 

@@ -165,7 +165,9 @@ impl ExpertService for NodeService {
                 let (experts, cfg, metrics) = (experts.clone(), cfg.clone(), metrics.clone());
                 let (step, layer, trace_id) = (req.step, req.layer, req.trace_id.clone());
                 // Expert compute is heavy: off the async runtime.
-                let item = match tokio::task::spawn_blocking(move || process(&experts, &cfg, &metrics, req)).await {
+                let span = tracing::info_span!("dispatch", %trace_id, step, layer);
+                let work = move || span.in_scope(|| process(&experts, &cfg, &metrics, req));
+                let item = match tokio::task::spawn_blocking(work).await {
                     Ok(Ok(resp)) => {
                         let seconds = resp.compute_seconds;
                         tracing::debug!(%trace_id, step, layer, seconds, "dispatch batch computed");

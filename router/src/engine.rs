@@ -222,7 +222,9 @@ impl Engine {
                 let tokens: usize = plan.iter().map(|&(_, n)| n).sum();
                 tracing::debug!(trace_id = %step_trace, ?requests, tokens, "engine step");
             }
-            let results = self.step(&mut running, &plan);
+            // Lines logged during the step (failover, node errors) carry its id.
+            let span = tracing::info_span!("step", trace_id = %step_trace);
+            let results = span.in_scope(|| self.step(&mut running, &plan));
             let mut finished = vec![false; running.len()];
             for ((i, n), res) in plan.iter().zip(results) {
                 let s = &mut running[*i];

@@ -97,7 +97,9 @@ pub async fn handle(
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Response {
-    match run(st.clone(), req, super::trace_id(&headers)).await {
+    let trace_id = super::trace_id(&headers);
+    let span = tracing::info_span!("request", trace_id = %trace_id);
+    match tracing::Instrument::instrument(run(st.clone(), req, trace_id), span).await {
         Ok(r) => r,
         Err(e) => {
             st.metrics.errors.with_label_values(&[e.reason()]).inc();
