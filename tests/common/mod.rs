@@ -116,6 +116,8 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 /// A plain HTTP/1.1 POST of `body` with extra headers; returns (status, body).
 pub fn http_post(addr: &str, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    // A hung handler shows as status 0 instead of a test that never ends.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
     let mut head =
         format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
