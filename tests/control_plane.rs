@@ -36,7 +36,7 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        self.procs.0.clear(); // kill before etcd goes
+        self.procs.kill_all(); // before etcd goes
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -2,7 +2,8 @@
 //! `RemoteExecutor` + `GrpcTransport`: generation equals offline
 //! generation, survives a node killed with SIGKILL, fails cleanly when an
 //! expert has no replica left, and a malformed batch gets INVALID_ARGUMENT
-//! without harming the node.
+//! without harming the node; the framed-TCP transport is exact too, and a
+//! garbage frame closes only its own link.
 
 use expertmesh_dataplane::executor::RemoteExecutor;
 use expertmesh_dataplane::grpc::GrpcTransport;
@@ -178,4 +179,38 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
     });
     let status = nodes.0[0].2.wait().unwrap();
     assert!(status.success(), "drained node exits 0, got {status:?}");
+}
+
+#[test]
+fn framed_tcp_links_are_exact_and_garbage_on_one_harms_no_other() {
+    use expertmesh_dataplane::tcp::{MAGIC, TcpTransport};
+    use std::io::{Read, Write};
+    let model = fixture("deepseek_v3_yarn_bf16");
+    let (_nodes, p, _) = start(&model, 2, 2);
+    let cfg = ModelConfig::from_dir(&model).unwrap();
+    let ws = WeightStore::open(&model, cfg.fp8_block).unwrap();
+    let tcp = TcpTransport::new(p.nodes.clone(), Duration::from_secs(10), Dtype::F32);
+    let m =
+        Model::load_dense(cfg, &ws, Arc::new(RemoteExecutor::new(Arc::new(p.clone()), Arc::new(tcp))), &mut |_, _| {})
+            .unwrap();
+    let (prompt, want) = reference("deepseek_v3_yarn_bf16");
+    let g = generate(&m, &prompt, want.len(), SamplingParams::default(), true, |_, _| {}).unwrap();
+    assert_eq!(g.token_ids, want);
+    // A framed link that sends nonsense (an absurd frame length) is answered
+    // with an error frame and closed; the node serves on, over both transports.
+    let addr = p.nodes.values().next().unwrap().clone();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(MAGIC).unwrap();
+    s.write_all(&[0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert_eq!(reply.first(), Some(&1), "an error frame, then the link closes: {reply:?}");
+    let g = generate(&m, &prompt, want.len(), SamplingParams::default(), true, |_, _| {}).unwrap();
+    assert_eq!(g.token_ids, want);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        c.info(expertmesh_proto::v1::InfoRequest {}).await.unwrap();
+    });
 }

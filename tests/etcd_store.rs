@@ -159,7 +159,12 @@ fn registration_keeps_alive_rejoins_and_leaves() {
     });
     assert_eq!(value(), None);
     assert!(wait(Some(b"v2"), 5), "rejoined within the TTL");
-    assert!(reg.is_registered());
+    // The flag turns once the put has returned: right after the key shows.
+    let t0 = Instant::now();
+    while !reg.is_registered() {
+        assert!(t0.elapsed() < Duration::from_secs(2), "registered key, but the registration does not know it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // Leaving revokes the lease: the record goes at once, not after the TTL.
     let t0 = Instant::now();

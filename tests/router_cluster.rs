@@ -286,3 +286,34 @@ fn two_micro_batches_give_the_same_tokens() {
         assert_eq!(toks, want);
     }
 }
+
+#[test]
+fn the_tcp_transport_matches_transformers_and_fails_over() {
+    let rt = runtime();
+    for (case, dtype) in [("deepseek_v3_yarn_bf16", "f32"), ("mixtral", "f32"), ("qwen3_moe", "bf16")] {
+        let c = cluster(&fixture(case), 3, 2, &["--transport", "tcp", "--dispatch-dtype", dtype]);
+        let (prompt, want) = reference(case);
+        let (toks, _, _) = rt.block_on(generate(&c.grpc, request(prompt, want.len() as u32))).unwrap();
+        assert_eq!(toks, want, "{case} over tcp ({dtype})");
+        let (_, body) = http_get(&c.http, "/metrics");
+        let bytes = series(&body, "expertmesh_dispatch_bytes_total");
+        assert!(!bytes.is_empty() && bytes.values().all(|&b| b > 0.0), "{body}");
+    }
+    // A node killed mid-generation: its share moves to the other replica.
+    let model = fixture("deepseek_v2_lite");
+    let mut c = cluster(&model, 3, 2, &["--transport", "tcp", "--dispatch-timeout", "2"]);
+    let (prompt, _) = reference("deepseek_v2_lite");
+    let local = Model::load(&model, Precision::F32, &mut |_, _| {}).unwrap();
+    let offline = offline_generate(&local, &prompt, 24, ModelSampling::default(), true, |_, _| {}).unwrap();
+    let grpc = c.grpc.clone();
+    rt.block_on(async {
+        let mut client = GenerateServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        let mut s = client.generate(request(prompt.clone(), 24)).await.unwrap().into_inner();
+        let mut toks = s.message().await.unwrap().unwrap().token_ids;
+        c.procs.kill("en-0");
+        while let Some(m) = s.message().await.unwrap() {
+            toks.extend(m.token_ids);
+        }
+        assert_eq!(toks, offline.token_ids);
+    });
+}

@@ -10,10 +10,10 @@ use crate::error::{DataPlaneError, Result};
 use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
 use crate::tls::InternalTls;
-use crate::transport::{NodeBatch, Transport};
+use crate::transport::{NodeBatch, Transport, check_response, dispatch_request};
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
-use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype, ExpertTokens};
+use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -89,14 +89,6 @@ impl GrpcTransport {
         }
     }
 
-    /// Replaces the node address book; links to moved or removed nodes close.
-    pub fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {
-        if let (Ok(mut a), Ok(mut l)) = (self.addrs.write(), self.links.lock()) {
-            l.retain(|n, _| a.get(n) == addrs.get(n));
-            *a = addrs;
-        }
-    }
-
     fn link(&self, node: &str) -> Result<mpsc::Sender<Call>> {
         let err = |m: &str| DataPlaneError::Transport { node: node.to_string(), message: m.to_string() };
         let mut links = self.links.lock().map_err(|_| err("link table poisoned"))?;
@@ -109,27 +101,16 @@ impl GrpcTransport {
         links.insert(node.to_string(), tx.clone());
         Ok(tx)
     }
-
-    fn request(&self, step: u64, layer: usize, hidden: usize, b: &NodeBatch) -> DispatchRequest {
-        DispatchRequest {
-            step,
-            layer: layer as u32,
-            rows: Some(codec::encode(Arc::clone(&b.rows), hidden, self.dtype)),
-            experts: b
-                .groups
-                .iter()
-                .map(|g| ExpertTokens {
-                    expert: g.expert,
-                    rows: g.rows.iter().map(|&r| r as u32).collect(),
-                    weights: g.weights.clone(),
-                })
-                .collect(),
-            trace_id: crate::trace::step(),
-        }
-    }
 }
 
 impl Transport for GrpcTransport {
+    fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {
+        if let (Ok(mut a), Ok(mut l)) = (self.addrs.write(), self.links.lock()) {
+            l.retain(|n, _| a.get(n) == addrs.get(n));
+            *a = addrs;
+        }
+    }
+
     fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>> {
         let deadline = Instant::now() + self.timeout;
         let waits: Vec<Result<oneshot::Receiver<Result<DispatchResponse>>>> = batches
@@ -137,7 +118,7 @@ impl Transport for GrpcTransport {
             .map(|b| {
                 let tx = self.link(&b.node)?;
                 let (reply, rx) = oneshot::channel();
-                let req = self.request(step, layer, hidden, b);
+                let req = dispatch_request(step, layer, hidden, b, self.dtype);
                 self.count_bytes(&b.node, "tx", req.rows.as_ref().map_or(0, codec::wire_bytes));
                 tx.blocking_send(Call { req, reply })
                     .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link closed".into() })?;
@@ -157,15 +138,7 @@ impl Transport for GrpcTransport {
                             message: "link dropped the call".into(),
                         }),
                         Ok(Ok(r)) => r.and_then(|resp| {
-                            let n = b.rows.len() / hidden.max(1);
-                            let rows =
-                                resp.combined.ok_or_else(|| DataPlaneError::Invalid("response without rows".into()))?;
-                            if rows.num_rows as usize != n || resp.step != step {
-                                return Err(DataPlaneError::Invalid(format!(
-                                    "{} answered step {} with {} rows; expected step {step} with {n}",
-                                    b.node, resp.step, rows.num_rows
-                                )));
-                            }
+                            let rows = check_response(resp, b, step, hidden)?;
                             self.count_bytes(&b.node, "rx", codec::wire_bytes(&rows));
                             codec::decode(&rows, hidden)
                         }),

@@ -6,6 +6,7 @@
 //! - [`transport`]: the collective seam (`Transport::exchange`), with an
 //!   in-process implementation; [`grpc`] implements it over persistent
 //!   bidirectional `Dispatch` streams. An NCCL transport fits the same seam.
+//! - [`tcp`]: the same dispatch over hand-framed TCP, without gRPC's copies.
 //! - [`trace`]: request and step trace ids, carried to the expert nodes.
 //! - [`tls`]: mutual TLS between the cluster's processes, and public TLS.
 //! - [`executor`]: `RemoteExecutor`, the model's `ExpertExecutor` for a
@@ -18,6 +19,7 @@ pub mod executor;
 pub mod grpc;
 pub mod metrics;
 pub mod placement;
+pub mod tcp;
 pub mod tls;
 pub mod trace;
 pub mod transport;

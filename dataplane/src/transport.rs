@@ -7,9 +7,11 @@
 //! before any payload moves, which is what an all-to-all over NCCL needs
 //! (counts first, then device buffers of known size).
 
+use crate::codec;
 use crate::error::{DataPlaneError, Result};
 use crate::placement::NodeId;
 use expertmesh_model::moe::{ExpertGroup, LocalExperts};
+use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype, ExpertTokens, PackedRows};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -27,6 +29,42 @@ pub trait Transport: Send + Sync {
     /// node's combined rows (`[n, hidden]`) or that node's error. One node's
     /// failure never fails the others.
     fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>>;
+
+    /// Replaces the node address book (a new placement); links to moved or
+    /// removed nodes close. Transports that dial nobody ignore it.
+    fn set_addresses(&self, _addrs: BTreeMap<NodeId, String>) {}
+}
+
+/// The wire request for one node's batch.
+pub fn dispatch_request(step: u64, layer: usize, hidden: usize, b: &NodeBatch, dtype: Dtype) -> DispatchRequest {
+    DispatchRequest {
+        step,
+        layer: layer as u32,
+        rows: Some(codec::encode(Arc::clone(&b.rows), hidden, dtype)),
+        experts: b
+            .groups
+            .iter()
+            .map(|g| ExpertTokens {
+                expert: g.expert,
+                rows: g.rows.iter().map(|&r| r as u32).collect(),
+                weights: g.weights.clone(),
+            })
+            .collect(),
+        trace_id: crate::trace::step(),
+    }
+}
+
+/// A node's answer to `b`, checked: the same step, one row per token.
+pub fn check_response(resp: DispatchResponse, b: &NodeBatch, step: u64, hidden: usize) -> Result<PackedRows> {
+    let n = b.rows.len() / hidden.max(1);
+    let rows = resp.combined.ok_or_else(|| DataPlaneError::Invalid("response without rows".into()))?;
+    if rows.num_rows as usize != n || resp.step != step {
+        return Err(DataPlaneError::Invalid(format!(
+            "{} answered step {} with {} rows; expected step {step} with {n}",
+            b.node, resp.step, rows.num_rows
+        )));
+    }
+    Ok(rows)
 }
 
 /// Expert "nodes" inside this process: the single-process baseline, and a

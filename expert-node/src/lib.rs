@@ -7,6 +7,7 @@
 //! (finishes in-flight batches, refuses new ones) before returning.
 
 pub mod metrics;
+pub mod raw;
 pub mod service;
 pub mod spec;
 
@@ -194,12 +195,21 @@ pub async fn run(
         n => used / n as u64,
     };
     node_metrics.experts_loaded.set(experts.loaded().len() as i64);
+    let (model_cfg, experts) = (Arc::new(model_cfg), Arc::new(RwLock::new(experts)));
+    // The framed-TCP dispatch link shares the gRPC port; it is plaintext,
+    // so under internal TLS every connection goes to gRPC.
+    let raw_ctx = tls.is_none().then(|| raw::RawContext {
+        experts: experts.clone(),
+        cfg: model_cfg.clone(),
+        metrics: node_metrics.clone(),
+        stop: shutdown.clone(),
+    });
     let service = service::NodeService {
         node_id: cfg.node_id.clone(),
         model_name: cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        cfg: Arc::new(model_cfg),
+        cfg: model_cfg,
         store: Arc::new(store),
-        experts: Arc::new(RwLock::new(experts)),
+        experts,
         capacity_bytes: cfg.capacity_bytes,
         weight_dtype,
         shutdown: shutdown.clone(),
@@ -226,6 +236,8 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let drain = shutdown.clone();
+    let links = raw::RawLinks::default();
+    let incoming = raw::split_incoming(listener, raw_ctx, links.clone(), shutdown.clone());
     server_builder(tls.as_ref())?
         .tcp_nodelay(true)
         .initial_stream_window_size(expertmesh_dataplane::grpc::WINDOW)
@@ -234,7 +246,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(server)
-        .serve_with_incoming_shutdown(expertmesh_dataplane::grpc::nodelay_incoming(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             drain.cancelled().await;
             if let Some(r) = &announce {
                 record.state = NodeState::Draining;
@@ -244,6 +256,8 @@ pub async fn run(
             health.set_not_serving::<ExpertServiceServer<service::NodeService>>().await;
         })
         .await?;
+    // Framed links answer the batch in hand, then close.
+    let _ = tokio::task::spawn_blocking(move || links.join()).await;
     drop(registration);
     tracing::info!(node = %cfg.node_id, "expert node drained");
     Ok(())

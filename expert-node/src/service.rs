@@ -35,13 +35,27 @@ fn poisoned<T>(_: T) -> Status {
     Status::internal("expert table lock poisoned")
 }
 
-/// Validates one batch and computes it; every malformed field is an
-/// `Invalid` error naming it, so the sender gets `INVALID_ARGUMENT`.
-fn process(
+/// A gRPC batch: its rows decoded from the message, then [`process`].
+fn process_message(
     experts: &RwLock<LocalExperts>,
     cfg: &ModelConfig,
     metrics: &NodeMetrics,
     req: DispatchRequest,
+) -> Result<DispatchResponse, DataPlaneError> {
+    let packed = req.rows.as_ref().ok_or_else(|| DataPlaneError::Invalid("missing rows".into()))?;
+    let rows = codec::decode(packed, cfg.hidden_size)?;
+    process(experts, cfg, metrics, req, rows)
+}
+
+/// Validates one batch (whose rows are already decoded) and computes it;
+/// every malformed field is an `Invalid` error naming it, so the sender
+/// gets `INVALID_ARGUMENT`.
+pub(crate) fn process(
+    experts: &RwLock<LocalExperts>,
+    cfg: &ModelConfig,
+    metrics: &NodeMetrics,
+    req: DispatchRequest,
+    rows: Vec<f32>,
 ) -> Result<DispatchResponse, DataPlaneError> {
     let h = cfg.hidden_size;
     let layer = req.layer as usize;
@@ -50,8 +64,10 @@ fn process(
     }
     let packed = req.rows.ok_or_else(|| DataPlaneError::Invalid("missing rows".into()))?;
     let dtype = Dtype::try_from(packed.dtype).unwrap_or(Dtype::F32);
-    let rows = codec::decode(&packed, h)?;
     let n = packed.num_rows as usize;
+    if rows.len() != n * h {
+        return Err(DataPlaneError::Invalid(format!("{} values for {n} rows of {h}", rows.len())));
+    }
     let table = experts.read().map_err(|_| DataPlaneError::Compute("expert table lock poisoned".into()))?;
     let mut groups = Vec::with_capacity(req.experts.len());
     for e in req.experts {
@@ -166,7 +182,7 @@ impl ExpertService for NodeService {
                 let (step, layer, trace_id) = (req.step, req.layer, req.trace_id.clone());
                 // Expert compute is heavy: off the async runtime.
                 let span = tracing::info_span!("dispatch", %trace_id, step, layer);
-                let work = move || span.in_scope(|| process(&experts, &cfg, &metrics, req));
+                let work = move || span.in_scope(|| process_message(&experts, &cfg, &metrics, req));
                 let item = match tokio::task::spawn_blocking(work).await {
                     Ok(Ok(resp)) => {
                         let seconds = resp.compute_seconds;

@@ -17,8 +17,8 @@ use expertmesh_cluster::keys::{self, Keys, LoadReport, RouterRecord};
 use expertmesh_cluster::membership::{Registration, watch_prefix};
 use expertmesh_cluster::store::{ClusterStore, Etcd, EtcdOptions};
 use expertmesh_dataplane::executor::RemoteExecutor;
-use expertmesh_dataplane::grpc::GrpcTransport;
 use expertmesh_dataplane::placement::Placement;
+use expertmesh_dataplane::transport::Transport;
 use expertmesh_model::config::ModelConfig;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,7 +53,7 @@ pub async fn run(
     store: Etcd,
     model_cfg: ModelConfig,
     executor: Arc<RemoteExecutor>,
-    transport: Arc<GrpcTransport>,
+    transport: Arc<dyn Transport>,
     state: Arc<RouterState>,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {

@@ -27,7 +27,9 @@ use expertmesh_dataplane::executor::RemoteExecutor;
 use expertmesh_dataplane::grpc::GrpcTransport;
 use expertmesh_dataplane::metrics::DispatchMetrics;
 use expertmesh_dataplane::placement::Placement;
+use expertmesh_dataplane::tcp::TcpTransport;
 use expertmesh_dataplane::tls::{InternalTls, InternalTlsArgs, identity};
+use expertmesh_dataplane::transport::Transport;
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::{Model, load_experts};
 use expertmesh_model::moe::ExpertExecutor;
@@ -51,6 +53,16 @@ pub enum WireDtype {
     F32,
     Bf16,
     Fp8,
+}
+
+/// How the router reaches expert nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// The gRPC `Dispatch` stream (TLS-capable).
+    Grpc,
+    /// Hand-framed TCP on the nodes' gRPC port: no protobuf or HTTP/2
+    /// copies of the payload; plaintext only.
+    Tcp,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,6 +90,9 @@ pub struct Config {
     /// Seconds a MoE layer's dispatch may take before the node counts as failed.
     #[arg(long, env = "EXPERTMESH_DISPATCH_TIMEOUT", default_value_t = 10.0)]
     pub dispatch_timeout: f64,
+    /// Dispatch transport to the expert nodes.
+    #[arg(long, value_enum, env = "EXPERTMESH_TRANSPORT", default_value = "grpc")]
+    pub transport: TransportArg,
     /// Activation encoding on the wire: f32 is exact.
     #[arg(long, value_enum, env = "EXPERTMESH_DISPATCH_DTYPE", default_value = "f32")]
     pub dispatch_dtype: WireDtype,
@@ -219,6 +234,9 @@ impl Config {
         if let Err((flag, message)) = self.etcd.validate() {
             return bad(flag, &message);
         }
+        if self.transport == TransportArg::Tcp && self.internal_tls.internal_ca.is_some() {
+            return bad("--transport", "tcp is plaintext; use grpc with --internal-ca");
+        }
         if !self.etcd.is_empty() {
             if self.lease_ttl == 0 {
                 return bad("--lease-ttl", "must be at least 1 second");
@@ -334,16 +352,17 @@ pub async fn run(
                 WireDtype::Bf16 => Dtype::Bf16,
                 WireDtype::Fp8 => Dtype::Fp8E4m3,
             };
-            let t = Arc::new(
-                GrpcTransport::new(
-                    tokio::runtime::Handle::current(),
-                    p.nodes.clone(),
-                    Duration::from_secs_f64(cfg.dispatch_timeout),
-                    dtype,
-                )
-                .with_metrics(dispatch_metrics.clone())
-                .with_tls(internal_tls),
-            );
+            let timeout = Duration::from_secs_f64(cfg.dispatch_timeout);
+            let t: Arc<dyn Transport> = match cfg.transport {
+                TransportArg::Grpc => Arc::new(
+                    GrpcTransport::new(tokio::runtime::Handle::current(), p.nodes.clone(), timeout, dtype)
+                        .with_metrics(dispatch_metrics.clone())
+                        .with_tls(internal_tls),
+                ),
+                TransportArg::Tcp => {
+                    Arc::new(TcpTransport::new(p.nodes.clone(), timeout, dtype).with_metrics(dispatch_metrics.clone()))
+                }
+            };
             let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(dispatch_metrics));
             remote = Some((ex.clone(), t));
             ex

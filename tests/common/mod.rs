@@ -42,14 +42,20 @@ pub struct Procs(pub Vec<(String, String, Child)>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for (_, _, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill_all();
     }
 }
 
 impl Procs {
+    /// Kills and reaps every process (dropping a `Child` alone kills nothing).
+    pub fn kill_all(&mut self) {
+        for (_, _, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.0.clear();
+    }
+
     pub fn kill(&mut self, name: &str) {
         if let Some((_, _, c)) = self.0.iter_mut().find(|(n, _, _)| n == name) {
             let _ = c.kill();
