@@ -27,6 +27,12 @@ pub fn from_traceparent(v: &str) -> Option<String> {
     (ok && id.bytes().any(|b| b != b'0')).then(|| id.to_ascii_lowercase())
 }
 
+/// A request's trace id: the one in its `traceparent` (header or gRPC
+/// metadata value) when valid, else a fresh one.
+pub fn of_request(traceparent: Option<&str>) -> String {
+    traceparent.and_then(from_traceparent).unwrap_or_else(new_id)
+}
+
 /// Marks the start of an engine step with trace id `id`.
 pub fn set_step(id: &str) {
     if let Ok(mut s) = STEP.write() {

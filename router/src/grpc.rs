@@ -35,8 +35,7 @@ type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 impl GenerateApi {
     async fn start(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
-        let given = request.metadata().get("traceparent").and_then(|v| v.to_str().ok());
-        let trace_id = given.and_then(trace::from_traceparent).unwrap_or_else(trace::new_id);
+        let trace_id = trace::of_request(request.metadata().get("traceparent").and_then(|v| v.to_str().ok()));
         let req = request.into_inner();
         let st = &self.state;
         let tok = st.tokenizer.clone();

@@ -46,9 +46,11 @@ fn triton_error(e: ApiError) -> Response {
 async fn begin(
     st: &Arc<RouterState>,
     model: &str,
+    headers: &axum::http::HeaderMap,
     body: Map<String, Value>,
 ) -> Result<tokio::sync::mpsc::Receiver<Result<Piece, ApiError>>, ApiError> {
     crate::openai::check_model(st, Some(model))?;
+    let trace_id = crate::openai::trace_id(headers);
     let mut body = body;
     let text = match body.remove("text_input") {
         Some(Value::String(s)) => s,
@@ -64,7 +66,7 @@ async fn begin(
     let p: TextParams =
         serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::bad(format!("parameters: {e}")))?;
     let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json"))?;
-    start(st, p.request(tok.encode(&text)?)?).await
+    start(st, p.request(tok.encode(&text)?, trace_id)?).await
 }
 
 fn answer(st: &RouterState, fields: Value) -> Value {
@@ -78,9 +80,10 @@ fn answer(st: &RouterState, fields: Value) -> Value {
 async fn generate(
     State(st): State<Arc<RouterState>>,
     Path(model): Path<String>,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Response {
-    let mut rx = match begin(&st, &model, body).await {
+    let mut rx = match begin(&st, &model, &headers, body).await {
         Ok(rx) => rx,
         Err(e) => return triton_error(e),
     };
@@ -102,9 +105,10 @@ async fn generate(
 async fn generate_stream(
     State(st): State<Arc<RouterState>>,
     Path(model): Path<String>,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Response {
-    let mut rx = match begin(&st, &model, body).await {
+    let mut rx = match begin(&st, &model, &headers, body).await {
         Ok(rx) => rx,
         Err(e) => return triton_error(e),
     };

@@ -39,7 +39,9 @@ def check(cond, what):
 def help_of(cmd):
     """(flags, env vars) a binary's --help lists."""
     out = subprocess.run([os.path.join(BIN, cmd[0]), *cmd[1:], "--help"], capture_output=True, text=True, check=True).stdout
-    return set(re.findall(r"(--[a-z0-9-]+)", out)), set(re.findall(r"env: (EXPERTMESH_[A-Z0-9_]+)", out))
+    # Variables: clap's `[env: …]`, and those the help names in prose (the
+    # etcd password is read from the environment only).
+    return set(re.findall(r"(--[a-z0-9-]+)", out)), set(re.findall(r"\b(EXPERTMESH_[A-Z0-9_]+)", out))
 
 
 HELP = {b: help_of([b]) for b in BINARIES}

@@ -43,6 +43,10 @@ impl From<ApiError> for Status {
     }
 }
 
+fn traceparent(m: &tonic::metadata::MetadataMap) -> String {
+    expertmesh_dataplane::trace::of_request(m.get("traceparent").and_then(|v| v.to_str().ok()))
+}
+
 /// One inference request, checked and started.
 struct Started {
     id: String,
@@ -73,7 +77,7 @@ impl KServeApi {
         r
     }
 
-    async fn begin(&self, req: ModelInferRequest) -> Result<Started, Status> {
+    async fn begin(&self, req: ModelInferRequest, trace_id: String) -> Result<Started, Status> {
         self.check_model(&req.model_name)?;
         let text = tensors::text_input(&req)?;
         let stream = tensors::stream_input(&req)?;
@@ -81,7 +85,7 @@ impl KServeApi {
             .map_err(|e| Status::invalid_argument(format!("sampling parameters: {e}")))?;
         let tok = self.state.tokenizer.as_ref().ok_or_else(|| Status::failed_precondition("no tokenizer.json"))?;
         let prompt = tok.encode(&text).map_err(|e| Status::from(ApiError::from(e)))?;
-        let pieces = start(&self.state, p.request(prompt)?).await?;
+        let pieces = start(&self.state, p.request(prompt, trace_id)?).await?;
         Ok(Started {
             id: req.id,
             stream,
@@ -222,7 +226,8 @@ impl GrpcInferenceService for KServeApi {
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let result = async {
-            let s = self.begin(r.into_inner()).await?;
+            let trace_id = traceparent(r.metadata());
+            let s = self.begin(r.into_inner(), trace_id).await?;
             if s.stream {
                 return Err(Status::invalid_argument("stream=true needs ModelStreamInfer"));
             }
@@ -249,6 +254,8 @@ impl GrpcInferenceService for KServeApi {
         &self,
         r: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        // One trace for the stream: its requests share the call's traceparent.
+        let given = r.metadata().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let mut requests = r.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let api = self.clone();
@@ -256,8 +263,9 @@ impl GrpcInferenceService for KServeApi {
             // Requests on one stream run concurrently, as Triton's decoupled models do.
             while let Some(Ok(req)) = requests.next().await {
                 let (api, tx) = (api.clone(), tx.clone());
+                let trace_id = expertmesh_dataplane::trace::of_request(given.as_deref());
                 tokio::spawn(async move {
-                    match api.begin(req).await {
+                    match api.begin(req, trace_id).await {
                         Ok(s) => drive(&api, s, &tx).await,
                         Err(e) => {
                             let msg = ModelStreamInferResponse {

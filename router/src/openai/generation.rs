@@ -40,7 +40,7 @@ pub struct TextParams {
 
 impl TextParams {
     /// The request for `prompt`; `max_tokens` defaults to 16, as vLLM's.
-    pub fn request(self, prompt: Vec<u32>) -> Result<GenRequest, ApiError> {
+    pub fn request(self, prompt: Vec<u32>, trace_id: String) -> Result<GenRequest, ApiError> {
         Ok(GenRequest {
             prompt,
             params: self.sampling.params()?,
@@ -48,7 +48,7 @@ impl TextParams {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             stop: super::Stop::into_vec(self.stop)?,
             top_logprobs: 0,
-            trace_id: expertmesh_dataplane::trace::new_id(),
+            trace_id,
         })
     }
 }

@@ -162,8 +162,7 @@ pub fn finish_str(r: FinishReason) -> &'static str {
 
 /// The trace id of a W3C `traceparent` header, or a fresh one.
 pub fn trace_id(headers: &axum::http::HeaderMap) -> String {
-    let given = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    given.and_then(expertmesh_dataplane::trace::from_traceparent).unwrap_or_else(expertmesh_dataplane::trace::new_id)
+    expertmesh_dataplane::trace::of_request(headers.get("traceparent").and_then(|v| v.to_str().ok()))
 }
 
 /// A fresh response id with OpenAI's prefix.
