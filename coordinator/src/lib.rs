@@ -74,20 +74,14 @@ impl Config {
         if self.etcd.is_empty() {
             return bad("--etcd", "at least one endpoint is required");
         }
-        if let Err((flag, message)) = self.etcd.validate() {
+        if let Err((flag, message)) = self.etcd.validate_member(&self.cluster, self.lease_ttl) {
             return bad(flag, &message);
-        }
-        if self.cluster.is_empty() || self.cluster.contains('/') {
-            return bad("--cluster", "must be a non-empty name without '/'");
         }
         if self.id.is_empty() || self.id.contains('/') {
             return bad("--id", "must be a non-empty id without '/'");
         }
         if self.min_replicas == 0 {
             return bad("--min-replicas", "must be at least 1");
-        }
-        if self.lease_ttl == 0 {
-            return bad("--lease-ttl", "must be at least 1 second");
         }
         if !(0.0..=1.0).contains(&self.rebalance_threshold) {
             return bad("--rebalance-threshold", "must be between 0 and 1");

@@ -10,7 +10,7 @@ use crate::error::{DataPlaneError, Result};
 use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
 use crate::tls::InternalTls;
-use crate::transport::{NodeBatch, Transport, check_response, dispatch_request};
+use crate::transport::{NodeBatch, Transport, check_response, dispatch_request, replace_addresses};
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype};
@@ -85,7 +85,7 @@ impl GrpcTransport {
 
     fn count_bytes(&self, node: &str, direction: &str, n: usize) {
         if let Some(m) = &self.metrics {
-            m.bytes.with_label_values(&[node, direction]).inc_by(n as u64);
+            m.count_bytes(node, direction, n);
         }
     }
 
@@ -105,10 +105,7 @@ impl GrpcTransport {
 
 impl Transport for GrpcTransport {
     fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {
-        if let (Ok(mut a), Ok(mut l)) = (self.addrs.write(), self.links.lock()) {
-            l.retain(|n, _| a.get(n) == addrs.get(n));
-            *a = addrs;
-        }
+        replace_addresses(&self.addrs, &self.links, addrs);
     }
 
     fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>> {

@@ -66,6 +66,11 @@ impl DispatchMetrics {
         Ok(m)
     }
 
+    /// Activation bytes sent to (`tx`) or received from (`rx`) a node.
+    pub fn count_bytes(&self, node: &str, direction: &str, n: usize) {
+        self.bytes.with_label_values(&[node, direction]).inc_by(n as u64);
+    }
+
     /// Records one layer's completed per-node loads; nodes of the layer that
     /// got nothing this step count as zero.
     pub fn observe_layer(&self, layer: usize, nodes: &[String], load: &HashMap<String, u64>) {

@@ -20,7 +20,7 @@ use crate::codec;
 use crate::error::{DataPlaneError, Result};
 use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
-use crate::transport::{NodeBatch, Transport, check_response, dispatch_request};
+use crate::transport::{NodeBatch, Transport, check_response, dispatch_request, replace_addresses};
 use expertmesh_proto::v1::{DispatchResponse, Dtype, PackedRows};
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
@@ -198,16 +198,11 @@ impl TcpTransport {
         let mut guard = link
             .lock()
             .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link poisoned".into() })?;
-        if guard.is_none() {
-            *guard = Some(self.connect(&b.node, &addr)?);
-        }
-        let r = self.send_and_receive(
-            guard.as_mut().ok_or_else(|| DataPlaneError::Invalid("no link".into()))?,
-            step,
-            layer,
-            hidden,
-            b,
-        );
+        let s = match &mut *guard {
+            Some(s) => s,
+            slot @ None => slot.insert(self.connect(&b.node, &addr)?),
+        };
+        let r = self.send_and_receive(s, step, layer, hidden, b);
         if matches!(r, Err(DataPlaneError::Transport { .. } | DataPlaneError::Timeout { .. })) {
             *guard = None;
         }
@@ -253,7 +248,7 @@ impl TcpTransport {
 
     fn count_bytes(&self, node: &str, direction: &str, n: usize) {
         if let Some(m) = &self.metrics {
-            m.bytes.with_label_values(&[node, direction]).inc_by(n as u64);
+            m.count_bytes(node, direction, n);
         }
     }
 }
@@ -281,10 +276,7 @@ impl Transport for TcpTransport {
     }
 
     fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {
-        if let (Ok(mut a), Ok(mut l)) = (self.addrs.write(), self.links.lock()) {
-            l.retain(|n, _| a.get(n) == addrs.get(n));
-            *a = addrs;
-        }
+        replace_addresses(&self.addrs, &self.links, addrs);
     }
 }
 

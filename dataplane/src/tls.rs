@@ -146,7 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_use_https_only_under_tls() {
+    fn plaintext_endpoints_use_http_and_bad_addresses_are_errors() {
         assert_eq!(endpoint(None, "127.0.0.1:1").unwrap().uri().scheme_str(), Some("http"));
         assert!(endpoint(None, "not an address").is_err());
     }

@@ -35,6 +35,19 @@ pub trait Transport: Send + Sync {
     fn set_addresses(&self, _addrs: BTreeMap<NodeId, String>) {}
 }
 
+/// Replaces a dialling transport's address book; links to nodes whose
+/// address changed or that left are dropped (they close).
+pub fn replace_addresses<L>(
+    addrs: &RwLock<BTreeMap<NodeId, String>>,
+    links: &Mutex<std::collections::HashMap<NodeId, L>>,
+    new: BTreeMap<NodeId, String>,
+) {
+    if let (Ok(mut a), Ok(mut l)) = (addrs.write(), links.lock()) {
+        l.retain(|n, _| a.get(n) == new.get(n));
+        *a = new;
+    }
+}
+
 /// The wire request for one node's batch.
 pub fn dispatch_request(step: u64, layer: usize, hidden: usize, b: &NodeBatch, dtype: Dtype) -> DispatchRequest {
     DispatchRequest {

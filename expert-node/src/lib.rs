@@ -265,17 +265,11 @@ pub async fn run(
 
 fn validate_membership(cfg: &Config) -> Result<(), NodeError> {
     let bad = |flag, message: &str| Err(NodeError::Config { flag, message: message.to_string() });
-    if let Err((flag, message)) = cfg.etcd.validate() {
+    if let Err((flag, message)) = cfg.etcd.validate_member(&cfg.cluster, cfg.lease_ttl) {
         return bad(flag, &message);
     }
     if cfg.etcd.is_empty() {
         return Ok(());
-    }
-    if cfg.lease_ttl == 0 {
-        return bad("--lease-ttl", "must be at least 1 second");
-    }
-    if cfg.cluster.is_empty() || cfg.cluster.contains('/') {
-        return bad("--cluster", "must be a non-empty name without '/'");
     }
     if cfg.node_id.is_empty() || cfg.node_id.contains('/') {
         return bad("--node-id", "must be a non-empty id without '/'");

@@ -231,22 +231,14 @@ impl Config {
         if self.api_key.iter().any(|k| k.0.trim().is_empty()) {
             return bad("--api-key", "keys must not be empty");
         }
-        if let Err((flag, message)) = self.etcd.validate() {
+        if let Err((flag, message)) = self.etcd.validate_member(&self.cluster, self.lease_ttl) {
             return bad(flag, &message);
         }
         if self.transport == TransportArg::Tcp && self.internal_tls.internal_ca.is_some() {
             return bad("--transport", "tcp is plaintext; use grpc with --internal-ca");
         }
-        if !self.etcd.is_empty() {
-            if self.lease_ttl == 0 {
-                return bad("--lease-ttl", "must be at least 1 second");
-            }
-            if self.cluster.is_empty() || self.cluster.contains('/') {
-                return bad("--cluster", "must be a non-empty name without '/'");
-            }
-            if self.router_id.as_ref().is_some_and(|i| i.is_empty() || i.contains('/')) {
-                return bad("--router-id", "must be a non-empty id without '/'");
-            }
+        if !self.etcd.is_empty() && self.router_id.as_ref().is_some_and(|i| i.is_empty() || i.contains('/')) {
+            return bad("--router-id", "must be a non-empty id without '/'");
         }
         Ok(())
     }

@@ -97,15 +97,7 @@ pub async fn handle(
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Response {
-    let trace_id = super::trace_id(&headers);
-    let span = tracing::info_span!("request", trace_id = %trace_id);
-    match tracing::Instrument::instrument(run(st.clone(), req, trace_id), span).await {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics.errors.with_label_values(&[e.reason()]).inc();
-            e.into_response()
-        }
-    }
+    super::respond(st, &headers, |st, trace_id| run(st, req, trace_id)).await
 }
 
 async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result<Response, ApiError> {

@@ -165,6 +165,24 @@ pub fn trace_id(headers: &axum::http::HeaderMap) -> String {
     expertmesh_dataplane::trace::of_request(headers.get("traceparent").and_then(|v| v.to_str().ok()))
 }
 
+/// Runs an endpoint under a `request` span with the request's trace id,
+/// counting and rendering its error, if any.
+pub async fn respond<F, Fut>(st: Arc<RouterState>, headers: &axum::http::HeaderMap, run: F) -> Response
+where
+    F: FnOnce(Arc<RouterState>, String) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let trace_id = trace_id(headers);
+    let span = tracing::info_span!("request", trace_id = %trace_id);
+    match tracing::Instrument::instrument(run(st.clone(), trace_id), span).await {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics.errors.with_label_values(&[e.reason()]).inc();
+            e.into_response()
+        }
+    }
+}
+
 /// A fresh response id with OpenAI's prefix.
 pub fn response_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
