@@ -6,7 +6,7 @@
 //! garbage frame closes only its own link.
 
 use expertmesh_dataplane::executor::RemoteExecutor;
-use expertmesh_dataplane::grpc::GrpcTransport;
+use expertmesh_dataplane::grpc_transport::GrpcTransport;
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::generate::{SamplingParams, generate};
@@ -183,7 +183,8 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
 
 #[test]
 fn framed_tcp_links_are_exact_and_garbage_on_one_harms_no_other() {
-    use expertmesh_dataplane::tcp::{MAGIC, TcpTransport};
+    use expertmesh_dataplane::frame::MAGIC;
+    use expertmesh_dataplane::tcp_transport::TcpTransport;
     use std::io::{Read, Write};
     let model = fixture("deepseek_v3_yarn_bf16");
     let (_nodes, p, _) = start(&model, 2, 2);

@@ -123,7 +123,7 @@ impl EtcdServer {
                 .arg(&t.key);
         }
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        crate::process::tie_to_parent(&mut cmd);
+        expertmesh_plumbing::process::tie_to_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound { EtcdServerError::Missing } else { EtcdServerError::Start(e) }
         })?;

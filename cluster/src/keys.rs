@@ -61,6 +61,11 @@ impl Keys {
     pub fn drain(&self, node: &str) -> String {
         format!("{}drain/{node}", self.root)
     }
+    /// A local supervisor's (`expertmesh up`) report of its children.
+    pub fn supervisor(&self) -> String {
+        format!("{}supervisor", self.root)
+    }
+
     /// `rebalance`: an operator's request (any new value asks again).
     pub fn rebalance(&self) -> String {
         format!("{}rebalance", self.root)
@@ -147,6 +152,27 @@ pub struct CoordinatorRecord {
 pub struct LoadReport {
     pub moe_layers: Vec<usize>,
     pub layers: Vec<Vec<f64>>,
+}
+
+/// One supervised child process, as `expertmesh up` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChildRecord {
+    pub pid: u32,
+    /// Restarts since `up` started it first.
+    pub restarts: u32,
+    /// How its last run ended (`"exit status 1"`, `"signal 9"`), if it did.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+    /// Its log file.
+    #[serde(default)]
+    pub log: String,
+}
+
+/// The `supervisor` key: every child `up` runs, by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SupervisorRecord {
+    pub pid: u32,
+    pub children: std::collections::BTreeMap<String, ChildRecord>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

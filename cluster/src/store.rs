@@ -129,22 +129,6 @@ impl EtcdOptions {
         Ok(())
     }
 
-    /// [`Self::validate`], and for a member that joins (endpoints given) its
-    /// lease TTL and cluster name, which becomes a key prefix.
-    pub fn validate_member(&self, cluster: &str, lease_ttl: u64) -> std::result::Result<(), (&'static str, String)> {
-        self.validate()?;
-        if self.is_empty() {
-            return Ok(());
-        }
-        if lease_ttl == 0 {
-            return Err(("--lease-ttl", "must be at least 1 second".into()));
-        }
-        if cluster.is_empty() || cluster.contains('/') {
-            return Err(("--cluster", "must be a non-empty name without '/'".into()));
-        }
-        Ok(())
-    }
-
     fn connect_options(&self) -> Result<ConnectOptions> {
         let mut opts = ConnectOptions::new();
         if let (Some(user), Some(password)) = (&self.etcd_user, &self.etcd_password) {

@@ -11,10 +11,10 @@ use crate::CoordError;
 use expertmesh_cluster::keys::{self, DrainRecord, DrainState, Keys, RouterRecord};
 use expertmesh_cluster::membership::Snapshot;
 use expertmesh_cluster::store::ClusterStore;
-use expertmesh_dataplane::placement::Placement;
-use expertmesh_dataplane::tls::InternalTls;
+use expertmesh_plumbing::internal_tls::InternalTls;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{ExpertSet, InfoRequest, LayerExperts};
+use expertmesh_spec::placement::Placement;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -48,7 +48,7 @@ pub struct Nodes {
 
 impl Nodes {
     async fn client(&self, addr: &str) -> Result<ExpertServiceClient<tonic::transport::Channel>, CoordError> {
-        let ep = expertmesh_dataplane::tls::endpoint(self.tls.as_ref(), addr)
+        let ep = expertmesh_plumbing::internal_tls::endpoint(self.tls.as_ref(), addr)
             .map_err(|message| CoordError::Node { addr: addr.into(), message })?
             .connect_timeout(Duration::from_secs(2))
             .timeout(RPC_TIMEOUT);

@@ -15,8 +15,8 @@ pub mod leader;
 pub mod metrics;
 
 use clap::Parser;
-use expertmesh_cluster::store::EtcdOptions;
-use expertmesh_dataplane::tls::InternalTlsArgs;
+use expertmesh_cluster::args::MemberArgs;
+use expertmesh_plumbing::internal_tls::InternalTlsArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -27,15 +27,13 @@ pub struct Config {
     /// Checkpoint directory (only its config is read).
     #[arg(long, env = "EXPERTMESH_MODEL")]
     pub model: PathBuf,
-    /// etcd (`--etcd` endpoints, comma-separated, and its TLS and user).
+    /// etcd, the cluster's name and the lease TTL (leadership too: a dead
+    /// leader is replaced within it).
     #[command(flatten)]
-    pub etcd: EtcdOptions,
+    pub member: MemberArgs,
     /// Mutual TLS to the expert nodes and on the health endpoint.
     #[command(flatten)]
     pub internal_tls: InternalTlsArgs,
-    /// Cluster name: keys live under `/expertmesh/<cluster>/`.
-    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
-    pub cluster: String,
     /// This coordinator's id (unique among coordinators).
     #[arg(long, env = "EXPERTMESH_ID", default_value = "coordinator-0")]
     pub id: String,
@@ -52,9 +50,6 @@ pub struct Config {
     /// the experts, as DeepSeek-V3's 32 for 256).
     #[arg(long, env = "EXPERTMESH_REDUNDANT_EXPERTS")]
     pub redundant_experts: Option<usize>,
-    /// Leadership lease TTL in seconds: a dead leader is replaced within it.
-    #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
-    pub lease_ttl: u64,
     /// Rebalance when balancedness (mean/max node load) stays below this…
     #[arg(long, env = "EXPERTMESH_REBALANCE_THRESHOLD", default_value_t = 0.8)]
     pub rebalance_threshold: f64,
@@ -65,16 +60,16 @@ pub struct Config {
     #[arg(long, env = "EXPERTMESH_ROUTER_ACK_TIMEOUT", default_value_t = 30.0)]
     pub router_ack_timeout: f64,
     #[command(flatten)]
-    pub log: expertmesh_cluster::process::LogArgs,
+    pub log: expertmesh_plumbing::process::LogArgs,
 }
 
 impl Config {
     pub fn validate(&self) -> Result<(), CoordError> {
         let bad = |flag, message: &str| Err(CoordError::Config { flag, message: message.to_string() });
-        if self.etcd.is_empty() {
+        if !self.member.joins() {
             return bad("--etcd", "at least one endpoint is required");
         }
-        if let Err((flag, message)) = self.etcd.validate_member(&self.cluster, self.lease_ttl) {
+        if let Err((flag, message)) = self.member.validate() {
             return bad(flag, &message);
         }
         if self.id.is_empty() || self.id.contains('/') {
@@ -101,11 +96,11 @@ pub enum CoordError {
     #[error("{flag}: {message}")]
     Config { flag: &'static str, message: String },
     #[error(transparent)]
-    Model(#[from] expertmesh_model::ModelError),
+    Spec(#[from] expertmesh_spec::SpecError),
     #[error(transparent)]
     Store(#[from] expertmesh_cluster::store::StoreError),
     #[error(transparent)]
-    Plan(#[from] expertmesh_cluster::planner::PlanError),
+    Plan(#[from] expertmesh_planner::PlanError),
     #[error("expert node {addr}: {message}")]
     Node { addr: String, message: String },
     #[error("no longer the leader")]

@@ -1,8 +1,12 @@
 //! `coordinator`: see the library docs.
 
 use clap::Parser;
-use expertmesh_cluster::process;
 use expertmesh_coordinator::{Bound, Config, run};
+use expertmesh_plumbing::process;
+
+// Dispatch-sized buffers come and go constantly; see docs/benchmarks.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();

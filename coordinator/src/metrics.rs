@@ -1,5 +1,6 @@
 //! Coordinator metrics (names are the dashboards' interface).
 
+use crate::decide::Trigger;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 pub struct CoordMetrics {
@@ -11,12 +12,13 @@ pub struct CoordMetrics {
     pub rebalance_seconds: Histogram,
     pub moved: IntCounter,
     pub is_leader: IntGauge,
+    pub invalid_placements: IntCounter,
 }
 
 impl CoordMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let m = CoordMetrics {
-            registry: expertmesh_cluster::metrics::registry("coordinator"),
+            registry: expertmesh_plumbing::metrics::registry("coordinator")?,
             nodes: IntGaugeVec::new(
                 Opts::new("expertmesh_cluster_nodes", "Expert nodes registered, by state"),
                 &["state"],
@@ -39,7 +41,15 @@ impl CoordMetrics {
             )?,
             moved: IntCounter::new("expertmesh_experts_moved_total", "Expert replicas loaded onto a node by a change")?,
             is_leader: IntGauge::new("expertmesh_coordinator_is_leader", "1 while this coordinator leads")?,
+            invalid_placements: IntCounter::new(
+                "expertmesh_invalid_placements_total",
+                "Placements read from etcd that did not parse or fit the model (the last good one stayed)",
+            )?,
         };
+        // Known label values start at 0, so rates and panels have data at once.
+        for t in Trigger::ALL {
+            m.rebalances.with_label_values(&[t.as_str()]);
+        }
         m.registry.register(Box::new(m.nodes.clone()))?;
         m.registry.register(Box::new(m.placement_version.clone()))?;
         m.registry.register(Box::new(m.uncovered.clone()))?;
@@ -47,6 +57,7 @@ impl CoordMetrics {
         m.registry.register(Box::new(m.rebalance_seconds.clone()))?;
         m.registry.register(Box::new(m.moved.clone()))?;
         m.registry.register(Box::new(m.is_leader.clone()))?;
+        m.registry.register(Box::new(m.invalid_placements.clone()))?;
         Ok(m)
     }
 }

@@ -15,8 +15,6 @@ pub enum DataPlaneError {
     /// No live replica holds these experts.
     #[error("experts without a live replica: {0}")]
     Uncovered(String),
-    #[error("placement: {0}")]
-    Placement(String),
     #[error("expert computation: {0}")]
     Compute(String),
 }
@@ -24,7 +22,7 @@ pub enum DataPlaneError {
 impl DataPlaneError {
     pub fn code(&self) -> tonic::Code {
         match self {
-            DataPlaneError::Invalid(_) | DataPlaneError::Placement(_) => tonic::Code::InvalidArgument,
+            DataPlaneError::Invalid(_) => tonic::Code::InvalidArgument,
             DataPlaneError::Transport { .. } | DataPlaneError::Uncovered(_) => tonic::Code::Unavailable,
             DataPlaneError::Timeout { .. } => tonic::Code::DeadlineExceeded,
             DataPlaneError::Compute(_) => tonic::Code::Internal,

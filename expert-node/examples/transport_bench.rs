@@ -14,8 +14,8 @@
 // Linked for its process allocator, as in the service binaries.
 use expertmesh_cluster as _;
 use expertmesh_dataplane::codec;
-use expertmesh_dataplane::grpc::GrpcTransport;
-use expertmesh_dataplane::tcp::TcpTransport;
+use expertmesh_dataplane::grpc_transport::GrpcTransport;
+use expertmesh_dataplane::tcp_transport::TcpTransport;
 use expertmesh_dataplane::transport::{InProcess, NodeBatch, Transport};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::generate::{SamplingParams, generate};

@@ -7,19 +7,21 @@
 //! (finishes in-flight batches, refuses new ones) before returning.
 
 pub mod metrics;
-pub mod raw;
 pub mod service;
 pub mod spec;
+pub mod tcp_server;
 
-use clap::{Parser, ValueEnum};
-use expertmesh_cluster::keys::{self, Keys, NodeRecord, NodeState};
+use clap::Parser;
+use expertmesh_cluster::args::MemberArgs;
+use expertmesh_cluster::keys::{self, NodeRecord, NodeState};
 use expertmesh_cluster::membership::Registration;
-use expertmesh_cluster::store::EtcdOptions;
-use expertmesh_dataplane::tls::{InternalTls, InternalTlsArgs, server_builder};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::load_experts;
+use expertmesh_model::moe::LocalExperts;
 use expertmesh_model::tensor::Precision;
 use expertmesh_model::weights::WeightStore;
+use expertmesh_plumbing::internal_tls::{InternalTls, InternalTlsArgs, server_builder};
+use expertmesh_plumbing::listen::Listeners;
 use expertmesh_proto::v1::expert_service_server::ExpertServiceServer;
 use expertmesh_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
 use std::net::SocketAddr;
@@ -27,12 +29,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum PrecisionArg {
-    F32,
-    Bf16,
-}
 
 /// Command-line and environment configuration.
 #[derive(Parser, Debug, Clone)]
@@ -56,7 +52,7 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Activations in expert products (see `expertmesh generate --help`).
     #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
-    pub precision: PrecisionArg,
+    pub precision: Precision,
     /// Serve Prometheus `/metrics` on this address (port 0 picks one).
     #[arg(long, env = "EXPERTMESH_METRICS")]
     pub metrics: Option<SocketAddr>,
@@ -67,33 +63,28 @@ pub struct Config {
     /// Memory for expert weights, in bytes; 0 = unlimited.
     #[arg(long, env = "EXPERTMESH_CAPACITY_BYTES", default_value_t = 0)]
     pub capacity_bytes: u64,
-    /// etcd (`--etcd` endpoints, comma-separated, and its TLS and user): join
-    /// the cluster under a lease, so the coordinator places experts here and
-    /// routers find this node.
+    /// etcd, cluster and lease: join the cluster under a lease, so the
+    /// coordinator places experts here and routers find this node.
     #[command(flatten)]
-    pub etcd: EtcdOptions,
+    pub member: MemberArgs,
     /// Mutual TLS: with it, peers without a certificate from
     /// --internal-ca are refused.
     #[command(flatten)]
     pub internal_tls: InternalTlsArgs,
-    /// Cluster name: keys live under `/expertmesh/<cluster>/`.
-    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
-    pub cluster: String,
-    /// Membership lease TTL in seconds: a dead node leaves within it.
-    #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
-    pub lease_ttl: u64,
     /// Address routers and the coordinator dial (default: the bound `--listen`
     /// address; set it when listening on 0.0.0.0).
     #[arg(long, env = "EXPERTMESH_ADVERTISE")]
     pub advertise: Option<String>,
     #[command(flatten)]
-    pub log: expertmesh_cluster::process::LogArgs,
+    pub log: expertmesh_plumbing::process::LogArgs,
 }
 
 #[derive(Debug, Error)]
 pub enum NodeError {
     #[error("{flag}: {message}")]
     Config { flag: &'static str, message: String },
+    #[error(transparent)]
+    Spec(#[from] expertmesh_spec::SpecError),
     #[error(transparent)]
     Model(#[from] expertmesh_model::ModelError),
     #[error("listen on {addr}: {source}")]
@@ -103,11 +94,9 @@ pub enum NodeError {
     #[error("loading experts: {0}")]
     Load(String),
     #[error(transparent)]
-    Tls(#[from] expertmesh_dataplane::tls::TlsError),
+    Tls(#[from] expertmesh_plumbing::internal_tls::TlsError),
 }
 
-/// Loads this node's experts, serves until `shutdown` is cancelled, then
-/// drains. `bound` receives the listening address once serving.
 /// Addresses the node actually listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
@@ -115,33 +104,37 @@ pub struct Bound {
     pub metrics: Option<SocketAddr>,
 }
 
+/// The node's shard, loaded.
+struct Shard {
+    store: WeightStore,
+    experts: LocalExperts,
+    weight_dtype: String,
+}
+
+/// Loads this node's experts, serves until `shutdown` is cancelled, then
+/// drains. `bound` receives the listening addresses once serving.
 pub async fn run(
     cfg: Config,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), NodeError> {
-    validate_membership(&cfg)?;
+    validate(&cfg)?;
     // TLS material is checked before the (slow) expert load.
     let tls = InternalTls::load(&cfg.internal_tls)?;
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
-    let spec = cfg.experts.clone().unwrap_or_else(|| if cfg.etcd.is_empty() { "all".into() } else { String::new() });
-    let wanted = spec::parse(&spec, &model_cfg).map_err(|m| NodeError::Config { flag: "--experts", message: m })?;
-    let precision = match cfg.precision {
-        PrecisionArg::F32 => Precision::F32,
-        PrecisionArg::Bf16 => Precision::Bf16,
-    };
-    // Listen and join first (as `joining`), so the cluster sees the node
-    // while it loads: loading a large shard takes minutes.
     let node_metrics = Arc::new(
         metrics::NodeMetrics::new(cfg.per_expert_metrics).map_err(|e| NodeError::Load(format!("metrics: {e}")))?,
     );
+    // Listen and join first (as `joining`), so the cluster sees the node
+    // while it loads: loading a large shard takes minutes.
+    let listeners = Arc::new(Listeners::default());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
     let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: cfg.listen, source })?;
     let metrics_addr = match cfg.metrics {
         Some(m) => Some(
-            expertmesh_cluster::metrics::serve(m, node_metrics.registry.clone(), shutdown.clone())
+            expertmesh_plumbing::metrics::serve(m, node_metrics.registry.clone(), shutdown.clone(), listeners.clone())
                 .await
                 .map_err(|source| NodeError::Listen { addr: m, source })?,
         ),
@@ -159,20 +152,46 @@ pub async fn run(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
     };
-    let registration = if cfg.etcd.is_empty() {
-        None
-    } else {
-        let key = Keys::new(&cfg.cluster).node(&cfg.node_id);
-        let ttl = std::time::Duration::from_secs(cfg.lease_ttl);
-        Some(Arc::new(
-            Registration::start(cfg.etcd.clone(), key, keys::encode(&record), ttl)
-                .map_err(|e| NodeError::Load(format!("membership thread: {e}")))?,
-        ))
-    };
-    let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
+    let registration = register(&cfg, &record)?;
+    let shard = load_shard(&cfg, &model_cfg).await?;
+    record.expert_bytes = expert_bytes(&cfg, &model_cfg, &shard)?;
+    node_metrics.experts_loaded.set(shard.experts.loaded().len() as i64);
+    tracing::info!(node = %cfg.node_id, %addr, experts = shard.experts.size_bytes(), "expert node serving");
+    record.state = NodeState::Ready;
+    if let Some(r) = &registration {
+        r.update(keys::encode(&record));
+    }
+    if let Some(tx) = bound
+        && tx.send(Bound { grpc: addr, metrics: metrics_addr }).is_err()
+    {
+        tracing::debug!("nobody waits for the bound addresses");
+    }
+    let served = Served { cfg: &cfg, model_cfg, tls, metrics: node_metrics, listeners };
+    served.serve(listener, shard, registration.clone(), record, &shutdown).await?;
+    drop(registration);
+    tracing::info!(node = %cfg.node_id, "expert node drained");
+    Ok(())
+}
+
+/// Joins the cluster (with `--etcd`) as `joining`.
+fn register(cfg: &Config, record: &NodeRecord) -> Result<Option<Arc<Registration>>, NodeError> {
+    if !cfg.member.joins() {
+        return Ok(None);
+    }
+    let key = cfg.member.keys().node(&cfg.node_id);
+    let r = Registration::start(cfg.member.etcd().clone(), key, keys::encode(record), cfg.member.ttl())
+        .map_err(|e| NodeError::Load(format!("membership thread: {e}")))?;
+    Ok(Some(Arc::new(r)))
+}
+
+/// Reads the experts `--experts` names (all, or none under a coordinator),
+/// off the async runtime.
+async fn load_shard(cfg: &Config, model_cfg: &ModelConfig) -> Result<Shard, NodeError> {
+    let spec = cfg.experts.clone().unwrap_or_else(|| if cfg.member.joins() { String::new() } else { "all".into() });
+    let wanted = spec::parse(&spec, model_cfg).map_err(|m| NodeError::Config { flag: "--experts", message: m })?;
+    let (dir, mc, precision) = (cfg.model.clone(), model_cfg.clone(), cfg.precision);
     let (store, experts) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
-        let mut store = WeightStore::open(&dir, mc.fp8_block)?;
-        store.set_precision(precision);
+        let store = WeightStore::for_model(&dir, &mc, precision)?;
         let experts = load_experts(&mc, &store, |l, e| wanted.contains(&(l, e)), &mut |_, _| {})?;
         Ok((store, experts))
     })
@@ -181,94 +200,122 @@ pub async fn run(
     let weight_dtype = model_cfg
         .moe_layers()
         .next()
-        .and_then(|l| store.dtype_name(&expertmesh_model::model::expert_tensor_names(&model_cfg, l, 0)[0]))
+        .and_then(|l| store.dtype_name(&expertmesh_model::model::expert_tensor_names(model_cfg, l, 0)[0]))
         .unwrap_or_else(|| "unknown".into());
-    let used = experts.size_bytes() as u64;
+    Ok(Shard { store, experts, weight_dtype })
+}
+
+/// Bytes one routed expert takes here (the placement's slot size), checking
+/// the shard fits `--capacity-bytes`.
+fn expert_bytes(cfg: &Config, model_cfg: &ModelConfig, shard: &Shard) -> Result<u64, NodeError> {
+    let used = shard.experts.size_bytes() as u64;
     if cfg.capacity_bytes > 0 && used > cfg.capacity_bytes {
         return Err(NodeError::Config {
             flag: "--capacity-bytes",
             message: format!("the selected experts need {used} bytes, more than {}", cfg.capacity_bytes),
         });
     }
-    record.expert_bytes = match experts.loaded().len() {
-        0 => one_expert_bytes(&model_cfg, &store)?,
-        n => used / n as u64,
-    };
-    node_metrics.experts_loaded.set(experts.loaded().len() as i64);
-    let (model_cfg, experts) = (Arc::new(model_cfg), Arc::new(RwLock::new(experts)));
-    // The framed-TCP dispatch link shares the gRPC port; it is plaintext,
-    // so under internal TLS every connection goes to gRPC.
-    let raw_ctx = tls.is_none().then(|| raw::RawContext {
-        experts: experts.clone(),
-        cfg: model_cfg.clone(),
-        metrics: node_metrics.clone(),
-        stop: shutdown.clone(),
-    });
-    let service = service::NodeService {
-        node_id: cfg.node_id.clone(),
-        model_name: cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        cfg: model_cfg,
-        store: Arc::new(store),
-        experts,
-        capacity_bytes: cfg.capacity_bytes,
-        weight_dtype,
-        shutdown: shutdown.clone(),
-        metrics: node_metrics.clone(),
-    };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ExpertServiceServer<service::NodeService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| NodeError::Load(e.to_string()))?;
-    tracing::info!(node = %cfg.node_id, %addr, experts = used, "expert node serving");
-    record.state = NodeState::Ready;
-    if let Some(r) = &registration {
-        r.update(keys::encode(&record));
+    match shard.experts.loaded().len() {
+        0 => one_expert_bytes(model_cfg, &shard.store),
+        n => Ok(used / n as u64),
     }
-    // Draining is announced at once; the lease is revoked (the node leaves)
-    // only once in-flight batches are done.
-    let announce = registration.clone();
-    if let Some(tx) = bound {
-        let _ = tx.send(Bound { grpc: addr, metrics: metrics_addr });
-    }
-    let server = ExpertServiceServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let drain = shutdown.clone();
-    let links = raw::RawLinks::default();
-    let incoming = raw::split_incoming(listener, raw_ctx, links.clone(), shutdown.clone());
-    server_builder(tls.as_ref())?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(expertmesh_dataplane::grpc::WINDOW)
-        .initial_connection_window_size(expertmesh_dataplane::grpc::WINDOW)
-        .max_frame_size(expertmesh_dataplane::grpc::FRAME)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(server)
-        .serve_with_incoming_shutdown(incoming, async move {
-            drain.cancelled().await;
-            if let Some(r) = &announce {
-                record.state = NodeState::Draining;
-                r.update(keys::encode(&record));
-            }
-            // Tell health checkers first, so routers stop sending.
-            health.set_not_serving::<ExpertServiceServer<service::NodeService>>().await;
-        })
-        .await?;
-    // Framed links answer the batch in hand, then close.
-    let _ = tokio::task::spawn_blocking(move || links.join()).await;
-    drop(registration);
-    tracing::info!(node = %cfg.node_id, "expert node drained");
-    Ok(())
 }
 
-fn validate_membership(cfg: &Config) -> Result<(), NodeError> {
+/// What the serving step needs.
+struct Served<'a> {
+    cfg: &'a Config,
+    model_cfg: ModelConfig,
+    tls: Option<InternalTls>,
+    metrics: Arc<metrics::NodeMetrics>,
+    listeners: Arc<Listeners>,
+}
+
+impl Served<'_> {
+    /// Serves gRPC and framed links on one port until `shutdown`, then
+    /// drains: draining is announced at once, in-flight batches finish.
+    async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shard: Shard,
+        announce: Option<Arc<Registration>>,
+        mut record: NodeRecord,
+        shutdown: &CancellationToken,
+    ) -> Result<(), NodeError> {
+        let (model_cfg, experts) = (Arc::new(self.model_cfg), Arc::new(RwLock::new(shard.experts)));
+        // The framed-TCP dispatch link shares the gRPC port; it is plaintext,
+        // so under internal TLS every connection goes to gRPC.
+        let link_ctx = self.tls.is_none().then(|| tcp_server::LinkContext {
+            experts: experts.clone(),
+            cfg: model_cfg.clone(),
+            metrics: self.metrics.clone(),
+            stop: shutdown.clone(),
+        });
+        let service = service::NodeService {
+            node_id: self.cfg.node_id.clone(),
+            model_name: self.cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            cfg: model_cfg,
+            store: Arc::new(shard.store),
+            experts,
+            capacity_bytes: self.cfg.capacity_bytes,
+            weight_dtype: shard.weight_dtype,
+            shutdown: shutdown.clone(),
+            metrics: self.metrics,
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ExpertServiceServer<service::NodeService>>().await;
+        let unready = health.clone();
+        let (listeners, stop) = (self.listeners.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = listeners.failed() => unready.set_not_serving::<ExpertServiceServer<service::NodeService>>().await,
+                _ = stop.cancelled() => {}
+            }
+        });
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| NodeError::Load(e.to_string()))?;
+        let server = ExpertServiceServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let drain = shutdown.clone();
+        let links = tcp_server::LinkThreads::default();
+        let incoming = tcp_server::split_incoming(listener, link_ctx, links.clone(), shutdown.clone());
+        server_builder(self.tls.as_ref())?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(expertmesh_dataplane::grpc_transport::WINDOW)
+            .initial_connection_window_size(expertmesh_dataplane::grpc_transport::WINDOW)
+            .max_frame_size(expertmesh_dataplane::grpc_transport::FRAME)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(server)
+            .serve_with_incoming_shutdown(incoming, async move {
+                drain.cancelled().await;
+                if let Some(r) = &announce {
+                    record.state = NodeState::Draining;
+                    r.update(keys::encode(&record));
+                }
+                // Tell health checkers first, so routers stop sending.
+                health.set_not_serving::<ExpertServiceServer<service::NodeService>>().await;
+            })
+            .await?;
+        // Framed links answer the batch in hand, then close.
+        if let Err(e) = tokio::task::spawn_blocking(move || links.join()).await {
+            tracing::error!(error = %e, "joining the framed links");
+        }
+        Ok(())
+    }
+}
+
+fn validate(cfg: &Config) -> Result<(), NodeError> {
     let bad = |flag, message: &str| Err(NodeError::Config { flag, message: message.to_string() });
-    if let Err((flag, message)) = cfg.etcd.validate_member(&cfg.cluster, cfg.lease_ttl) {
+    if cfg.threads == Some(0) {
+        return bad("--threads", "must be at least 1");
+    }
+    if let Err((flag, message)) = cfg.member.validate() {
         return bad(flag, &message);
     }
-    if cfg.etcd.is_empty() {
+    if !cfg.member.joins() {
         return Ok(());
     }
     if cfg.node_id.is_empty() || cfg.node_id.contains('/') {

@@ -1,8 +1,15 @@
 //! `expert-node`: see the library docs.
 
 use clap::Parser;
-use expertmesh_cluster::process;
 use expertmesh_expert_node::{Bound, Config, run};
+use expertmesh_plumbing::process;
+
+// Dispatch batches are megabyte buffers allocated and freed at every MoE
+// layer; glibc serves those with fresh mmaps (page faults and zeroing each
+// time), mimalloc reuses them (docs/benchmarks.md: 4 MiB round trip 12-14 ms
+// -> 5-7 ms).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();

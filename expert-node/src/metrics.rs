@@ -16,7 +16,7 @@ pub struct NodeMetrics {
 impl NodeMetrics {
     pub fn new(per_expert: bool) -> prometheus::Result<Self> {
         let m = NodeMetrics {
-            registry: expertmesh_cluster::metrics::registry("expert-node"),
+            registry: expertmesh_plumbing::metrics::registry("expert-node")?,
             expert_tokens: IntCounterVec::new(
                 Opts::new("expertmesh_node_expert_tokens_total", "Token-expert pairs computed"),
                 &["layer", "expert"],

@@ -36,13 +36,13 @@ enum Command {
     /// Load-test a router, or the same engine in this process.
     Bench(BenchCmd),
     /// Plan expert placement offline from a load matrix.
-    Placement(crate::placement::PlacementCmd),
+    Placement(crate::placement_cmd::PlacementCmd),
     /// Show the cluster from etcd: leader, live nodes, placement, balance.
-    Status(crate::control::StatusCmd),
+    Status(crate::cluster_cmd::StatusCmd),
     /// Move an expert node's experts away, then mark it drained.
-    Drain(crate::control::DrainCmd),
+    Drain(crate::cluster_cmd::DrainCmd),
     /// Ask the leading coordinator to re-plan placement now.
-    Rebalance(crate::control::RebalanceCmd),
+    Rebalance(crate::cluster_cmd::RebalanceCmd),
 }
 
 #[derive(Args)]
@@ -172,13 +172,7 @@ struct GenerateArgs {
     /// Activations in bf16 matrix products: f32 (exact against transformers
     /// in float32) or bf16 (faster; what torch does in bfloat16).
     #[arg(long, value_enum, default_value = "f32", env = "EXPERTMESH_PRECISION")]
-    precision: PrecisionArg,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PrecisionArg {
-    F32,
-    Bf16,
+    precision: Precision,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -261,17 +255,17 @@ struct GenModelArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    expertmesh_cluster::process::set_compute_threads(cli.threads).map_err(anyhow::Error::msg)?;
+    expertmesh_plumbing::process::set_compute_threads(cli.threads).map_err(anyhow::Error::msg)?;
     match cli.cmd {
         Command::Generate(a) if a.router.is_some() => cmd_generate_remote(a),
         Command::Generate(a) => cmd_generate(a),
         Command::GenModel(a) => cmd_gen_model(a),
         Command::Up(a) => cmd_up(a),
         Command::Bench(a) => cmd_bench(a),
-        Command::Placement(a) => crate::placement::cmd_placement(a),
-        Command::Status(a) => crate::control::cmd_status(a),
-        Command::Drain(a) => crate::control::cmd_drain(a),
-        Command::Rebalance(a) => crate::control::cmd_rebalance(a),
+        Command::Placement(a) => crate::placement_cmd::cmd_placement(a),
+        Command::Status(a) => crate::cluster_cmd::cmd_status(a),
+        Command::Drain(a) => crate::cluster_cmd::cmd_drain(a),
+        Command::Rebalance(a) => crate::cluster_cmd::cmd_rebalance(a),
     }
 }
 
@@ -301,13 +295,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed };
     params.validate().context("--temperature/--top-p")?;
     let t0 = Instant::now();
-    let precision = match a.precision {
-        PrecisionArg::F32 => Precision::F32,
-        PrecisionArg::Bf16 => Precision::Bf16,
-    };
     let dir = a.model.clone().context("--model is required")?;
-    let model = load_model(&dir, precision, a.json)?;
-    let tok = TextTokenizer::from_dir(&dir).ok();
+    let model = load_model(&dir, a.precision, a.json)?;
+    let tok = TextTokenizer::open(&dir)?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),

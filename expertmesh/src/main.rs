@@ -3,17 +3,23 @@
 mod bench;
 mod certs;
 mod cli;
-mod control;
-mod placement;
+mod cluster_cmd;
+mod placement_cmd;
 mod remote;
 mod up;
 
 use clap::Parser;
 
+// The CLI embeds a router (bench --model) and moves dispatch-sized buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // reqwest is built without a TLS provider of its own; ring is the one
-    // tonic uses too. Failing means one is installed already.
-    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    // tonic uses too. An error means one is installed already, which is fine.
+    if tokio_rustls::rustls::crypto::ring::default_provider().install_default().is_err() {
+        eprintln!("note: a TLS crypto provider was already installed");
+    }
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -88,7 +88,7 @@ impl Drop for Family {
 /// Starts `cmd` tied to our lifetime; returns it with its start line.
 fn start(family: &mut Family, name: &str, mut cmd: Command) -> Result<String> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    expertmesh_cluster::process::tie_to_parent(&mut cmd);
+    expertmesh_plumbing::process::tie_to_parent(&mut cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let stdout = child.stdout.take().context("child stdout")?;
     family.0.push(Member { name: name.to_string(), child });

@@ -52,8 +52,7 @@ fn prefill(m: &Model, n: usize) -> f64 {
 /// GFLOP/s of one expert (gate+up, SwiGLU, down) over `tokens` rows.
 fn expert_ffn(dir: &std::path::Path, tokens: usize, p: Precision) -> f64 {
     let cfg = expertmesh_model::config::ModelConfig::from_dir(dir).expect("config");
-    let mut ws = WeightStore::open(dir, cfg.fp8_block).expect("weights");
-    ws.set_precision(p);
+    let ws = WeightStore::for_model(dir, &cfg, p).expect("weights");
     let layer = cfg.moe_layers().next().expect("a MoE layer");
     let [g, u, d] = expertmesh_model::model::expert_tensor_names(&cfg, layer, 0);
     let (h, i) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);

@@ -6,10 +6,10 @@ use thiserror::Error;
 /// which field, tensor or input is at fault so the caller can report it as is.
 #[derive(Debug, Error)]
 pub enum ModelError {
-    #[error("config: {0}")]
-    Config(String),
-    #[error("config: unsupported {field} = {value}")]
-    Unsupported { field: String, value: String },
+    /// A checkpoint config (or placement) that is missing, malformed or
+    /// unsupported.
+    #[error(transparent)]
+    Spec(#[from] expertmesh_spec::SpecError),
     #[error("io error on {path}: {source}")]
     Io {
         path: String,

@@ -105,7 +105,7 @@ pub fn generate_checkpoint(spec: &GenSpec, out: &Path) -> Result<()> {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Config(e.to_string()))?;
+    let text = serde_json::to_string_pretty(v).map_err(|e| expertmesh_spec::SpecError::Config(e.to_string()))?;
     std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
 }
 

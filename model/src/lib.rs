@@ -8,7 +8,6 @@
 
 pub mod attention;
 pub mod cache;
-pub mod config;
 pub mod error;
 pub mod generate;
 pub mod genmodel;
@@ -21,3 +20,5 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use error::{ModelError, Result};
+/// The checkpoint's `config.json`, parsed (shared with the control plane).
+pub use expertmesh_spec::model_config as config;

@@ -109,8 +109,7 @@ impl Model {
     /// Loads config, dense weights and all routed experts into one process.
     pub fn load(dir: &Path, precision: Precision, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
         let cfg = ModelConfig::from_dir(dir)?;
-        let mut ws = WeightStore::open(dir, cfg.fp8_block)?;
-        ws.set_precision(precision);
+        let ws = WeightStore::for_model(dir, &cfg, precision)?;
         let experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
         Model::load_dense(cfg, &ws, Arc::new(experts), progress)
     }

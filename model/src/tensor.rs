@@ -30,8 +30,9 @@ pub struct Matrix {
     bf16_act: bool,
 }
 
-/// How products with bf16 weights treat the activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How products with bf16 weights treat the activations (`--precision` on
+/// every command that runs the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Precision {
     /// f32 activations: equals transformers' float32 computation up to
     /// summation order (the default; the golden tests hold it to 2e-4).

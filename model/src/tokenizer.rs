@@ -60,6 +60,16 @@ fn token_string(v: Option<&Value>) -> String {
 }
 
 impl TextTokenizer {
+    /// The checkpoint's tokenizer: `None` when it has no `tokenizer.json`
+    /// (the model then takes token ids only), an error naming the file when
+    /// one is there but unreadable.
+    pub fn open(dir: &Path) -> Result<Option<Self>> {
+        if !dir.join("tokenizer.json").exists() {
+            return Ok(None);
+        }
+        Self::from_dir(dir).map(Some)
+    }
+
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");

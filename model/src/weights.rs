@@ -68,6 +68,14 @@ impl WeightStore {
         Ok(WeightStore { shards, by_name, fp8_block, precision: Precision::F32 })
     }
 
+    /// The checkpoint in `dir` for the model `cfg` describes, its matrices
+    /// loaded in `precision` mode.
+    pub fn for_model(dir: &Path, cfg: &crate::config::ModelConfig, precision: Precision) -> Result<Self> {
+        let mut ws = Self::open(dir, cfg.fp8_block)?;
+        ws.set_precision(precision);
+        Ok(ws)
+    }
+
     /// Precision mode of the matrices loaded from now on.
     pub fn set_precision(&mut self, p: Precision) {
         self.precision = p;

@@ -8,6 +8,7 @@
 //! leave at every step; a client that goes away is dropped at the next step
 //! and its KV cache freed.
 
+use crate::generation::GenerationError;
 use crate::metrics::Metrics;
 use expertmesh_dataplane::trace;
 use expertmesh_model::ModelError;
@@ -15,6 +16,7 @@ use expertmesh_model::cache::KvCache;
 use expertmesh_model::generate::{FinishReason, Sampler, SamplingParams, check_request, top_logprobs};
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -93,201 +95,307 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     /// The I/O runtime, for waiting on the request queue with a timeout.
     pub rt: tokio::runtime::Handle,
+    /// A placement is in use; until then requests wait in the queue.
+    pub placed: Arc<AtomicBool>,
 }
 
 /// How often an idle engine marks a step boundary, so a staged placement is
 /// applied (and acknowledged) without waiting for traffic.
 const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The running batch and what waits to join it.
+struct Batch {
+    running: Vec<Seq>,
+    /// A request taken from the queue that waits for KV-cache room.
+    held: Option<Submit>,
+    kv_used: usize,
+    /// The queue still has senders.
+    open: bool,
+    per_token: usize,
+}
+
+/// What one intake round found.
+enum Intake {
+    Work,
+    /// Nothing to do this round (an idle tick, or no placement yet).
+    Idle,
+    /// The queue closed with nothing left to run.
+    Closed,
+}
+
+impl Batch {
+    fn waiting(&self, rx: &mpsc::Receiver<Submit>) -> usize {
+        rx.len() + self.held.is_some() as usize
+    }
+
+    /// A client that went away frees its slot now.
+    fn drop_cancelled(&mut self) {
+        let kv = &mut self.kv_used;
+        self.running.retain(|s| {
+            let keep = !s.events.is_closed();
+            if !keep {
+                *kv -= s.reserved;
+            }
+            keep
+        });
+    }
+
+    /// Removes finished sequences, freeing their KV-cache reservation.
+    fn retire(&mut self, finished: &[bool]) {
+        let (mut i, kv) = (0, &mut self.kv_used);
+        self.running.retain(|s| {
+            let done = finished[i];
+            i += 1;
+            if done {
+                *kv -= s.reserved;
+            }
+            !done
+        });
+    }
+}
+
 impl Engine {
     /// Runs until every sender of `rx` is dropped and the batch has drained.
     pub fn run(self, mut rx: mpsc::Receiver<Submit>) {
         let per_token = KvCache::bytes_per_token(self.model.config());
-        let eos = self.model.config().eos_token_ids.clone();
-        let mut running: Vec<Seq> = Vec::new();
-        let mut held: Option<Submit> = None;
-        let mut kv_used = 0usize;
-        let mut open = true;
+        let mut b = Batch { running: Vec::new(), held: None, kv_used: 0, open: true, per_token };
         loop {
-            // Intake: block only when there is nothing else to do.
-            if running.is_empty() && held.is_none() {
-                // The timer must be created inside the runtime's context.
-                match self.rt.block_on(async { tokio::time::timeout(IDLE_TICK, rx.recv()).await }) {
-                    Ok(Some(s)) => held = Some(s),
-                    Ok(None) => return,
-                    Err(_) => {
-                        self.model.begin_step();
-                        continue;
-                    }
-                }
+            match self.intake(&mut b, &mut rx) {
+                Intake::Closed => return,
+                Intake::Idle => continue,
+                Intake::Work => {}
             }
-            // Admission, in arrival order, while the batch and KV budget allow.
-            while running.len() < self.cfg.max_num_seqs {
-                let s = match held.take() {
-                    Some(s) => s,
-                    None if open => match rx.try_recv() {
-                        Ok(s) => s,
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => {
-                            open = false;
-                            break;
-                        }
-                    },
-                    None => break,
-                };
-                if s.events.is_closed() {
-                    continue;
-                }
-                let need = (s.prompt.len() + s.max_tokens) * per_token;
-                if need > self.cfg.kv_cache_bytes {
-                    let _ = s.events.try_send(Event::Failed(ModelError::InvalidInput(format!(
-                        "request needs {need} bytes of KV cache; the budget is {}",
-                        self.cfg.kv_cache_bytes
-                    ))));
-                    continue;
-                }
-                if kv_used + need > self.cfg.kv_cache_bytes {
-                    held = Some(s); // waits until running requests free their cache
-                    break;
-                }
-                if let Err(e) = check_request(&self.model, &s.prompt, s.max_tokens) {
-                    let _ = s.events.try_send(Event::Failed(e));
-                    continue;
-                }
-                let sampler = match Sampler::new(s.params) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = s.events.try_send(Event::Failed(e));
-                        continue;
-                    }
-                };
-                kv_used += need;
-                running.push(Seq {
-                    prompt: s.prompt,
-                    consumed: 0,
-                    generated: 0,
-                    last: None,
-                    cache: self.model.new_cache(),
-                    sampler,
-                    max_tokens: s.max_tokens,
-                    ignore_eos: s.ignore_eos,
-                    top_logprobs: s.top_logprobs,
-                    events: s.events,
-                    reserved: need,
-                    arrived: s.arrived,
-                    last_token_at: None,
-                    trace_id: s.trace_id,
-                });
-            }
-            // Cancellation: a client that went away frees its slot now.
-            running.retain(|s| {
-                let keep = !s.events.is_closed();
-                if !keep {
-                    kv_used -= s.reserved;
-                }
-                keep
-            });
-            self.publish(running.len(), rx.len() + held.is_some() as usize, kv_used);
-            if running.is_empty() {
-                if !open && held.is_none() {
+            self.admit(&mut b, &mut rx);
+            b.drop_cancelled();
+            self.publish(b.running.len(), b.waiting(&rx), b.kv_used);
+            if b.running.is_empty() {
+                if !b.open && b.held.is_none() {
                     return;
                 }
                 continue;
             }
-            // Plan the step: decodes first (one token each), then prefill
-            // chunks from the remaining token budget, oldest request first.
-            let mut budget = self.cfg.max_batch_tokens.max(1);
-            let mut plan: Vec<(usize, usize)> = Vec::new(); // (seq index, tokens)
-            for (i, _) in running.iter().enumerate().filter(|(_, s)| s.consumed == s.prompt.len()) {
-                if budget == 0 {
-                    break;
+            let plan = self.plan(&b.running);
+            let results = self.traced_step(&mut b.running, &plan);
+            let finished = self.emit(&mut b.running, &plan, results);
+            b.retire(&finished);
+            // Also after the step: when the batch empties, the loop blocks for
+            // new work and the gauges must not keep showing the old batch.
+            self.publish(b.running.len(), b.waiting(&rx), b.kv_used);
+        }
+    }
+
+    /// Blocks only when there is nothing else to do; before a placement is
+    /// in use, requests stay queued (the placement is applied at the idle
+    /// step boundary marked here).
+    fn intake(&self, b: &mut Batch, rx: &mut mpsc::Receiver<Submit>) -> Intake {
+        if !self.placed.load(Ordering::Acquire) {
+            std::thread::sleep(IDLE_TICK);
+            self.model.begin_step();
+            self.publish(0, rx.len(), 0);
+            if rx.is_closed() {
+                while let Ok(s) = rx.try_recv() {
+                    let e = ModelError::Unavailable("the router shut down before its first placement".into());
+                    self.fail(&s.events, &s.trace_id, e);
                 }
-                plan.push((i, 1));
-                budget -= 1;
+                return Intake::Closed;
             }
-            for (i, s) in running.iter().enumerate().filter(|(_, s)| s.consumed < s.prompt.len()) {
-                if budget == 0 {
-                    break;
-                }
-                let n = s.tokens_wanted().min(budget);
-                plan.push((i, n));
-                budget -= n;
+            return Intake::Idle;
+        }
+        if !b.running.is_empty() || b.held.is_some() {
+            return Intake::Work;
+        }
+        // The timer must be created inside the runtime's context.
+        match self.rt.block_on(async { tokio::time::timeout(IDLE_TICK, rx.recv()).await }) {
+            Ok(Some(s)) => {
+                b.held = Some(s);
+                Intake::Work
             }
-            // The step's trace id goes to the expert nodes with every dispatch;
-            // this line joins it to the requests' ids.
-            let step_trace = trace::new_id();
-            trace::set_step(&step_trace);
-            if tracing::enabled!(tracing::Level::DEBUG) {
-                let requests: Vec<&str> = plan.iter().map(|&(i, _)| running[i].trace_id.as_str()).collect();
-                let tokens: usize = plan.iter().map(|&(_, n)| n).sum();
-                tracing::debug!(trace_id = %step_trace, ?requests, tokens, "engine step");
+            Ok(None) => Intake::Closed,
+            Err(_) => {
+                self.model.begin_step();
+                Intake::Idle
             }
-            // Lines logged during the step (failover, node errors) carry its id.
-            let span = tracing::info_span!("step", trace_id = %step_trace);
-            let results = span.in_scope(|| self.step(&mut running, &plan));
-            let mut finished = vec![false; running.len()];
-            for ((i, n), res) in plan.iter().zip(results) {
-                let s = &mut running[*i];
-                let logits = match res {
-                    Ok(l) => l,
-                    Err(e) => {
-                        self.metrics.errors.with_label_values(&[error_reason(&e)]).inc();
-                        tracing::warn!(trace_id = %s.trace_id, error = %e, "request failed");
-                        let _ = s.events.try_send(Event::Failed(e));
-                        finished[*i] = true;
-                        continue;
+        }
+    }
+
+    /// A request refused at admission (the engine's own check), counted.
+    fn fail(&self, events: &mpsc::Sender<Event>, trace_id: &str, e: ModelError) {
+        self.metrics.errors.with_label_values(&[GenerationError::reason_of(&e)]).inc();
+        tracing::debug!(%trace_id, error = %e, "request refused at admission");
+        if events.try_send(Event::Failed(e)).is_err() {
+            tracing::debug!(%trace_id, "the client left before its refusal");
+        }
+    }
+
+    /// Admission, in arrival order, while the batch and KV budget allow.
+    fn admit(&self, b: &mut Batch, rx: &mut mpsc::Receiver<Submit>) {
+        while b.running.len() < self.cfg.max_num_seqs {
+            let s = match b.held.take() {
+                Some(s) => s,
+                None if b.open => match rx.try_recv() {
+                    Ok(s) => s,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        b.open = false;
+                        break;
                     }
-                };
-                let prefill = s.consumed < s.prompt.len();
-                if prefill {
-                    s.consumed += n;
-                    self.metrics.prompt_tokens.inc_by(*n as u64);
-                    if s.consumed < s.prompt.len() {
-                        continue; // more prompt to go: these logits are not a prediction yet
+                },
+                None => break,
+            };
+            if s.events.is_closed() {
+                continue;
+            }
+            let need = (s.prompt.len() + s.max_tokens) * b.per_token;
+            if need > self.cfg.kv_cache_bytes {
+                let e = ModelError::InvalidInput(format!(
+                    "request needs {need} bytes of KV cache; the budget is {}",
+                    self.cfg.kv_cache_bytes
+                ));
+                self.fail(&s.events, &s.trace_id, e);
+                continue;
+            }
+            if b.kv_used + need > self.cfg.kv_cache_bytes {
+                b.held = Some(s); // waits until running requests free their cache
+                break;
+            }
+            if let Err(e) = check_request(&self.model, &s.prompt, s.max_tokens) {
+                self.fail(&s.events, &s.trace_id, e);
+                continue;
+            }
+            let sampler = match Sampler::new(s.params) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.fail(&s.events, &s.trace_id, e);
+                    continue;
+                }
+            };
+            b.kv_used += need;
+            b.running.push(Seq {
+                prompt: s.prompt,
+                consumed: 0,
+                generated: 0,
+                last: None,
+                cache: self.model.new_cache(),
+                sampler,
+                max_tokens: s.max_tokens,
+                ignore_eos: s.ignore_eos,
+                top_logprobs: s.top_logprobs,
+                events: s.events,
+                reserved: need,
+                arrived: s.arrived,
+                last_token_at: None,
+                trace_id: s.trace_id,
+            });
+        }
+    }
+
+    /// The step's work: decodes first (one token each), then prefill chunks
+    /// from the remaining token budget, oldest request first. Returns
+    /// `(seq index, tokens)`.
+    fn plan(&self, running: &[Seq]) -> Vec<(usize, usize)> {
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut plan = Vec::new();
+        for (i, _) in running.iter().enumerate().filter(|(_, s)| s.consumed == s.prompt.len()) {
+            if budget == 0 {
+                break;
+            }
+            plan.push((i, 1));
+            budget -= 1;
+        }
+        for (i, s) in running.iter().enumerate().filter(|(_, s)| s.consumed < s.prompt.len()) {
+            if budget == 0 {
+                break;
+            }
+            let n = s.tokens_wanted().min(budget);
+            plan.push((i, n));
+            budget -= n;
+        }
+        plan
+    }
+
+    /// [`Self::step`] under the step's own trace id, which goes to the
+    /// expert nodes with every dispatch; the log line joins it to the
+    /// requests' ids.
+    fn traced_step(&self, running: &mut [Seq], plan: &[(usize, usize)]) -> Vec<Result<Vec<f32>, ModelError>> {
+        let step_trace = trace::new_id();
+        trace::set_step(&step_trace);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let requests: Vec<&str> = plan.iter().map(|&(i, _)| running[i].trace_id.as_str()).collect();
+            let tokens: usize = plan.iter().map(|&(_, n)| n).sum();
+            tracing::debug!(trace_id = %step_trace, ?requests, tokens, "engine step");
+        }
+        // Lines logged during the step (failover, node errors) carry its id.
+        let span = tracing::info_span!("step", trace_id = %step_trace);
+        span.in_scope(|| self.step(running, plan))
+    }
+
+    /// Samples and streams each planned sequence's result; returns which
+    /// sequences are done (finished, failed or abandoned).
+    fn emit(
+        &self,
+        running: &mut [Seq],
+        plan: &[(usize, usize)],
+        results: Vec<Result<Vec<f32>, ModelError>>,
+    ) -> Vec<bool> {
+        let eos = &self.model.config().eos_token_ids;
+        let mut finished = vec![false; running.len()];
+        for ((i, n), res) in plan.iter().zip(results) {
+            let s = &mut running[*i];
+            let logits = match res {
+                Ok(l) => l,
+                Err(e) => {
+                    self.metrics.errors.with_label_values(&[GenerationError::reason_of(&e)]).inc();
+                    tracing::warn!(trace_id = %s.trace_id, error = %e, "request failed");
+                    if s.events.try_send(Event::Failed(e)).is_err() {
+                        tracing::debug!(trace_id = %s.trace_id, "the client left before the failure");
                     }
-                }
-                let (tok, logprob) = s.sampler.sample(&logits);
-                let now = Instant::now();
-                match s.last_token_at {
-                    None => self.metrics.ttft.observe((now - s.arrived).as_secs_f64()),
-                    Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
-                }
-                s.last_token_at = Some(now);
-                s.generated += 1;
-                s.last = Some(tok);
-                self.metrics.generation_tokens.inc();
-                // The channel holds max_tokens + 2 events, so it is never full:
-                // a slow client cannot stall the batch. An error means it left.
-                let top = top_logprobs(&logits, s.top_logprobs);
-                if s.events.try_send(Event::Token { id: tok, logprob, top }).is_err() {
                     finished[*i] = true;
                     continue;
                 }
-                let stop = !s.ignore_eos && eos.contains(&tok);
-                if stop || s.generated == s.max_tokens {
-                    let reason = if stop { FinishReason::Stop } else { FinishReason::Length };
-                    self.metrics.success.with_label_values(&[reason.as_str()]).inc();
-                    let e2e = s.arrived.elapsed().as_secs_f64();
-                    self.metrics.e2e.observe(e2e);
-                    tracing::info!(trace_id = %s.trace_id, prompt_tokens = s.prompt.len(), completion_tokens = s.generated,
-                                   finish_reason = reason.as_str(), e2e_seconds = e2e, "request finished");
-                    let _ = s.events.try_send(Event::Finished(reason));
-                    finished[*i] = true;
+            };
+            if s.consumed < s.prompt.len() {
+                s.consumed += n;
+                self.metrics.prompt_tokens.inc_by(*n as u64);
+                if s.consumed < s.prompt.len() {
+                    continue; // more prompt to go: these logits are not a prediction yet
                 }
             }
-            let mut i = 0;
-            running.retain(|s| {
-                let done = finished[i];
-                i += 1;
-                if done {
-                    kv_used -= s.reserved;
-                }
-                !done
-            });
-            // Also after the step: when the batch empties, the loop blocks for
-            // new work and the gauges must not keep showing the old batch.
-            self.publish(running.len(), rx.len() + held.is_some() as usize, kv_used);
+            finished[*i] = self.sample(s, &logits, eos);
         }
+        finished
+    }
+
+    /// Samples one token for `s` and sends it; true when `s` is done.
+    fn sample(&self, s: &mut Seq, logits: &[f32], eos: &[u32]) -> bool {
+        let (tok, logprob) = s.sampler.sample(logits);
+        let now = Instant::now();
+        match s.last_token_at {
+            None => self.metrics.ttft.observe((now - s.arrived).as_secs_f64()),
+            Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        s.generated += 1;
+        s.last = Some(tok);
+        self.metrics.generation_tokens.inc();
+        // The channel holds max_tokens + 2 events, so it is never full: a
+        // slow client cannot stall the batch. An error means it left.
+        let top = top_logprobs(logits, s.top_logprobs);
+        if s.events.try_send(Event::Token { id: tok, logprob, top }).is_err() {
+            return true;
+        }
+        let stop = !s.ignore_eos && eos.contains(&tok);
+        if !stop && s.generated < s.max_tokens {
+            return false;
+        }
+        let reason = if stop { FinishReason::Stop } else { FinishReason::Length };
+        let e2e = s.arrived.elapsed().as_secs_f64();
+        self.metrics.e2e.observe(e2e);
+        tracing::info!(trace_id = %s.trace_id, prompt_tokens = s.prompt.len(), completion_tokens = s.generated,
+                       finish_reason = reason.as_str(), e2e_seconds = e2e, "request finished");
+        if s.events.try_send(Event::Finished(reason)).is_err() {
+            tracing::debug!(trace_id = %s.trace_id, "the client left before the end");
+        }
+        true
     }
 
     fn publish(&self, running: usize, waiting: usize, kv_used: usize) {
@@ -336,14 +444,5 @@ impl Engine {
                 .collect(),
             Err(e) => vec![Err(e)],
         }
-    }
-}
-
-pub fn error_reason(e: &ModelError) -> &'static str {
-    match e {
-        ModelError::InvalidInput(_) => "invalid_request",
-        ModelError::Unavailable(_) => "unavailable",
-        ModelError::Numerical(_) => "numerical",
-        _ => "internal",
     }
 }

@@ -9,7 +9,6 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// Largest request body the API reads.
 const MAX_BODY_BYTES: usize = 8 << 20;
@@ -46,16 +45,12 @@ async fn count(
 }
 
 async fn ready(State(st): State<Arc<RouterState>>) -> impl IntoResponse {
-    if st.ready.load(Ordering::Acquire) && st.covered.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    if st.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
 }
 
 async fn metrics(State(st): State<Arc<RouterState>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, expertmesh_cluster::metrics::CONTENT_TYPE)],
-        expertmesh_cluster::metrics::render(&st.metrics.registry),
+        [(header::CONTENT_TYPE, expertmesh_plumbing::metrics::CONTENT_TYPE)],
+        expertmesh_plumbing::metrics::render(&st.metrics.registry),
     )
 }

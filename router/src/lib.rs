@@ -3,44 +3,49 @@
 //! It owns the dense model (embeddings, attention and KV cache, norms,
 //! gates, shared experts, LM head) and runs it with continuous batching on
 //! one engine thread ([`engine`]); every MoE layer of every step is sent to
-//! the expert nodes through `expertmesh_dataplane::RemoteExecutor`. It
-//! serves `expertmesh.v1.GenerateService` (gRPC) and `/health`, `/ready`,
-//! `/metrics` (HTTP). [`run`] takes its configuration and a cancellation
-//! token, so tests embed it; on cancellation it stops accepting, finishes
-//! running requests and returns.
+//! the expert nodes through `expertmesh_dataplane::RemoteExecutor`. One
+//! generation core ([`generation`]) sits behind four thin protocol adapters:
+//! the OpenAI API ([`openai`]) and Triton's generate extension
+//! ([`triton_http`]) on HTTP, KServe v2 ([`kserve`]) and the native
+//! `GenerateService` ([`generate_api`]) on gRPC. [`run`] takes its
+//! configuration and a cancellation token, so tests embed it; on
+//! cancellation it stops accepting, finishes running requests and returns.
 
-pub mod auth;
-pub mod control;
+pub mod config;
 pub mod engine;
-pub mod grpc;
+pub mod generate_api;
+pub mod generation;
 pub mod http;
 pub mod kserve;
 pub mod metrics;
 pub mod openai;
-pub mod tls;
+pub mod placement_follower;
+pub mod public_tls;
+pub mod state;
 pub mod triton_http;
+pub mod triton_params;
 
-use clap::{Parser, ValueEnum};
-use engine::{Engine, EngineConfig, Submit};
-use expertmesh_cluster::store::EtcdOptions;
+pub use config::{Config, ReasoningParser, TransportArg, WireDtype};
+pub use state::{Limits, RouterState, log_prompt};
+
+use engine::{Engine, EngineConfig};
 use expertmesh_dataplane::executor::RemoteExecutor;
-use expertmesh_dataplane::grpc::GrpcTransport;
+use expertmesh_dataplane::grpc_transport::GrpcTransport;
 use expertmesh_dataplane::metrics::DispatchMetrics;
 use expertmesh_dataplane::placement::Placement;
-use expertmesh_dataplane::tcp::TcpTransport;
-use expertmesh_dataplane::tls::{InternalTls, InternalTlsArgs, identity};
+use expertmesh_dataplane::tcp_transport::TcpTransport;
 use expertmesh_dataplane::transport::Transport;
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::{Model, load_experts};
 use expertmesh_model::moe::ExpertExecutor;
-use expertmesh_model::tensor::Precision;
 use expertmesh_model::tokenizer::TextTokenizer;
 use expertmesh_model::weights::WeightStore;
+use expertmesh_plumbing::internal_tls::{InternalTls, identity};
+use expertmesh_plumbing::listen::Listeners;
 use expertmesh_proto::v1::Dtype;
 use expertmesh_proto::v1::generate_service_server::GenerateServiceServer;
 use expertmesh_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,149 +53,14 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum WireDtype {
-    F32,
-    Bf16,
-    Fp8,
-}
-
-/// How the router reaches expert nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TransportArg {
-    /// The gRPC `Dispatch` stream (TLS-capable).
-    Grpc,
-    /// Hand-framed TCP on the nodes' gRPC port: no protobuf or HTTP/2
-    /// copies of the payload; plaintext only.
-    Tcp,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum PrecisionArg {
-    F32,
-    Bf16,
-}
-
-#[derive(Parser, Debug, Clone)]
-#[command(name = "router", version, about = "ExpertMesh router")]
-pub struct Config {
-    /// Checkpoint directory; the router reads only the dense weights.
-    #[arg(long, env = "EXPERTMESH_MODEL")]
-    pub model: PathBuf,
-    /// gRPC listen address (GenerateService, health, reflection).
-    #[arg(long, env = "EXPERTMESH_GRPC", default_value = "127.0.0.1:50051")]
-    pub grpc: SocketAddr,
-    /// HTTP listen address (/health, /ready, /metrics).
-    #[arg(long, env = "EXPERTMESH_HTTP", default_value = "127.0.0.1:8080")]
-    pub http: SocketAddr,
-    /// Placement file (JSON) naming the expert nodes. Without it the routed
-    /// experts run in this process (the single-process baseline).
-    #[arg(long, env = "EXPERTMESH_PLACEMENT", conflicts_with = "endpoints")]
-    pub placement: Option<PathBuf>,
-    /// Seconds a MoE layer's dispatch may take before the node counts as failed.
-    #[arg(long, env = "EXPERTMESH_DISPATCH_TIMEOUT", default_value_t = 10.0)]
-    pub dispatch_timeout: f64,
-    /// Dispatch transport to the expert nodes.
-    #[arg(long, value_enum, env = "EXPERTMESH_TRANSPORT", default_value = "grpc")]
-    pub transport: TransportArg,
-    /// Activation encoding on the wire: f32 is exact.
-    #[arg(long, value_enum, env = "EXPERTMESH_DISPATCH_DTYPE", default_value = "f32")]
-    pub dispatch_dtype: WireDtype,
-    #[arg(long, env = "EXPERTMESH_MAX_NUM_SEQS", default_value_t = 64)]
-    pub max_num_seqs: usize,
-    /// Token budget of one forward step (decodes + prefill chunks).
-    #[arg(long, env = "EXPERTMESH_MAX_BATCH_TOKENS", default_value_t = 512)]
-    pub max_batch_tokens: usize,
-    /// KV-cache memory for running requests, in bytes.
-    #[arg(long, env = "EXPERTMESH_KV_CACHE_BYTES", default_value_t = 2 << 30)]
-    pub kv_cache_bytes: usize,
-    /// Requests that may wait for admission; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "EXPERTMESH_MAX_QUEUE", default_value_t = 256)]
-    pub max_queue: usize,
-    /// Compute threads (default: all cores).
-    #[arg(long, env = "EXPERTMESH_THREADS")]
-    pub threads: Option<usize>,
-    /// 2 splits each step into two micro-batches that run concurrently, so
-    /// one half's attention overlaps the other half's expert dispatch.
-    #[arg(long, env = "EXPERTMESH_MICRO_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
-    pub micro_batches: u8,
-    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
-    pub precision: PrecisionArg,
-    /// etcd (`--etcd` endpoints, comma-separated, and its TLS and user):
-    /// register this router and follow the coordinator's placement instead
-    /// of a `--placement` file.
-    #[command(flatten)]
-    pub etcd: EtcdOptions,
-    #[command(flatten)]
-    pub internal_tls: InternalTlsArgs,
-    /// Certificate chain (PEM) for TLS on the public --grpc and --http listeners.
-    #[arg(long, env = "EXPERTMESH_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long, env = "EXPERTMESH_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Cluster name: keys live under `/expertmesh/<cluster>/`.
-    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "default")]
-    pub cluster: String,
-    /// Membership lease TTL in seconds.
-    #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
-    pub lease_ttl: u64,
-    /// This router's id in the cluster (default: `router-<hostname>-<pid>`).
-    #[arg(long, env = "EXPERTMESH_ROUTER_ID")]
-    pub router_id: Option<String>,
-    /// The model name the APIs serve (default: the model directory's name).
-    #[arg(long, env = "EXPERTMESH_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
-    /// Longest prompt + completion, in tokens (default: the model's
-    /// `max_position_embeddings`).
-    #[arg(long, env = "EXPERTMESH_MAX_MODEL_LEN")]
-    pub max_model_len: Option<usize>,
-    /// Largest `max_tokens` a request may ask for.
-    #[arg(long, env = "EXPERTMESH_MAX_TOKENS_LIMIT", default_value_t = 8192)]
-    pub max_tokens_limit: usize,
-    /// Seconds a public-API request may take in all (unset: no limit).
-    #[arg(long, env = "EXPERTMESH_REQUEST_TIMEOUT")]
-    pub request_timeout: Option<f64>,
-    /// API keys (comma-separated) required on the public HTTP and gRPC APIs.
-    #[arg(long, env = "EXPERTMESH_API_KEY", value_delimiter = ',', hide_env_values = true)]
-    pub api_key: Vec<auth::ApiKey>,
-    /// Per-expert metric series (`{layer,expert}`); `false` folds each
-    /// layer's experts into one series (`expert="all"`) for very large
-    /// models (per-node totals stay in `expertmesh_node_tokens_total`).
-    #[arg(long, env = "EXPERTMESH_PER_EXPERT_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub per_expert_metrics: bool,
-    /// Log each request's prompt (token ids) at info; off by default, as
-    /// prompts may hold what users would not want in logs.
-    #[arg(long, env = "EXPERTMESH_LOG_PROMPTS")]
-    pub log_prompts: bool,
-    #[command(flatten)]
-    pub log: expertmesh_cluster::process::LogArgs,
-    /// Split reasoning from content in chat responses.
-    #[arg(long, value_enum, env = "EXPERTMESH_REASONING_PARSER")]
-    pub reasoning_parser: Option<ReasoningParser>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ReasoningParser {
-    /// Text up to `</think>` is `reasoning_content` (DeepSeek-R1).
-    #[value(name = "deepseek_r1")]
-    DeepseekR1,
-}
-
-/// Request limits of the public APIs.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_model_len: usize,
-    pub max_tokens_limit: usize,
-    pub request_timeout: Option<Duration>,
-}
-
 #[derive(Debug, Error)]
 pub enum RouterError {
     #[error("{flag}: {message}")]
     Config { flag: &'static str, message: String },
     #[error(transparent)]
     Model(#[from] expertmesh_model::ModelError),
+    #[error(transparent)]
+    Spec(#[from] expertmesh_spec::SpecError),
     #[error(transparent)]
     DataPlane(#[from] expertmesh_dataplane::DataPlaneError),
     #[error("listen on {addr}: {source}")]
@@ -201,99 +71,132 @@ pub enum RouterError {
     Internal(String),
 }
 
-impl Config {
-    pub fn validate(&self) -> Result<(), RouterError> {
-        let bad = |flag, message: &str| Err(RouterError::Config { flag, message: message.to_string() });
-        if !(self.dispatch_timeout > 0.0 && self.dispatch_timeout.is_finite()) {
-            return bad("--dispatch-timeout", "must be a positive number of seconds");
-        }
-        if self.max_num_seqs == 0 {
-            return bad("--max-num-seqs", "must be at least 1");
-        }
-        if self.max_batch_tokens == 0 {
-            return bad("--max-batch-tokens", "must be at least 1");
-        }
-        if self.max_queue == 0 {
-            return bad("--max-queue", "must be at least 1");
-        }
-        if self.threads == Some(0) {
-            return bad("--threads", "must be at least 1");
-        }
-        if self.max_model_len == Some(0) {
-            return bad("--max-model-len", "must be at least 1");
-        }
-        if self.max_tokens_limit == 0 {
-            return bad("--max-tokens-limit", "must be at least 1");
-        }
-        if self.request_timeout.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
-            return bad("--request-timeout", "must be a positive number of seconds");
-        }
-        if self.api_key.iter().any(|k| k.0.trim().is_empty()) {
-            return bad("--api-key", "keys must not be empty");
-        }
-        if let Err((flag, message)) = self.etcd.validate_member(&self.cluster, self.lease_ttl) {
-            return bad(flag, &message);
-        }
-        if self.transport == TransportArg::Tcp && self.internal_tls.internal_ca.is_some() {
-            return bad("--transport", "tcp is plaintext; use grpc with --internal-ca");
-        }
-        if !self.etcd.is_empty() && self.router_id.as_ref().is_some_and(|i| i.is_empty() || i.contains('/')) {
-            return bad("--router-id", "must be a non-empty id without '/'");
-        }
-        Ok(())
-    }
-}
-
-/// What the API handlers share.
-pub struct RouterState {
-    pub model_cfg: ModelConfig,
-    pub model_name: String,
-    /// The name the OpenAI and KServe APIs answer to.
-    pub served_model_name: String,
-    /// Unix time the router started (the models list's `created`).
-    pub started: u64,
-    pub limits: Limits,
-    pub api_keys: Arc<Vec<String>>,
-    pub reasoning_parser: bool,
-    /// `--log-prompts`.
-    pub log_prompts: bool,
-    pub tokenizer: Option<Arc<TextTokenizer>>,
-    pub metrics: Arc<metrics::Metrics>,
-    pub ready: AtomicBool,
-    /// Every expert has a replica in the placement in use (with `--etcd`,
-    /// false until the coordinator's first placement is applied).
-    pub covered: AtomicBool,
-    /// Dropped at shutdown: the engine then drains and exits.
-    submit: Mutex<Option<mpsc::Sender<Submit>>>,
-}
-
-/// With `--log-prompts`, logs a request's prompt under its trace id.
-pub fn log_prompt(st: &RouterState, trace_id: &str, prompt: &[u32]) {
-    if st.log_prompts {
-        tracing::info!(%trace_id, ?prompt, "prompt");
-    }
-}
-
-impl RouterState {
-    /// Queues a request; a full queue is `RESOURCE_EXHAUSTED`.
-    pub fn submit(&self, s: Submit) -> Result<(), tonic::Status> {
-        let tx = self.submit.lock().ok().and_then(|g| g.clone());
-        let tx = tx.ok_or_else(|| tonic::Status::unavailable("router is shutting down"))?;
-        tx.try_send(s).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                self.metrics.errors.with_label_values(&["queue_full"]).inc();
-                tonic::Status::resource_exhausted("request queue is full; retry later")
-            }
-            mpsc::error::TrySendError::Closed(_) => tonic::Status::unavailable("router is shutting down"),
-        })
-    }
-}
-
 /// Addresses the router actually listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+}
+
+/// The executor of the routed experts: a cluster's (`--placement` or
+/// `--etcd`), or every expert in this process.
+struct Experts {
+    executor: Arc<dyn ExpertExecutor>,
+    /// The remote executor and its transport, which a placement follower
+    /// updates.
+    remote: Option<(Arc<RemoteExecutor>, Arc<dyn Transport>)>,
+}
+
+/// The placement to start with: a file's, or (with etcd) an empty one the
+/// coordinator's first placement replaces; `None` runs experts locally.
+fn initial_placement(cfg: &Config, model_cfg: &ModelConfig) -> Result<Option<Placement>, RouterError> {
+    match &cfg.placement {
+        Some(path) => {
+            let p = Placement::load(path)?;
+            p.validate(model_cfg).map_err(|e| RouterError::Config { flag: "--placement", message: e.to_string() })?;
+            Ok(Some(p))
+        }
+        None if cfg.member.joins() => {
+            Ok(Some(Placement { version: 0, nodes: Default::default(), layers: Default::default() }))
+        }
+        None => Ok(None),
+    }
+}
+
+async fn experts(
+    cfg: &Config,
+    model_cfg: &ModelConfig,
+    internal_tls: Option<InternalTls>,
+    metrics: Arc<DispatchMetrics>,
+) -> Result<Experts, RouterError> {
+    let Some(p) = initial_placement(cfg, model_cfg)? else {
+        let (dir, mc, precision) = (cfg.model.clone(), model_cfg.clone(), cfg.precision);
+        let local = tokio::task::spawn_blocking(move || -> Result<_, RouterError> {
+            let ws = WeightStore::for_model(&dir, &mc, precision)?;
+            Ok(load_experts(&mc, &ws, |_, _| true, &mut |_, _| {})?)
+        })
+        .await
+        .map_err(|e| RouterError::Internal(e.to_string()))??;
+        return Ok(Experts { executor: Arc::new(local), remote: None });
+    };
+    let dtype = match cfg.dispatch_dtype {
+        WireDtype::F32 => Dtype::F32,
+        WireDtype::Bf16 => Dtype::Bf16,
+        WireDtype::Fp8 => Dtype::Fp8E4m3,
+    };
+    let timeout = Duration::from_secs_f64(cfg.dispatch_timeout);
+    let t: Arc<dyn Transport> = match cfg.transport {
+        TransportArg::Grpc => Arc::new(
+            GrpcTransport::new(tokio::runtime::Handle::current(), p.nodes.clone(), timeout, dtype)
+                .with_metrics(metrics.clone())
+                .with_tls(internal_tls),
+        ),
+        TransportArg::Tcp => Arc::new(TcpTransport::new(p.nodes.clone(), timeout, dtype).with_metrics(metrics.clone())),
+    };
+    let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(metrics));
+    Ok(Experts { executor: ex.clone(), remote: Some((ex, t)) })
+}
+
+/// The dense model, loaded off the async runtime.
+async fn load_model(
+    cfg: &Config,
+    model_cfg: &ModelConfig,
+    executor: Arc<dyn ExpertExecutor>,
+) -> Result<Model, RouterError> {
+    let (dir, mc, precision) = (cfg.model.clone(), model_cfg.clone(), cfg.precision);
+    tokio::task::spawn_blocking(move || -> Result<Model, RouterError> {
+        let ws = WeightStore::for_model(&dir, &mc, precision)?;
+        Ok(Model::load_dense(mc, &ws, executor, &mut |_, _| {})?)
+    })
+    .await
+    .map_err(|e| RouterError::Internal(e.to_string()))?
+}
+
+/// Public TLS (`--tls-cert/--tls-key`): the HTTPS acceptor and tonic's identity.
+type PublicTls = Option<(tokio_rustls::TlsAcceptor, tonic::transport::Identity)>;
+
+fn public_tls(cfg: &Config) -> Result<PublicTls, RouterError> {
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => {
+            let id = identity(("--tls-cert", c), ("--tls-key", k))
+                .map_err(|e| RouterError::Config { flag: "--tls-cert", message: e.to_string() })?;
+            Ok(Some((public_tls::acceptor(c, k)?, id)))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn state(
+    cfg: &Config,
+    model_cfg: ModelConfig,
+    metrics: Arc<metrics::Metrics>,
+    submit: mpsc::Sender<engine::Submit>,
+    placed: Arc<AtomicBool>,
+) -> Result<RouterState, RouterError> {
+    let model_name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let limits = Limits {
+        max_model_len: cfg.max_model_len.unwrap_or(model_cfg.max_position_embeddings),
+        max_tokens_limit: cfg.max_tokens_limit,
+        request_timeout: cfg.request_timeout.map(Duration::from_secs_f64),
+    };
+    Ok(RouterState {
+        served_model_name: cfg.served_model_name.clone().unwrap_or_else(|| model_name.clone()),
+        model_name,
+        started: openai::now_secs(),
+        limits,
+        api_keys: Arc::new(cfg.api_key.iter().map(|k| k.0.trim().to_string()).collect()),
+        reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
+        log_prompts: cfg.log_prompts,
+        // A model without a tokenizer serves token ids; a broken one is a
+        // start-up error naming the file.
+        tokenizer: TextTokenizer::open(&cfg.model)?.map(Arc::new),
+        model_cfg,
+        metrics,
+        accepting: AtomicBool::new(false),
+        placed,
+        listeners: Arc::new(Listeners::default()),
+        submit: Mutex::new(Some(submit)),
+    })
 }
 
 pub async fn run(
@@ -304,82 +207,22 @@ pub async fn run(
     cfg.validate()?;
     let internal_tls = InternalTls::load(&cfg.internal_tls)
         .map_err(|e| RouterError::Config { flag: "--internal-cert", message: e.to_string() })?;
-    let public_tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(c), Some(k)) => {
-            let id = identity(("--tls-cert", c), ("--tls-key", k))
-                .map_err(|e| RouterError::Config { flag: "--tls-cert", message: e.to_string() })?;
-            Some((tls::acceptor(c, k)?, id))
-        }
-        _ => None,
-    };
+    let public = public_tls(&cfg)?;
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
-    let precision = match cfg.precision {
-        PrecisionArg::F32 => Precision::F32,
-        PrecisionArg::Bf16 => Precision::Bf16,
-    };
-    let metrics = Arc::new(metrics::Metrics::new());
+    let metrics = Arc::new(metrics::Metrics::new().map_err(|e| RouterError::Internal(format!("metrics: {e}")))?);
     let dispatch_metrics = Arc::new(
         DispatchMetrics::register(&metrics.registry, cfg.per_expert_metrics)
             .map_err(|e| RouterError::Internal(format!("metrics: {e}")))?,
     );
     // With etcd the placement comes later, from the coordinator.
-    let etcd = match cfg.etcd.is_empty() {
-        true => None,
-        false => Some(control::connect(&cfg.etcd).await?),
+    let etcd = match cfg.member.joins() {
+        false => None,
+        true => Some(placement_follower::connect(cfg.member.etcd()).await?),
     };
-    let initial = match &cfg.placement {
-        Some(path) => {
-            let p = Placement::load(path)?;
-            p.validate(&model_cfg).map_err(|e| RouterError::Config { flag: "--placement", message: e.to_string() })?;
-            Some(p)
-        }
-        None if etcd.is_some() => Some(Placement { version: 0, nodes: Default::default(), layers: Default::default() }),
-        None => None,
-    };
-    let mut remote = None;
-    let executor: Arc<dyn ExpertExecutor> = match initial {
-        Some(p) => {
-            let dtype = match cfg.dispatch_dtype {
-                WireDtype::F32 => Dtype::F32,
-                WireDtype::Bf16 => Dtype::Bf16,
-                WireDtype::Fp8 => Dtype::Fp8E4m3,
-            };
-            let timeout = Duration::from_secs_f64(cfg.dispatch_timeout);
-            let t: Arc<dyn Transport> = match cfg.transport {
-                TransportArg::Grpc => Arc::new(
-                    GrpcTransport::new(tokio::runtime::Handle::current(), p.nodes.clone(), timeout, dtype)
-                        .with_metrics(dispatch_metrics.clone())
-                        .with_tls(internal_tls),
-                ),
-                TransportArg::Tcp => {
-                    Arc::new(TcpTransport::new(p.nodes.clone(), timeout, dtype).with_metrics(dispatch_metrics.clone()))
-                }
-            };
-            let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(dispatch_metrics));
-            remote = Some((ex.clone(), t));
-            ex
-        }
-        None => {
-            let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
-            let local = tokio::task::spawn_blocking(move || -> Result<_, RouterError> {
-                let mut ws = WeightStore::open(&dir, mc.fp8_block)?;
-                ws.set_precision(precision);
-                Ok(load_experts(&mc, &ws, |_, _| true, &mut |_, _| {})?)
-            })
-            .await
-            .map_err(|e| RouterError::Internal(e.to_string()))??;
-            Arc::new(local)
-        }
-    };
-    let (dir, mc) = (cfg.model.clone(), model_cfg.clone());
-    let model = tokio::task::spawn_blocking(move || -> Result<Model, RouterError> {
-        let mut ws = WeightStore::open(&dir, mc.fp8_block)?;
-        ws.set_precision(precision);
-        Ok(Model::load_dense(mc, &ws, executor, &mut |_, _| {})?)
-    })
-    .await
-    .map_err(|e| RouterError::Internal(e.to_string()))??;
+    let experts = experts(&cfg, &model_cfg, internal_tls, dispatch_metrics).await?;
+    let model = load_model(&cfg, &model_cfg, experts.executor.clone()).await?;
     let (tx, rx) = mpsc::channel(cfg.max_queue);
+    let placed = Arc::new(AtomicBool::new(etcd.is_none()));
     let engine = Engine {
         model,
         cfg: EngineConfig {
@@ -390,133 +233,154 @@ pub async fn run(
         },
         metrics: metrics.clone(),
         rt: tokio::runtime::Handle::current(),
+        placed: placed.clone(),
     };
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || engine.run(rx))
         .map_err(|e| RouterError::Internal(format!("engine thread: {e}")))?;
-    let model_name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let limits = Limits {
-        max_model_len: cfg.max_model_len.unwrap_or(model_cfg.max_position_embeddings),
-        max_tokens_limit: cfg.max_tokens_limit,
-        request_timeout: cfg.request_timeout.map(Duration::from_secs_f64),
-    };
-    let state = Arc::new(RouterState {
-        served_model_name: cfg.served_model_name.clone().unwrap_or_else(|| model_name.clone()),
-        model_name,
-        started: openai::now_secs(),
-        limits,
-        api_keys: Arc::new(cfg.api_key.iter().map(|k| k.0.trim().to_string()).collect()),
-        reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
-        log_prompts: cfg.log_prompts,
-        tokenizer: TextTokenizer::from_dir(&cfg.model).ok().map(Arc::new),
-        model_cfg,
-        metrics,
-        ready: AtomicBool::new(false),
-        covered: AtomicBool::new(etcd.is_none()),
-        submit: Mutex::new(Some(tx)),
+    let state = Arc::new(state(&cfg, model_cfg, metrics, tx, placed)?);
+    let (addrs, servers) = serve(&cfg, &state, public, &shutdown).await?;
+    state.accepting.store(true, Ordering::Release);
+    tracing::info!(grpc = %addrs.grpc, http = %addrs.http, "router serving");
+    if let Some(b) = bound
+        && b.send(addrs).is_err()
+    {
+        tracing::debug!("nobody waits for the bound addresses");
+    }
+    // Stop taking requests as soon as shutdown starts; running ones finish.
+    let (st, stop) = (state.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        st.close();
     });
-
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc)
-        .await
-        .map_err(|source| RouterError::Listen { addr: cfg.grpc, source })?;
-    let http_listener = tokio::net::TcpListener::bind(cfg.http)
-        .await
-        .map_err(|source| RouterError::Listen { addr: cfg.http, source })?;
-    let addrs = Bound {
-        grpc: grpc_listener.local_addr().map_err(|source| RouterError::Listen { addr: cfg.grpc, source })?,
-        http: http_listener.local_addr().map_err(|source| RouterError::Listen { addr: cfg.http, source })?,
+    let control = match (etcd, experts.remote) {
+        (Some(store), Some((executor, transport))) => {
+            let ccfg = placement_follower::FollowerConfig {
+                member: cfg.member.clone(),
+                id: cfg.router_id.clone().unwrap_or_else(default_router_id),
+                grpc: addrs.grpc.to_string(),
+                http: addrs.http.to_string(),
+            };
+            let f = placement_follower::Follower { cfg: ccfg, store, executor, transport, state: state.clone() };
+            Some(tokio::spawn(f.run(shutdown.clone())))
+        }
+        _ => None,
     };
+    servers.await;
+    if let Some(c) = control {
+        match c.await {
+            Ok(r) => r?,
+            Err(e) => tracing::error!(error = %e, "the placement follower panicked"),
+        }
+    }
+    state.close();
+    tokio::task::spawn_blocking(move || engine_thread.join())
+        .await
+        .map_err(|e| RouterError::Internal(e.to_string()))?
+        .map_err(|_| RouterError::Internal("engine thread panicked".into()))?;
+    if let Some(f) = state.listeners.failure() {
+        return Err(RouterError::Internal(format!("listener failed: {f}")));
+    }
+    tracing::info!("router drained");
+    Ok(())
+}
+
+/// Binds both listeners and serves every API on them until `shutdown`.
+/// The returned future ends when both servers have stopped; a server that
+/// fails is logged and makes the router unready (see [`Listeners`]).
+async fn serve(
+    cfg: &Config,
+    state: &Arc<RouterState>,
+    public: PublicTls,
+    shutdown: &CancellationToken,
+) -> Result<(Bound, impl std::future::Future<Output = ()>), RouterError> {
+    let listen = |addr| async move {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| RouterError::Listen { addr, source })?;
+        let bound = l.local_addr().map_err(|source| RouterError::Listen { addr, source })?;
+        Ok::<_, RouterError>((l, bound))
+    };
+    let (grpc_listener, grpc_addr) = listen(cfg.grpc).await?;
+    let (http_listener, http_addr) = listen(cfg.http).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GenerateServiceServer<grpc::GenerateApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    health.set_not_serving::<GenerateServiceServer<generate_api::GenerateApi>>().await;
+    tokio::spawn(follow_health(state.clone(), health, shutdown.clone()));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| RouterError::Internal(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| RouterError::Internal(e.to_string()))?;
+    let auth = generation::auth::GrpcAuth { state: state.clone() };
     let api = tonic::service::interceptor::InterceptedService::new(
-        GenerateServiceServer::new(grpc::GenerateApi { state: state.clone() })
+        GenerateServiceServer::new(generate_api::GenerateApi { state: state.clone() })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        auth::GrpcAuth { keys: state.api_keys.clone() },
+        auth.clone(),
     );
     let kserve = tonic::service::interceptor::InterceptedService::new(
         expertmesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
             kserve::KServeApi { state: state.clone() },
         )
         .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        auth::GrpcAuth { keys: state.api_keys.clone() },
+        auth,
     );
-    let grpc_stop = shutdown.clone();
     let mut grpc_builder = tonic::transport::Server::builder();
-    if let Some((_, id)) = &public_tls {
+    if let Some((_, id)) = &public {
         grpc_builder = grpc_builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.clone()))?;
     }
+    let stop = shutdown.clone();
     let grpc_server = grpc_builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(api)
         .add_service(kserve)
-        .serve_with_incoming_shutdown(expertmesh_dataplane::grpc::nodelay_incoming(grpc_listener), async move {
-            grpc_stop.cancelled().await
+        .serve_with_incoming_shutdown(expertmesh_plumbing::listen::nodelay_incoming(grpc_listener), async move {
+            stop.cancelled().await
         });
-    let http_stop = shutdown.clone();
-    let drained = async move { http_stop.cancelled().await };
-    let http_server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
-        match &public_tls {
-            Some((acceptor, _)) => {
-                let l = tls::TlsListener::new(http_listener, acceptor.clone(), shutdown.clone())
-                    .map_err(|source| RouterError::Listen { addr: cfg.http, source })?;
-                Box::pin(axum::serve(l, http::app(state.clone())).with_graceful_shutdown(drained).into_future())
-            }
-            None => Box::pin(
-                axum::serve(http_listener, http::app(state.clone())).with_graceful_shutdown(drained).into_future(),
-            ),
-        };
-    state.ready.store(true, Ordering::Release);
-    tracing::info!(grpc = %addrs.grpc, http = %addrs.http, "router serving");
-    if let Some(b) = bound {
-        let _ = b.send(addrs);
-    }
-    // Stop taking requests as soon as shutdown starts; running ones finish.
-    let st = state.clone();
     let stop = shutdown.clone();
-    tokio::spawn(async move {
-        stop.cancelled().await;
-        st.ready.store(false, Ordering::Release);
-        if let Ok(mut g) = st.submit.lock() {
-            g.take();
+    let drained = async move { stop.cancelled().await };
+    let http_server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match &public {
+        Some((acceptor, _)) => {
+            let l = public_tls::TlsListener::new(http_listener, acceptor.clone(), shutdown.clone())
+                .map_err(|source| RouterError::Listen { addr: cfg.http, source })?;
+            Box::pin(axum::serve(l, http::app(state.clone())).with_graceful_shutdown(drained).into_future())
         }
-    });
-    let control = match (etcd, remote) {
-        (Some(store), Some((executor, transport))) => {
-            let ccfg = control::ControlConfig {
-                etcd: cfg.etcd.clone(),
-                cluster: cfg.cluster.clone(),
-                id: cfg.router_id.clone().unwrap_or_else(default_router_id),
-                lease_ttl: Duration::from_secs(cfg.lease_ttl),
-                grpc: addrs.grpc.to_string(),
-                http: addrs.http.to_string(),
-            };
-            let mc = state.model_cfg.clone();
-            Some(tokio::spawn(control::run(ccfg, store, mc, executor, transport, state.clone(), shutdown.clone())))
+        None => {
+            Box::pin(axum::serve(http_listener, http::app(state.clone())).with_graceful_shutdown(drained).into_future())
         }
-        _ => None,
     };
-    let (g, h) = tokio::join!(grpc_server, http_server);
-    if let Some(c) = control {
-        let _ = c.await;
+    let (listeners, stop) = (state.listeners.clone(), shutdown.clone());
+    let servers = async move {
+        tokio::join!(listeners.run("grpc", grpc_server, &stop), listeners.run("http", http_server, &stop));
+    };
+    Ok((Bound { grpc: grpc_addr, http: http_addr }, servers))
+}
+
+/// gRPC health follows readiness: `SERVING` once a placement is in use and
+/// while every listener is up, `NOT_SERVING` otherwise and on shutdown.
+async fn follow_health(st: Arc<RouterState>, health: tonic_health::server::HealthReporter, stop: CancellationToken) {
+    type Api = GenerateServiceServer<generate_api::GenerateApi>;
+    let mut shown = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return health.set_not_serving::<Api>().await,
+            _ = tick.tick() => {}
+        }
+        let ready = st.is_ready();
+        if shown != Some(ready) {
+            shown = Some(ready);
+            if ready {
+                health.set_serving::<Api>().await;
+            } else {
+                health.set_not_serving::<Api>().await;
+            }
+        }
     }
-    g?;
-    h.map_err(|e| RouterError::Internal(format!("http server: {e}")))?;
-    if let Ok(mut s) = state.submit.lock() {
-        s.take();
-    }
-    tokio::task::spawn_blocking(move || engine_thread.join())
-        .await
-        .map_err(|e| RouterError::Internal(e.to_string()))?
-        .map_err(|_| RouterError::Internal("engine thread panicked".into()))?;
-    tracing::info!("router drained");
-    Ok(())
 }
 
 /// `router-<hostname>-<pid>`: unique across the pods or machines of a cluster.

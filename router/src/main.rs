@@ -1,8 +1,14 @@
 //! `router`: see the library docs.
 
 use clap::Parser;
-use expertmesh_cluster::process;
+use expertmesh_plumbing::process;
 use expertmesh_router::{Bound, Config, run};
+
+// Dispatch batches are megabyte buffers allocated and freed at every MoE
+// layer; mimalloc reuses them where glibc maps fresh pages each time
+// (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();

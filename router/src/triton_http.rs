@@ -6,41 +6,64 @@
 //! `parameters`; errors are Triton's `{"error": "message"}`.
 
 use crate::RouterState;
-use crate::openai::completions::async_stream;
-use crate::openai::error::ApiError;
-use crate::openai::generation::{Piece, TextParams, start};
-use crate::openai::{ApiJson, sse};
+use crate::generation::{self, Generation, GenerationError, Piece};
+use crate::openai::{ApiJson, async_stream, sse};
+use crate::triton_params::TextParams;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// Generate routes (behind the API key) and health routes (open).
 pub fn routes(state: Arc<RouterState>) -> (axum::Router<Arc<RouterState>>, axum::Router<Arc<RouterState>>) {
     let generate = axum::Router::new()
         .route("/v2/models/{model}/generate", post(generate))
         .route("/v2/models/{model}/generate_stream", post(generate_stream))
-        .layer(axum::middleware::from_fn_with_state(state, crate::openai::require_key));
+        .layer(axum::middleware::from_fn_with_state(state, require_key));
     let health = axum::Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready));
     (generate, health)
 }
 
-async fn ready(State(st): State<Arc<RouterState>>) -> StatusCode {
-    if st.ready.load(Ordering::Acquire) && st.covered.load(Ordering::Acquire) {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+/// `--api-key`, with Triton's error shape.
+async fn require_key(State(st): State<Arc<RouterState>>, req: Request, next: Next) -> Response {
+    match generation::auth::authorize(&st, crate::openai::authorization(&req)) {
+        Ok(()) => next.run(req).await,
+        Err(e) => triton_error(e),
     }
 }
 
-fn triton_error(e: ApiError) -> Response {
-    (e.status, Json(json!({"error": e.message}))).into_response()
+async fn ready(State(st): State<Arc<RouterState>>) -> StatusCode {
+    if st.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+fn triton_error(e: GenerationError) -> Response {
+    (e.http_status(), Json(json!({"error": e.to_string()}))).into_response()
+}
+
+/// The body's parameters, top level and under `parameters`, as the core's request.
+fn translate(
+    model: &str,
+    trace_id: String,
+    mut body: Map<String, Value>,
+) -> Result<generation::GenerationRequest, GenerationError> {
+    let text = match body.remove("text_input") {
+        Some(Value::String(s)) => s,
+        _ => return Err(GenerationError::invalid("text_input", "text_input (a string) is required")),
+    };
+    let mut fields = match body.remove("parameters") {
+        Some(Value::Object(p)) => p,
+        None => Map::new(),
+        Some(_) => return Err(GenerationError::invalid("parameters", "parameters must be an object")),
+    };
+    body.remove("stream");
+    fields.extend(body);
+    Ok(TextParams::parse(fields, "parameters")?.request(model, text, trace_id))
 }
 
 async fn begin(
@@ -48,25 +71,10 @@ async fn begin(
     model: &str,
     headers: &axum::http::HeaderMap,
     body: Map<String, Value>,
-) -> Result<tokio::sync::mpsc::Receiver<Result<Piece, ApiError>>, ApiError> {
-    crate::openai::check_model(st, Some(model))?;
+) -> Result<Generation, GenerationError> {
     let trace_id = crate::openai::trace_id(headers);
-    let mut body = body;
-    let text = match body.remove("text_input") {
-        Some(Value::String(s)) => s,
-        _ => return Err(ApiError::param("text_input", "text_input (a string) is required")),
-    };
-    let mut fields = match body.remove("parameters") {
-        Some(Value::Object(p)) => p,
-        None => Map::new(),
-        Some(_) => return Err(ApiError::param("parameters", "parameters must be an object")),
-    };
-    body.remove("stream");
-    fields.extend(body);
-    let p: TextParams =
-        serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::bad(format!("parameters: {e}")))?;
-    let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json"))?;
-    start(st, p.request(tok.encode(&text)?, trace_id)?).await
+    let request = translate(model, trace_id, body).map_err(|e| st.refused(e))?;
+    generation::start(st, request).await
 }
 
 fn answer(st: &RouterState, fields: Value) -> Value {
@@ -77,29 +85,32 @@ fn answer(st: &RouterState, fields: Value) -> Value {
     v
 }
 
+fn done_fields(text: String, p: &Piece) -> Value {
+    match p {
+        Piece::Done { reason, prompt_tokens, completion_tokens } => json!({
+            "text_output": text, "finish_reason": reason.as_str(),
+            "num_input_tokens": prompt_tokens, "num_output_tokens": completion_tokens,
+        }),
+        _ => json!({"text_output": text}),
+    }
+}
+
 async fn generate(
     State(st): State<Arc<RouterState>>,
     Path(model): Path<String>,
     headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Response {
-    let mut rx = match begin(&st, &model, &headers, body).await {
-        Ok(rx) => rx,
-        Err(e) => return triton_error(e),
+    let collected = async {
+        let c = begin(&st, &model, &headers, body).await?.collect().await?;
+        let done =
+            Piece::Done { reason: c.reason, prompt_tokens: c.prompt_tokens, completion_tokens: c.completion_tokens };
+        Ok::<_, GenerationError>(done_fields(c.text, &done))
     };
-    let mut text = String::new();
-    while let Some(p) = rx.recv().await {
-        match p {
-            Ok(Piece::Token(t)) => text += &t.text,
-            Ok(Piece::Tail(t)) => text += &t,
-            Ok(Piece::Done { reason, prompt_tokens, completion_tokens }) => {
-                let f = json!({"text_output": text, "finish_reason": reason.as_str(), "num_input_tokens": prompt_tokens, "num_output_tokens": completion_tokens});
-                return Json(answer(&st, f)).into_response();
-            }
-            Err(e) => return triton_error(e),
-        }
+    match collected.await {
+        Ok(f) => Json(answer(&st, f)).into_response(),
+        Err(e) => triton_error(e),
     }
-    triton_error(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the generation ended early"))
 }
 
 async fn generate_stream(
@@ -108,20 +119,17 @@ async fn generate_stream(
     headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Response {
-    let mut rx = match begin(&st, &model, &headers, body).await {
-        Ok(rx) => rx,
+    let mut g = match begin(&st, &model, &headers, body).await {
+        Ok(g) => g,
         Err(e) => return triton_error(e),
     };
     let stream = async_stream(move |tx| async move {
-        while let Some(p) = rx.recv().await {
+        while let Some(p) = g.next().await {
             let (msg, last) = match p {
                 Ok(Piece::Token(t)) => (answer(&st, json!({"text_output": t.text})), false),
-                Ok(Piece::Tail(t)) => (answer(&st, json!({"text_output": t})), false),
-                Ok(Piece::Done { reason, prompt_tokens, completion_tokens }) => {
-                    let f = json!({"text_output": "", "finish_reason": reason.as_str(), "num_input_tokens": prompt_tokens, "num_output_tokens": completion_tokens});
-                    (answer(&st, f), true)
-                }
-                Err(e) => (json!({"error": e.message}), true),
+                Ok(Piece::Tail { text, .. }) => (answer(&st, json!({"text_output": text})), false),
+                Ok(done @ Piece::Done { .. }) => (answer(&st, done_fields(String::new(), &done)), true),
+                Err(e) => (json!({"error": e.to_string()}), true),
             };
             if tx.send(msg).await.is_err() || last {
                 return;

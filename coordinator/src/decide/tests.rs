@@ -1,4 +1,5 @@
 use super::*;
+use expertmesh_cluster::keys::{DrainState, LoadReport, NodeRecord, NodeState};
 
 fn shape() -> ModelShape {
     ModelShape { moe_layers: vec![1, 2], experts: 8, groups: 1 }
@@ -72,7 +73,7 @@ fn membership_changes_trigger_and_replans_keep_survivors() {
     // A node dies: its replicas go to survivors; survivors keep theirs.
     v.nodes.remove("bb");
     assert_eq!(decide(&v, &shape, &pol, &mut st, now), Some(Trigger::Leave));
-    assert_eq!(uncovered(&v), 0, "min-replicas 2: one death uncovers nothing");
+    assert_eq!(v.coverage().uncovered(), Some(0), "min-replicas 2: one death uncovers nothing");
     let (after, moved) = plan_next(&v, &shape, &pol).unwrap();
     covered_on_distinct_nodes(&after, 2);
     assert!(!after.nodes.contains_key("bb"));
@@ -119,11 +120,11 @@ fn operator_and_sustained_imbalance_trigger_once() {
     let hot: Vec<usize> = (0..8).filter(|&e| p.replicas(1, e) == ["a".to_string()]).collect();
     let counts: Vec<f64> = (0..8).map(|e| if hot.contains(&e) { 1000.0 } else { 0.0 }).collect();
     v.loads = vec![LoadReport { moe_layers: vec![1, 2], layers: vec![counts.clone(), counts] }];
-    assert!(balancedness(&v, &shape, &p).unwrap() < 0.8);
+    assert!(v.balancedness(&shape, &p).unwrap() < 0.8);
     assert_eq!(decide(&v, &shape, &pol, &mut st, t0), None, "not yet sustained");
     assert_eq!(decide(&v, &shape, &pol, &mut st, t0 + Duration::from_secs(11)), Some(Trigger::Load));
     let (next, _) = plan_next(&v, &shape, &pol).unwrap();
-    assert!(balancedness(&v, &shape, &next).unwrap() > balancedness(&v, &shape, &p).unwrap());
+    assert!(v.balancedness(&shape, &next).unwrap() > v.balancedness(&shape, &p).unwrap());
 }
 
 #[test]
@@ -131,6 +132,6 @@ fn joining_and_draining_nodes_are_not_eligible() {
     let mut v = view(&["a", "bb", "ccc"]);
     v.nodes.get_mut("a").unwrap().state = NodeState::Joining;
     v.nodes.get_mut("bb").unwrap().state = NodeState::Draining;
-    assert_eq!(eligible(&v).keys().collect::<Vec<_>>(), ["ccc"]);
+    assert_eq!(v.eligible().keys().collect::<Vec<_>>(), ["ccc"]);
     assert!(plan_next(&v, &shape(), &policy(2)).is_err(), "two replicas need two nodes");
 }

@@ -10,14 +10,13 @@
 pub mod tensors;
 
 use crate::RouterState;
-use crate::openai::error::ApiError;
-use crate::openai::generation::{Piece, TextParams, start};
+use crate::generation::{self, Generation, GenerationError, Piece};
+use crate::triton_params::TextParams;
 use expertmesh_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use expertmesh_proto::inference::model_metadata_response::TensorMetadata;
 use expertmesh_proto::inference::*;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use tensors::Output;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -28,46 +27,25 @@ pub struct KServeApi {
     pub state: Arc<RouterState>,
 }
 
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Self {
-        use axum::http::StatusCode as S;
-        match e.status {
-            S::BAD_REQUEST | S::PAYLOAD_TOO_LARGE => Status::invalid_argument(e.message),
-            S::UNAUTHORIZED => Status::unauthenticated(e.message),
-            S::NOT_FOUND => Status::not_found(e.message),
-            S::TOO_MANY_REQUESTS => Status::resource_exhausted(e.message),
-            S::SERVICE_UNAVAILABLE => Status::unavailable(e.message),
-            S::GATEWAY_TIMEOUT => Status::deadline_exceeded(e.message),
-            _ => Status::internal(e.message),
-        }
-    }
-}
-
 fn traceparent(m: &tonic::metadata::MetadataMap) -> String {
     expertmesh_dataplane::trace::of_request(m.get("traceparent").and_then(|v| v.to_str().ok()))
 }
 
-/// One inference request, checked and started.
-struct Started {
+/// How to answer one inference request.
+struct Reply {
     id: String,
     stream: bool,
     requested: Vec<String>,
     empty_final: bool,
-    pieces: mpsc::Receiver<Result<Piece, ApiError>>,
+}
+
+/// One inference request, checked and started.
+struct Started {
+    reply: Reply,
+    generation: Generation,
 }
 
 impl KServeApi {
-    fn check_model(&self, name: &str) -> Result<(), Status> {
-        if name == self.state.served_model_name {
-            Ok(())
-        } else {
-            Err(Status::not_found(format!(
-                "model {name:?} is not served here (try {:?})",
-                self.state.served_model_name
-            )))
-        }
-    }
-
     fn count<T>(&self, method: &str, r: Result<T, Status>) -> Result<T, Status> {
         let code = match &r {
             Ok(_) => tonic::Code::Ok,
@@ -77,25 +55,27 @@ impl KServeApi {
         r
     }
 
-    async fn begin(&self, req: ModelInferRequest, trace_id: String) -> Result<Started, Status> {
-        self.check_model(&req.model_name)?;
-        let text = tensors::text_input(&req)?;
-        let stream = tensors::stream_input(&req)?;
-        let p: TextParams = serde_json::from_value(serde_json::Value::Object(tensors::sampling(&req)?))
-            .map_err(|e| Status::invalid_argument(format!("sampling parameters: {e}")))?;
-        let tok = self.state.tokenizer.as_ref().ok_or_else(|| Status::failed_precondition("no tokenizer.json"))?;
-        let prompt = tok.encode(&text).map_err(|e| Status::from(ApiError::from(e)))?;
-        let pieces = start(&self.state, p.request(prompt, trace_id)?).await?;
-        Ok(Started {
+    /// The request's tensors as the core's request, started.
+    async fn begin(&self, req: ModelInferRequest, trace_id: String) -> Result<Started, GenerationError> {
+        let st = &self.state;
+        let translate = || -> Result<_, GenerationError> {
+            let text = tensors::text_input(&req)?;
+            let stream = tensors::stream_input(&req)?;
+            let p = TextParams::parse(tensors::sampling(&req)?, "sampling parameters")?;
+            Ok((p.request(&req.model_name, text, trace_id), stream))
+        };
+        let (request, stream) = translate().map_err(|e| st.refused(e))?;
+        let generation = generation::start(st, request).await?;
+        let reply = Reply {
             id: req.id,
             stream,
             requested: req.outputs.into_iter().map(|o| o.name).collect(),
             empty_final: tensors::bool_param(&req.parameters, "triton_enable_empty_final_response"),
-            pieces,
-        })
+        };
+        Ok(Started { reply, generation })
     }
 
-    fn response(&self, s: &Started, outputs: Vec<Output>, final_flag: Option<bool>) -> ModelInferResponse {
+    fn response(&self, s: &Reply, outputs: Vec<Output>, final_flag: Option<bool>) -> ModelInferResponse {
         let mut r = ModelInferResponse {
             model_name: self.state.served_model_name.clone(),
             model_version: "1".into(),
@@ -125,37 +105,41 @@ fn done_outputs(text: String, reason: &str, prompt: usize, completion: usize) ->
 
 /// Runs one started request, sending its responses (one per token when
 /// streaming, else one) to `out`. Returns when done or the client left.
-async fn drive(api: &KServeApi, mut s: Started, out: &mpsc::Sender<Result<ModelStreamInferResponse, Status>>) {
+async fn drive(api: &KServeApi, s: Started, out: &mpsc::Sender<Result<ModelStreamInferResponse, Status>>) {
     let ok = |r| Ok(ModelStreamInferResponse { error_message: String::new(), infer_response: Some(r) });
+    let (r, mut g) = (s.reply, s.generation);
     let mut text = String::new();
-    while let Some(p) = s.pieces.recv().await {
+    while let Some(p) = g.next().await {
         let msg = match p {
-            Ok(Piece::Token(t)) if s.stream => {
-                ok(api.response(&s, vec![Output::Bytes("text_output", t.text.into_bytes())], Some(false)))
+            Ok(Piece::Token(t)) if r.stream => {
+                ok(api.response(&r, vec![Output::Bytes("text_output", t.text.into_bytes())], Some(false)))
             }
-            Ok(Piece::Tail(t)) if s.stream => {
-                ok(api.response(&s, vec![Output::Bytes("text_output", t.into_bytes())], Some(false)))
+            Ok(Piece::Tail { text: t, .. }) if r.stream => {
+                ok(api.response(&r, vec![Output::Bytes("text_output", t.into_bytes())], Some(false)))
             }
             Ok(Piece::Token(t)) => {
                 text += &t.text;
                 continue;
             }
-            Ok(Piece::Tail(t)) => {
+            Ok(Piece::Tail { text: t, .. }) => {
                 text += &t;
                 continue;
             }
             Ok(Piece::Done { reason, prompt_tokens, completion_tokens }) => {
-                let body = if s.stream { String::new() } else { std::mem::take(&mut text) };
+                let body = if r.stream { String::new() } else { std::mem::take(&mut text) };
                 let outputs = done_outputs(body, reason.as_str(), prompt_tokens, completion_tokens);
-                if s.empty_final {
-                    let _ = out.send(ok(api.response(&s, outputs, Some(false)))).await;
-                    let _ = out.send(ok(api.response(&s, vec![], Some(true)))).await;
+                let sent = if r.empty_final {
+                    out.send(ok(api.response(&r, outputs, Some(false)))).await.is_ok()
+                        && out.send(ok(api.response(&r, vec![], Some(true)))).await.is_ok()
                 } else {
-                    let _ = out.send(ok(api.response(&s, outputs, Some(true)))).await;
+                    out.send(ok(api.response(&r, outputs, Some(true)))).await.is_ok()
+                };
+                if !sent {
+                    tracing::debug!("the client left before the last response");
                 }
                 return;
             }
-            Err(e) => Ok(ModelStreamInferResponse { error_message: e.message, infer_response: None }),
+            Err(e) => Ok(ModelStreamInferResponse { error_message: e.to_string(), infer_response: None }),
         };
         if out.send(msg).await.is_err() {
             return;
@@ -172,15 +156,13 @@ impl GrpcInferenceService for KServeApi {
     }
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        let ready = self.state.ready.load(Ordering::Acquire) && self.state.covered.load(Ordering::Acquire);
-        self.count("ServerReady", Ok(Response::new(ServerReadyResponse { ready })))
+        self.count("ServerReady", Ok(Response::new(ServerReadyResponse { ready: self.state.is_ready() })))
     }
 
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        let r = self.check_model(&r.into_inner().name).map(|_| {
-            let ready = self.state.ready.load(Ordering::Acquire) && self.state.covered.load(Ordering::Acquire);
-            Response::new(ModelReadyResponse { ready })
-        });
+        let r = generation::request::check_model(&self.state, Some(&r.into_inner().name))
+            .map(|_| Response::new(ModelReadyResponse { ready: self.state.is_ready() }))
+            .map_err(Status::from);
         self.count("ModelReady", r)
     }
 
@@ -207,20 +189,21 @@ impl GrpcInferenceService for KServeApi {
             datatype: datatype.into(),
             shape: vec![1],
         };
-        let r = self.check_model(&r.into_inner().name).map(|_| {
-            Response::new(ModelMetadataResponse {
-                name: self.state.served_model_name.clone(),
-                versions: vec!["1".into()],
-                platform: "expertmesh".into(),
-                inputs: vec![t("text_input", "BYTES"), t("stream", "BOOL"), t("sampling_parameters", "BYTES")],
-                outputs: vec![
-                    t("text_output", "BYTES"),
-                    t("finish_reason", "BYTES"),
-                    t("num_input_tokens", "INT32"),
-                    t("num_output_tokens", "INT32"),
-                ],
-            })
-        });
+        let r =
+            generation::request::check_model(&self.state, Some(&r.into_inner().name)).map_err(Status::from).map(|_| {
+                Response::new(ModelMetadataResponse {
+                    name: self.state.served_model_name.clone(),
+                    versions: vec!["1".into()],
+                    platform: "expertmesh".into(),
+                    inputs: vec![t("text_input", "BYTES"), t("stream", "BOOL"), t("sampling_parameters", "BYTES")],
+                    outputs: vec![
+                        t("text_output", "BYTES"),
+                        t("finish_reason", "BYTES"),
+                        t("num_input_tokens", "INT32"),
+                        t("num_output_tokens", "INT32"),
+                    ],
+                })
+            });
         self.count("ModelMetadata", r)
     }
 
@@ -228,21 +211,13 @@ impl GrpcInferenceService for KServeApi {
         let result = async {
             let trace_id = traceparent(r.metadata());
             let s = self.begin(r.into_inner(), trace_id).await?;
-            if s.stream {
-                return Err(Status::invalid_argument("stream=true needs ModelStreamInfer"));
+            if s.reply.stream {
+                let e = GenerationError::invalid("stream", "stream=true needs ModelStreamInfer");
+                return Err(self.state.refused(e).into());
             }
-            let (tx, mut rx) = mpsc::channel(4);
-            drive(self, s, &tx).await;
-            drop(tx);
-            match rx.recv().await {
-                Some(Ok(ModelStreamInferResponse { infer_response: Some(mut resp), .. })) => {
-                    resp.parameters.remove("triton_final_response");
-                    Ok(Response::new(resp))
-                }
-                Some(Ok(m)) => Err(Status::internal(m.error_message)),
-                Some(Err(e)) => Err(e),
-                None => Err(Status::unavailable("the generation ended early")),
-            }
+            let c = s.generation.collect().await?;
+            let outputs = done_outputs(c.text, c.reason.as_str(), c.prompt_tokens, c.completion_tokens);
+            Ok(Response::new(self.response(&s.reply, outputs, None)))
         }
         .await;
         self.count("ModelInfer", result)
@@ -268,11 +243,10 @@ impl GrpcInferenceService for KServeApi {
                     match api.begin(req, trace_id).await {
                         Ok(s) => drive(&api, s, &tx).await,
                         Err(e) => {
-                            let msg = ModelStreamInferResponse {
-                                error_message: e.message().to_string(),
-                                infer_response: None,
-                            };
-                            let _ = tx.send(Ok(msg)).await;
+                            let msg = ModelStreamInferResponse { error_message: e.to_string(), infer_response: None };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                tracing::debug!("the client left before the error");
+                            }
                         }
                     }
                 });

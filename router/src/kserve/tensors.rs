@@ -2,11 +2,11 @@
 //! (`text_input`, `stream`, `sampling_parameters`, request parameters) and
 //! writing BYTES/INT32 outputs. Decoding never panics on malformed input.
 
+use crate::generation::GenerationError;
 use expertmesh_proto::inference::model_infer_request::InferInputTensor;
 use expertmesh_proto::inference::model_infer_response::InferOutputTensor;
 use expertmesh_proto::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use std::collections::HashMap;
-use tonic::Status;
 
 /// BYTES elements: each a 4-byte little-endian length, then the bytes.
 pub fn decode_bytes(raw: &[u8]) -> Result<Vec<Vec<u8>>, String> {
@@ -31,8 +31,8 @@ pub fn encode_bytes(elems: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-fn invalid(m: impl Into<String>) -> Status {
-    Status::invalid_argument(m.into())
+fn invalid(m: impl Into<String>) -> GenerationError {
+    GenerationError::bad(m)
 }
 
 /// The elements of input `name`, from `raw_input_contents` (aligned with
@@ -41,7 +41,7 @@ fn input<'a>(req: &'a ModelInferRequest, name: &str) -> Option<(usize, &'a Infer
     req.inputs.iter().enumerate().find(|(_, t)| t.name == name)
 }
 
-fn bytes_input(req: &ModelInferRequest, name: &str) -> Result<Option<Vec<u8>>, Status> {
+fn bytes_input(req: &ModelInferRequest, name: &str) -> Result<Option<Vec<u8>>, GenerationError> {
     let Some((i, t)) = input(req, name) else { return Ok(None) };
     if t.datatype != "BYTES" {
         return Err(invalid(format!("input {name} must be BYTES, not {:?}", t.datatype)));
@@ -58,13 +58,13 @@ fn bytes_input(req: &ModelInferRequest, name: &str) -> Result<Option<Vec<u8>>, S
 }
 
 /// The prompt text (`text_input`, BYTES [1]).
-pub fn text_input(req: &ModelInferRequest) -> Result<String, Status> {
+pub fn text_input(req: &ModelInferRequest) -> Result<String, GenerationError> {
     let b = bytes_input(req, "text_input")?.ok_or_else(|| invalid("input text_input (BYTES [1]) is required"))?;
     String::from_utf8(b).map_err(|_| invalid("text_input is not UTF-8"))
 }
 
 /// `stream` (BOOL [1]); false when absent.
-pub fn stream_input(req: &ModelInferRequest) -> Result<bool, Status> {
+pub fn stream_input(req: &ModelInferRequest) -> Result<bool, GenerationError> {
     let Some((i, t)) = input(req, "stream") else { return Ok(false) };
     if t.datatype != "BOOL" {
         return Err(invalid(format!("input stream must be BOOL, not {:?}", t.datatype)));
@@ -82,7 +82,7 @@ pub fn stream_input(req: &ModelInferRequest) -> Result<bool, Status> {
 
 /// `sampling_parameters` (BYTES [1], a JSON object) merged over the
 /// request's `parameters`; keys as vLLM's Triton backend uses them.
-pub fn sampling(req: &ModelInferRequest) -> Result<serde_json::Map<String, serde_json::Value>, Status> {
+pub fn sampling(req: &ModelInferRequest) -> Result<serde_json::Map<String, serde_json::Value>, GenerationError> {
     let mut out: serde_json::Map<String, serde_json::Value> =
         req.parameters.iter().filter_map(|(k, v)| Some((k.clone(), param_json(v)?))).collect();
     if let Some(b) = bytes_input(req, "sampling_parameters")? {

@@ -2,14 +2,10 @@
 //! template, streamed or not, with the DeepSeek-R1 reasoning split when the
 //! router runs `--reasoning-parser deepseek_r1`.
 
-use super::completions::async_stream;
 use super::error::ApiError;
-use super::generation::{GenRequest, Piece, TokenOut, start};
-use super::text::ReasoningSplitter;
-use super::{
-    ApiJson, Sampling, Stop, StreamOptions, check_model, finish_str, now_secs, response_id, send_finish, sse, usage,
-};
+use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse, usage};
 use crate::RouterState;
+use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use expertmesh_model::tokenizer::ChatMessage;
@@ -58,10 +54,7 @@ pub struct ChatRequest {
     pub ignore_eos: bool,
 }
 
-fn messages(v: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
-    if v.is_empty() {
-        return Err(ApiError::param("messages", "messages must not be empty"));
-    }
+fn messages(v: Vec<Message>) -> Result<Vec<ChatMessage>, GenerationError> {
     v.into_iter()
         .map(|m| {
             let content = match m.content {
@@ -71,7 +64,10 @@ fn messages(v: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
                     .into_iter()
                     .map(|p| match (p.kind.as_str(), p.text) {
                         ("text", Some(t)) => Ok(t),
-                        (k, _) => Err(ApiError::param("messages", format!("content part type {k:?} is not supported"))),
+                        (k, _) => Err(GenerationError::invalid(
+                            "messages",
+                            format!("content part type {k:?} is not supported"),
+                        )),
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .join(""),
@@ -79,6 +75,28 @@ fn messages(v: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
             Ok(ChatMessage { role: m.role, content })
         })
         .collect()
+}
+
+fn translate(st: &RouterState, req: ChatRequest, trace_id: String) -> Result<GenerationRequest, GenerationError> {
+    let top = match (req.logprobs, req.top_logprobs) {
+        (_, Some(n)) if !(0..=20).contains(&n) => {
+            return Err(GenerationError::invalid("top_logprobs", "top_logprobs must be between 0 and 20"));
+        }
+        (false, Some(n)) if n > 0 => {
+            return Err(GenerationError::invalid("top_logprobs", "top_logprobs needs logprobs: true"));
+        }
+        (_, n) => n.unwrap_or(0) as usize,
+    };
+    Ok(GenerationRequest {
+        model: req.model,
+        sampling: req.sampling,
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        stop: Stop::into_vec(req.stop),
+        ignore_eos: req.ignore_eos,
+        top_logprobs: top,
+        reasoning: st.reasoning_parser,
+        ..GenerationRequest::new(Prompt::Chat(messages(req.messages)?), trace_id)
+    })
 }
 
 /// One token's chat logprobs entry.
@@ -100,81 +118,63 @@ pub async fn handle(
     super::respond(st, &headers, |st, trace_id| run(st, req, trace_id)).await
 }
 
-async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result<Response, ApiError> {
-    check_model(&st, req.model.as_deref())?;
-    let top = match (req.logprobs, req.top_logprobs) {
-        (_, Some(n)) if !(0..=20).contains(&n) => {
-            return Err(ApiError::param("top_logprobs", "top_logprobs must be between 0 and 20"));
-        }
-        (false, Some(n)) if n > 0 => return Err(ApiError::param("top_logprobs", "top_logprobs needs logprobs: true")),
-        (_, n) => n.unwrap_or(0) as usize,
-    };
-    let tok = st.tokenizer.clone().ok_or_else(|| ApiError::bad("this model has no tokenizer.json for chat"))?;
-    let text = tok.apply_chat_template(&messages(req.messages)?, true)?;
-    let prompt = tok.encode(&text)?;
-    let request = GenRequest {
-        prompt: prompt.clone(),
-        params: req.sampling.params()?,
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        ignore_eos: req.ignore_eos,
-        stop: Stop::into_vec(req.stop)?,
-        top_logprobs: top,
-        trace_id,
-    };
-    let mut rx = start(&st, request).await?;
+/// A delta with whatever reasoning and content the piece carries.
+fn delta(reasoning: &str, content: &str) -> Value {
+    let mut d = json!({});
+    if !reasoning.is_empty() {
+        d["reasoning_content"] = json!(reasoning);
+    }
+    if !content.is_empty() {
+        d["content"] = json!(content);
+    }
+    d
+}
+
+async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result<Response, GenerationError> {
+    let (stream, logprobs, with_ids) = (req.stream, req.logprobs, req.return_token_ids);
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let request = translate(&st, req, trace_id).map_err(|e| st.refused(e))?;
+    let reasoning = request.reasoning;
+    let mut g = generation::start(&st, request).await?;
     let (id, created, model) = (response_id("chatcmpl"), now_secs(), st.served_model_name.clone());
-    let (logprobs, with_ids, reasoning) = (req.logprobs, req.return_token_ids, st.reasoning_parser);
-    let mut splitter = reasoning.then(ReasoningSplitter::default);
-    // (reasoning, content) of a piece of text.
-    let mut route = move |text: &str, end: bool| match &mut splitter {
-        None => (String::new(), text.to_string()),
-        Some(s) => {
-            let (mut r, c) = s.push(text);
-            if end {
-                r += &s.flush();
-            }
-            (r, c)
+    if !stream {
+        let c = g.collect().await?;
+        let mut message = json!({"role": "assistant", "content": c.text});
+        if reasoning {
+            message["reasoning_content"] = if c.reasoning.is_empty() { json!(null) } else { json!(c.reasoning) };
         }
-    };
-    if req.stream {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let chunk = move |choice: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]});
-        let stream = async_stream(move |tx| async move {
-            let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-            if tx.send(chunk(role)).await.is_err() {
-                return;
-            }
-            let mut first = Some(prompt);
-            while let Some(p) = rx.recv().await {
-                let mut choice = json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": null});
-                let (text, token, end) = match p {
-                    Ok(Piece::Token(t)) => (t.text.clone(), Some(t), false),
-                    Ok(Piece::Tail(text)) => (text, None, false),
-                    Ok(Piece::Done { reason, prompt_tokens, completion_tokens }) => {
-                        let (r, c) = route("", true);
-                        if !r.is_empty() || !c.is_empty() {
-                            let delta = json!({"index": 0, "delta": {"reasoning_content": r, "content": c}, "logprobs": null, "finish_reason": null});
-                            let _ = tx.send(chunk(delta)).await;
-                        }
-                        let usage_of = include_usage.then_some((prompt_tokens, completion_tokens));
-                        send_finish(&tx, &chunk, choice, reason, usage_of).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(e.body()).await;
-                        return;
-                    }
-                };
-                let (r, c) = route(&text, end);
-                if !r.is_empty() {
-                    choice["delta"]["reasoning_content"] = json!(r);
-                }
-                if !c.is_empty() {
-                    choice["delta"]["content"] = json!(c);
-                }
-                if let Some(t) = &token {
+        let mut choice =
+            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish_str(c.reason)});
+        if logprobs {
+            choice["logprobs"] = json!({"content": c.tokens.iter().map(|t| logprob_entry(&st, t)).collect::<Vec<_>>()});
+        }
+        if with_ids {
+            choice["prompt_token_ids"] = json!(c.prompt);
+            choice["token_ids"] = json!(c.tokens.iter().map(|t| t.id).collect::<Vec<_>>());
+        }
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens),
+        });
+        return Ok(axum::Json(body).into_response());
+    }
+    let chunk = move |choice: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]});
+    let chunks = Chunks { chunk, include_usage };
+    let stream = async_stream(move |tx| async move {
+        let role =
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+        if tx.send((chunks.chunk)(role)).await.is_err() {
+            return;
+        }
+        let mut first = Some(std::mem::take(&mut g.prompt));
+        while let Some(p) = g.next().await {
+            let mut choice = json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": null});
+            match p {
+                Ok(Piece::Token(t)) => {
+                    choice["delta"] = delta(&t.reasoning, &t.text);
+                    let empty = t.reasoning.is_empty() && t.text.is_empty() && !logprobs && !with_ids;
                     if logprobs {
-                        choice["logprobs"] = json!({"content": [logprob_entry(&st, t)]});
+                        choice["logprobs"] = json!({"content": [logprob_entry(&st, &t)]});
                     }
                     if with_ids {
                         choice["token_ids"] = json!([t.id]);
@@ -182,48 +182,26 @@ async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result
                             choice["prompt_token_ids"] = json!(p);
                         }
                     }
+                    if empty {
+                        continue;
+                    }
                 }
-                let empty = r.is_empty() && c.is_empty() && !logprobs && !with_ids;
-                if !empty && tx.send(chunk(choice)).await.is_err() {
+                Ok(Piece::Tail { text, reasoning }) => choice["delta"] = delta(&reasoning, &text),
+                Ok(done @ Piece::Done { .. }) => {
+                    chunks.finish(&tx, choice, &done).await;
+                    return;
+                }
+                Err(e) => {
+                    if tx.send(ApiError::from(e).body()).await.is_err() {
+                        tracing::debug!("the client left before the error");
+                    }
                     return;
                 }
             }
-        });
-        return Ok(sse(stream, true));
-    }
-    let (mut text, mut ids, mut entries) = (String::new(), Vec::new(), Vec::new());
-    while let Some(p) = rx.recv().await {
-        match p? {
-            Piece::Token(t) => {
-                if logprobs {
-                    entries.push(logprob_entry(&st, &t));
-                }
-                ids.push(t.id);
-                text += &t.text;
-            }
-            Piece::Tail(t) => text += &t,
-            Piece::Done { reason, prompt_tokens, completion_tokens } => {
-                let (r, c) = route(&text, true);
-                let mut message = json!({"role": "assistant", "content": c});
-                if reasoning {
-                    message["reasoning_content"] = if r.is_empty() { json!(null) } else { json!(r) };
-                }
-                let mut choice =
-                    json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish_str(reason)});
-                if logprobs {
-                    choice["logprobs"] = json!({"content": entries});
-                }
-                if with_ids {
-                    choice["prompt_token_ids"] = json!(prompt);
-                    choice["token_ids"] = json!(ids);
-                }
-                let body = json!({
-                    "id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
-                });
-                return Ok(axum::Json(body).into_response());
+            if tx.send((chunks.chunk)(choice)).await.is_err() {
+                return;
             }
         }
-    }
-    Err(ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "the generation ended early"))
+    });
+    Ok(sse(stream, true))
 }

@@ -1,11 +1,9 @@
 //! `POST /v1/completions`: a prompt as text or token ids, streamed or not.
 
 use super::error::ApiError;
-use super::generation::{GenRequest, Piece, TokenOut, start};
-use super::{
-    ApiJson, Sampling, Stop, StreamOptions, check_model, finish_str, now_secs, response_id, send_finish, sse, usage,
-};
+use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse, usage};
 use crate::RouterState;
+use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -43,19 +41,36 @@ pub struct CompletionRequest {
     pub ignore_eos: bool,
 }
 
-fn prompt_ids(st: &RouterState, p: PromptInput) -> Result<Vec<u32>, ApiError> {
-    let text = match p {
-        PromptInput::Ids(ids) => return Ok(ids),
-        PromptInput::IdLists(mut v) if v.len() == 1 => return Ok(v.remove(0)),
-        PromptInput::Text(t) => t,
-        PromptInput::Texts(mut v) if v.len() == 1 => v.remove(0),
-        _ => return Err(ApiError::param("prompt", "exactly one prompt per request is supported")),
+fn prompt(p: PromptInput) -> Result<Prompt, GenerationError> {
+    match p {
+        PromptInput::Ids(ids) => Ok(Prompt::TokenIds(ids)),
+        PromptInput::IdLists(mut v) if v.len() == 1 => Ok(Prompt::TokenIds(v.remove(0))),
+        PromptInput::Text(t) => Ok(Prompt::Text(t)),
+        PromptInput::Texts(mut v) if v.len() == 1 => Ok(Prompt::Text(v.remove(0))),
+        _ => Err(GenerationError::invalid("prompt", "exactly one prompt per request is supported")),
+    }
+}
+
+/// The wire request as the core's, with the `logprobs` count asked for.
+fn translate(req: CompletionRequest, trace_id: String) -> Result<(GenerationRequest, Option<usize>), GenerationError> {
+    if req.echo {
+        return Err(GenerationError::invalid("echo", "echo is not supported"));
+    }
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(n @ 0..=20) => Some(n as usize),
+        Some(_) => return Err(GenerationError::invalid("logprobs", "logprobs must be between 0 and 20")),
     };
-    let tok = st
-        .tokenizer
-        .as_ref()
-        .ok_or_else(|| ApiError::param("prompt", "this model has no tokenizer.json; send the prompt as token ids"))?;
-    Ok(tok.encode(&text)?)
+    let g = GenerationRequest {
+        model: req.model,
+        sampling: req.sampling,
+        max_tokens: Some(req.max_tokens.unwrap_or(16)),
+        stop: Stop::into_vec(req.stop),
+        ignore_eos: req.ignore_eos,
+        top_logprobs: logprobs.unwrap_or(0),
+        ..GenerationRequest::new(prompt(req.prompt)?, trace_id)
+    };
+    Ok((g, logprobs))
 }
 
 /// OpenAI's legacy completion logprobs, built token by token.
@@ -94,114 +109,76 @@ pub async fn handle(
     super::respond(st, &headers, |st, trace_id| run(st, req, trace_id)).await
 }
 
-async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> Result<Response, ApiError> {
-    check_model(&st, req.model.as_deref())?;
-    if req.echo {
-        return Err(ApiError::param("echo", "echo is not supported"));
-    }
-    let logprobs = match req.logprobs {
-        None => None,
-        Some(n @ 0..=20) => Some(n as usize),
-        Some(_) => return Err(ApiError::param("logprobs", "logprobs must be between 0 and 20")),
-    };
-    let prompt = prompt_ids(&st, req.prompt)?;
-    let request = GenRequest {
-        prompt: prompt.clone(),
-        params: req.sampling.params()?,
-        max_tokens: Some(req.max_tokens.unwrap_or(16)),
-        ignore_eos: req.ignore_eos,
-        stop: Stop::into_vec(req.stop)?,
-        top_logprobs: logprobs.unwrap_or(0),
-        trace_id,
-    };
-    let mut rx = start(&st, request).await?;
+async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> Result<Response, GenerationError> {
+    let (stream, with_ids) = (req.stream, req.return_token_ids);
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let (request, logprobs) = translate(req, trace_id).map_err(|e| st.refused(e))?;
+    let mut g = generation::start(&st, request).await?;
     let (id, created, model) = (response_id("cmpl"), now_secs(), st.served_model_name.clone());
-    let with_ids = req.return_token_ids;
-    if req.stream {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let chunk = move |choice: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
-        let stream = async_stream(move |tx| async move {
-            let mut first = Some(prompt);
+    if !stream {
+        let c = g.collect().await?;
+        let mut choice = json!({"index": 0, "text": c.text, "logprobs": null, "finish_reason": finish_str(c.reason)});
+        if logprobs.is_some() {
+            let mut lp = Logprobs::default();
             let mut offset = 0;
-            while let Some(p) = rx.recv().await {
-                let mut choice = json!({"index": 0, "text": "", "logprobs": null, "finish_reason": null});
-                match p {
-                    Ok(Piece::Token(t)) => {
-                        if t.text.is_empty() && logprobs.is_none() && !with_ids {
-                            continue;
-                        }
-                        if logprobs.is_some() {
-                            let mut lp = Logprobs::default();
-                            lp.add(&st, &t, offset);
-                            choice["logprobs"] = lp.json();
-                        }
-                        if with_ids {
-                            choice["token_ids"] = json!([t.id]);
-                            if let Some(p) = first.take() {
-                                choice["prompt_token_ids"] = json!(p);
-                            }
-                        }
-                        offset += t.text.len();
-                        choice["text"] = json!(t.text);
+            for t in &c.tokens {
+                lp.add(&st, t, offset);
+                offset += t.text.len();
+            }
+            choice["logprobs"] = lp.json();
+        }
+        if with_ids {
+            choice["prompt_token_ids"] = json!(c.prompt);
+            choice["token_ids"] = json!(c.tokens.iter().map(|t| t.id).collect::<Vec<_>>());
+        }
+        let body = json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens),
+        });
+        return Ok(axum::Json(body).into_response());
+    }
+    let chunk = move |choice: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
+    let chunks = Chunks { chunk, include_usage };
+    let stream = async_stream(move |tx| async move {
+        let mut first = Some(std::mem::take(&mut g.prompt));
+        let mut offset = 0;
+        while let Some(p) = g.next().await {
+            let mut choice = json!({"index": 0, "text": "", "logprobs": null, "finish_reason": null});
+            match p {
+                Ok(Piece::Token(t)) => {
+                    if t.text.is_empty() && logprobs.is_none() && !with_ids {
+                        continue;
                     }
-                    Ok(Piece::Tail(text)) => choice["text"] = json!(text),
-                    Ok(Piece::Done { reason, prompt_tokens, completion_tokens }) => {
-                        let usage_of = include_usage.then_some((prompt_tokens, completion_tokens));
-                        send_finish(&tx, &chunk, choice, reason, usage_of).await;
-                        return;
+                    if logprobs.is_some() {
+                        let mut lp = Logprobs::default();
+                        lp.add(&st, &t, offset);
+                        choice["logprobs"] = lp.json();
                     }
-                    Err(e) => {
-                        let _ = tx.send(e.body()).await;
-                        return;
+                    if with_ids {
+                        choice["token_ids"] = json!([t.id]);
+                        if let Some(p) = first.take() {
+                            choice["prompt_token_ids"] = json!(p);
+                        }
                     }
+                    offset += t.text.len();
+                    choice["text"] = json!(t.text);
                 }
-                if tx.send(chunk(choice)).await.is_err() {
+                Ok(Piece::Tail { text, .. }) => choice["text"] = json!(text),
+                Ok(done @ Piece::Done { .. }) => {
+                    chunks.finish(&tx, choice, &done).await;
+                    return;
+                }
+                Err(e) => {
+                    if tx.send(ApiError::from(e).body()).await.is_err() {
+                        tracing::debug!("the client left before the error");
+                    }
                     return;
                 }
             }
-        });
-        return Ok(sse(stream, true));
-    }
-    let (mut text, mut ids, mut lp) = (String::new(), Vec::new(), Logprobs::default());
-    while let Some(p) = rx.recv().await {
-        match p? {
-            Piece::Token(t) => {
-                if logprobs.is_some() {
-                    lp.add(&st, &t, text.len());
-                }
-                ids.push(t.id);
-                text += &t.text;
-            }
-            Piece::Tail(t) => text += &t,
-            Piece::Done { reason, prompt_tokens, completion_tokens } => {
-                let mut choice =
-                    json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_str(reason)});
-                if logprobs.is_some() {
-                    choice["logprobs"] = lp.json();
-                }
-                if with_ids {
-                    choice["prompt_token_ids"] = json!(prompt);
-                    choice["token_ids"] = json!(ids);
-                }
-                let body = json!({
-                    "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
-                });
-                return Ok(axum::Json(body).into_response());
+            if tx.send((chunks.chunk)(choice)).await.is_err() {
+                return;
             }
         }
-    }
-    Err(ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "the generation ended early"))
-}
-
-/// A stream fed by `f` through a bounded channel: when the client goes away
-/// the sends fail, `f` returns, and the generation is cancelled with it.
-pub fn async_stream<F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<Value>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Value>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    });
+    Ok(sse(stream, true))
 }

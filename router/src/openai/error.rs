@@ -1,10 +1,10 @@
-//! API errors as OpenAI shapes them: an HTTP status and
+//! Errors as OpenAI shapes them: an HTTP status and
 //! `{"error": {"message", "type", "param", "code"}}`.
 
+use crate::generation::GenerationError;
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use expertmesh_model::ModelError;
 use serde_json::json;
 
 #[derive(Debug, Clone)]
@@ -20,34 +20,6 @@ impl ApiError {
         ApiError { status, message: message.into(), param: None, code: None }
     }
 
-    pub fn bad(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    /// A 400 naming the offending request field.
-    pub fn param(param: &'static str, message: impl Into<String>) -> Self {
-        ApiError { param: Some(param), ..Self::bad(message) }
-    }
-
-    pub fn model_not_found(model: &str) -> Self {
-        ApiError {
-            param: Some("model"),
-            code: Some("model_not_found"),
-            ..Self::new(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist."))
-        }
-    }
-
-    pub fn unauthorized() -> Self {
-        ApiError {
-            code: Some("invalid_api_key"),
-            ..Self::new(StatusCode::UNAUTHORIZED, "Missing or invalid API key (Authorization: Bearer <key>).")
-        }
-    }
-
-    pub fn timeout(seconds: f64) -> Self {
-        Self::new(StatusCode::GATEWAY_TIMEOUT, format!("The request did not finish within {seconds} s."))
-    }
-
     /// The OpenAI `type` for this status.
     pub fn kind(&self) -> &'static str {
         match self.status {
@@ -61,47 +33,19 @@ impl ApiError {
         }
     }
 
-    /// The metrics label for this failure.
-    pub fn reason(&self) -> &'static str {
-        match self.status {
-            StatusCode::UNAUTHORIZED => "unauthorized",
-            StatusCode::NOT_FOUND => "not_found",
-            StatusCode::TOO_MANY_REQUESTS => "queue_full",
-            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-            StatusCode::GATEWAY_TIMEOUT => "timeout",
-            s if s.is_client_error() => "invalid_request",
-            _ => "internal",
-        }
-    }
-
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}})
     }
 }
 
-impl From<ModelError> for ApiError {
-    fn from(e: ModelError) -> Self {
-        match &e {
-            ModelError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m.clone()),
-            _ if e.is_invalid_input() => ApiError::bad(e.to_string()),
-            ModelError::Tokenizer(m) | ModelError::Template(m) => ApiError::bad(m.clone()),
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
-    }
-}
-
-impl From<tonic::Status> for ApiError {
-    fn from(s: tonic::Status) -> Self {
-        let status = match s.code() {
-            tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-            tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            tonic::Code::NotFound => StatusCode::NOT_FOUND,
-            tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+impl From<GenerationError> for ApiError {
+    fn from(e: GenerationError) -> Self {
+        let code = match &e {
+            GenerationError::Unauthenticated => Some("invalid_api_key"),
+            GenerationError::ModelNotFound(_) => Some("model_not_found"),
+            _ => None,
         };
-        ApiError::new(status, s.message().to_string())
+        ApiError { status: e.http_status(), message: e.to_string(), param: e.param(), code }
     }
 }
 

@@ -1,16 +1,16 @@
 //! The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/completions`,
-//! `POST /v1/chat/completions`, streaming (SSE) or not, with API-key auth.
-//! Request fields follow OpenAI's API reference plus vLLM's extensions
-//! (`top_k`, `ignore_eos`, `return_token_ids`); unknown fields are ignored,
-//! as OpenAI clients send many.
+//! `POST /v1/chat/completions`, streaming (SSE) or not. Request fields
+//! follow OpenAI's API reference plus vLLM's extensions (`top_k`,
+//! `ignore_eos`, `return_token_ids`); unknown fields are ignored, as OpenAI
+//! clients send many. The handlers translate shapes only: checks, limits
+//! and the generation itself are [`crate::generation`]'s.
 
 pub mod chat;
 pub mod completions;
 pub mod error;
-pub mod generation;
-pub mod text;
 
 use crate::RouterState;
+use crate::generation::{GenerationError, Piece};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header;
@@ -19,7 +19,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use error::ApiError;
-use expertmesh_model::generate::{FinishReason, SamplingParams};
+use expertmesh_model::generate::FinishReason;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -35,22 +35,16 @@ pub fn routes(state: Arc<RouterState>) -> axum::Router<Arc<RouterState>> {
         .layer(axum::middleware::from_fn_with_state(state, require_key))
 }
 
-/// `Authorization: Bearer <key>` against `--api-key` (no keys: open).
-pub async fn require_key(State(st): State<Arc<RouterState>>, req: Request, next: Next) -> Response {
-    if st.api_keys.is_empty() {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if crate::auth::key_matches(&st.api_keys, given) {
-        next.run(req).await
-    } else {
-        st.metrics.errors.with_label_values(&["unauthorized"]).inc();
-        ApiError::unauthorized().into_response()
+/// The `Authorization` header's value.
+pub fn authorization(req: &Request) -> Option<&str> {
+    req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+/// `--api-key`, with OpenAI's error shape.
+async fn require_key(State(st): State<Arc<RouterState>>, req: Request, next: Next) -> Response {
+    match crate::generation::auth::authorize(&st, authorization(&req)) {
+        Ok(()) => next.run(req).await,
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -93,71 +87,10 @@ fn rejection(r: JsonRejection) -> ApiError {
     ApiError::new(status, r.body_text())
 }
 
-/// `stop`: a string or a list of strings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Stop {
-    pub fn into_vec(s: Option<Stop>) -> Result<Vec<String>, ApiError> {
-        let v = match s {
-            None => vec![],
-            Some(Stop::One(x)) => vec![x],
-            Some(Stop::Many(v)) => v,
-        };
-        if v.len() > 16 {
-            return Err(ApiError::param("stop", "at most 16 stop strings"));
-        }
-        Ok(v)
-    }
-}
-
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
-}
-
-/// Sampling fields shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Sampling {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub seed: Option<u64>,
-    pub n: Option<i64>,
-}
-
-impl Sampling {
-    /// OpenAI's defaults: temperature 1, top_p 1; `top_k` ≤ 0 is off.
-    pub fn params(&self) -> Result<SamplingParams, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::param("n", "only n=1 is supported"));
-        }
-        let p = SamplingParams {
-            temperature: self.temperature.unwrap_or(1.0),
-            top_p: self.top_p.unwrap_or(1.0),
-            top_k: self.top_k.filter(|k| *k > 0).unwrap_or(0) as usize,
-            seed: self.seed,
-        };
-        p.validate()?;
-        Ok(p)
-    }
-}
-
-/// The served model, or 404 for any other name.
-pub fn check_model(st: &RouterState, model: Option<&str>) -> Result<(), ApiError> {
-    match model {
-        Some(m) if m != st.served_model_name => Err(ApiError::model_not_found(m)),
-        _ => Ok(()),
-    }
-}
-
-pub fn finish_str(r: FinishReason) -> &'static str {
-    r.as_str()
 }
 
 /// The trace id of a W3C `traceparent` header, or a fresh one.
@@ -166,20 +99,17 @@ pub fn trace_id(headers: &axum::http::HeaderMap) -> String {
 }
 
 /// Runs an endpoint under a `request` span with the request's trace id,
-/// counting and rendering its error, if any.
+/// rendering its error, if any (the core has counted it).
 pub async fn respond<F, Fut>(st: Arc<RouterState>, headers: &axum::http::HeaderMap, run: F) -> Response
 where
     F: FnOnce(Arc<RouterState>, String) -> Fut,
-    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+    Fut: std::future::Future<Output = Result<Response, GenerationError>>,
 {
     let trace_id = trace_id(headers);
     let span = tracing::info_span!("request", trace_id = %trace_id);
-    match tracing::Instrument::instrument(run(st.clone(), trace_id), span).await {
+    match tracing::Instrument::instrument(run(st, trace_id), span).await {
         Ok(r) => r,
-        Err(e) => {
-            st.metrics.errors.with_label_values(&[e.reason()]).inc();
-            e.into_response()
-        }
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -196,28 +126,52 @@ pub fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// Ends a stream: the chunk carrying `finish_reason`, then, with
-/// `stream_options.include_usage`, one with `choices: []` and `usage`.
-pub async fn send_finish(
-    tx: &tokio::sync::mpsc::Sender<Value>,
-    chunk: impl Fn(Value) -> Value,
-    mut choice: Value,
-    reason: FinishReason,
-    usage_of: Option<(usize, usize)>,
-) {
-    choice["finish_reason"] = json!(finish_str(reason));
-    let _ = tx.send(chunk(choice)).await;
-    if let Some((prompt, completion)) = usage_of {
-        let mut u = chunk(json!(null));
-        u["choices"] = json!([]);
-        u["usage"] = usage(prompt, completion);
-        let _ = tx.send(u).await;
+/// How a streamed OpenAI response turns pieces into chunks.
+pub struct Chunks<C: Fn(Value) -> Value> {
+    /// Wraps a choice into a whole chunk.
+    pub chunk: C,
+    pub include_usage: bool,
+}
+
+impl<C: Fn(Value) -> Value> Chunks<C> {
+    /// Ends a stream: the chunk carrying `finish_reason`, then, with
+    /// `stream_options.include_usage`, one with `choices: []` and `usage`.
+    /// Returns false once the client is gone.
+    pub async fn finish(&self, tx: &tokio::sync::mpsc::Sender<Value>, mut choice: Value, p: &Piece) -> bool {
+        let Piece::Done { reason, prompt_tokens, completion_tokens } = p else { return true };
+        choice["finish_reason"] = json!(finish_str(*reason));
+        if tx.send((self.chunk)(choice)).await.is_err() {
+            return false;
+        }
+        if self.include_usage {
+            let mut u = (self.chunk)(json!(null));
+            u["choices"] = json!([]);
+            u["usage"] = usage(*prompt_tokens, *completion_tokens);
+            return tx.send(u).await.is_ok();
+        }
+        true
     }
+}
+
+pub fn finish_str(r: FinishReason) -> &'static str {
+    r.as_str()
 }
 
 /// One token as text, for logprobs.
 pub fn token_text(st: &RouterState, id: u32) -> String {
     st.tokenizer.as_ref().and_then(|t| t.decode(&[id], false).ok()).unwrap_or_else(|| format!("<{id}>"))
+}
+
+/// A stream fed by `f` through a bounded channel: when the client goes away
+/// the sends fail, `f` returns, and the generation is cancelled with it.
+pub fn async_stream<F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<Value>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Value>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Server-sent events: each JSON chunk as `data: {json}`, then, for

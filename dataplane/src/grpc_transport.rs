@@ -9,8 +9,8 @@ use crate::codec;
 use crate::error::{DataPlaneError, Result};
 use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
-use crate::tls::InternalTls;
 use crate::transport::{NodeBatch, Transport, check_response, dispatch_request, replace_addresses};
+use expertmesh_plumbing::internal_tls::InternalTls;
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype};
@@ -21,20 +21,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 type Reply = oneshot::Sender<Result<DispatchResponse>>;
-
-/// Accepted connections with Nagle's algorithm off. tonic's `tcp_nodelay`
-/// covers only listeners it binds itself; with a caller's listener, small
-/// responses would otherwise wait ~40 ms for delayed ACKs.
-pub fn nodelay_incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok(s)
-    })
-}
 
 /// HTTP/2 flow-control window on both ends of a dispatch stream.
 pub const WINDOW: u32 = 64 << 20;
@@ -166,7 +152,7 @@ async fn run_link(node: NodeId, addr: String, tls: Option<InternalTls>, mut call
                 None => return,
             },
         };
-        let channel = match crate::tls::endpoint(tls.as_ref(), &addr) {
+        let channel = match expertmesh_plumbing::internal_tls::endpoint(tls.as_ref(), &addr) {
             // Batches are megabytes: HTTP/2's default 64 KiB windows would cost
             // a round trip per window.
             Ok(ep) => {

@@ -1,6 +1,6 @@
 //! Placement benchmark at DeepSeek-V3 scale (`docs/benchmarks.md`).
 //!
-//! `cargo run --release -p expertmesh-cluster --example placement_bench`
+//! `cargo run --release -p expertmesh-planner --example placement_bench`
 //!
 //! 58 MoE layers × 256 experts on 36 nodes × 8 slots, Zipf-skewed loads
 //! (exponents 0.8 and 1.2, a random expert order per layer). Against the
@@ -11,7 +11,7 @@
 //! replicas a re-plan moves after ±25% load drift, and, with DeepSeek-V3's 8
 //! expert groups, how many nodes a group spans.
 
-use expertmesh_cluster::planner::{Layers, PlanRequest, balancedness, moves, plan};
+use expertmesh_planner::{Layers, PlanRequest, balancedness, moves, plan};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

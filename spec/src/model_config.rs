@@ -5,7 +5,7 @@
 //! reference) and the published checkpoints: rope settings are read from
 //! `rope_parameters` or the older `rope_scaling` + top-level `rope_theta`.
 
-use crate::error::{ModelError, Result};
+use crate::error::{Result, SpecError};
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -25,7 +25,7 @@ impl Arch {
             "qwen3_moe" => Arch::Qwen3Moe,
             "mixtral" => Arch::Mixtral,
             other => {
-                return Err(ModelError::Unsupported {
+                return Err(SpecError::Unsupported {
                     field: "model_type".into(),
                     value: format!("{other:?} (supported: deepseek_v3, deepseek_v2, qwen3_moe, mixtral)"),
                 });
@@ -163,7 +163,7 @@ impl Fields<'_> {
         self.0.get(k).filter(|v| !v.is_null())
     }
     fn usize(&self, k: &str) -> Result<usize> {
-        self.opt_usize(k)?.ok_or_else(|| ModelError::Config(format!("missing field `{k}`")))
+        self.opt_usize(k)?.ok_or_else(|| SpecError::Config(format!("missing field `{k}`")))
     }
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
         match self.opt(k) {
@@ -171,7 +171,7 @@ impl Fields<'_> {
             Some(v) => v
                 .as_u64()
                 .map(|x| Some(x as usize))
-                .ok_or_else(|| ModelError::Config(format!("field `{k}` must be a non-negative integer, got {v}"))),
+                .ok_or_else(|| SpecError::Config(format!("field `{k}` must be a non-negative integer, got {v}"))),
         }
     }
     /// The first of several spellings that is present (transformers'
@@ -182,7 +182,7 @@ impl Fields<'_> {
                 return Ok(v);
             }
         }
-        Err(ModelError::Config(format!("missing field `{}`", keys.join("` or `"))))
+        Err(SpecError::Config(format!("missing field `{}`", keys.join("` or `"))))
     }
     fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
         Ok(self.opt_usize(k)?.unwrap_or(d))
@@ -191,7 +191,7 @@ impl Fields<'_> {
         match self.opt(k) {
             None => Ok(None),
             Some(v) => {
-                v.as_f64().map(Some).ok_or_else(|| ModelError::Config(format!("field `{k}` must be a number, got {v}")))
+                v.as_f64().map(Some).ok_or_else(|| SpecError::Config(format!("field `{k}` must be a number, got {v}")))
             }
         }
     }
@@ -201,14 +201,14 @@ impl Fields<'_> {
     fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
         match self.opt(k) {
             None => Ok(d),
-            Some(v) => v.as_bool().ok_or_else(|| ModelError::Config(format!("field `{k}` must be a boolean, got {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| SpecError::Config(format!("field `{k}` must be a boolean, got {v}"))),
         }
     }
     fn opt_str(&self, k: &str) -> Result<Option<&str>> {
         match self.opt(k) {
             None => Ok(None),
             Some(v) => {
-                v.as_str().map(Some).ok_or_else(|| ModelError::Config(format!("field `{k}` must be a string, got {v}")))
+                v.as_str().map(Some).ok_or_else(|| SpecError::Config(format!("field `{k}` must be a string, got {v}")))
             }
         }
     }
@@ -220,13 +220,13 @@ impl Fields<'_> {
                 .map(|v| {
                     v.as_u64()
                         .map(|x| x as u32)
-                        .ok_or_else(|| ModelError::Config(format!("field `{k}` must hold token ids, got {v}")))
+                        .ok_or_else(|| SpecError::Config(format!("field `{k}` must hold token ids, got {v}")))
                 })
                 .collect(),
             Some(v) => v
                 .as_u64()
                 .map(|x| vec![x as u32])
-                .ok_or_else(|| ModelError::Config(format!("field `{k}` must be a token id, got {v}"))),
+                .ok_or_else(|| SpecError::Config(format!("field `{k}` must be a token id, got {v}"))),
         }
     }
 }
@@ -235,13 +235,13 @@ impl ModelConfig {
     /// Reads `config.json` (and `generation_config.json` for EOS ids, when present).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| SpecError::io(&path, e))?;
         let mut cfg = Self::from_json_str(&text)?;
         let gen_path = dir.join("generation_config.json");
         if gen_path.exists() {
-            let text = std::fs::read_to_string(&gen_path).map_err(|e| ModelError::io(&gen_path, e))?;
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| SpecError::io(&gen_path, e))?;
             let v: Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Config(format!("generation_config.json: {e}")))?;
+                serde_json::from_str(&text).map_err(|e| SpecError::Config(format!("generation_config.json: {e}")))?;
             if let Some(obj) = v.as_object() {
                 let eos = Fields(obj).token_ids("eos_token_id")?;
                 if !eos.is_empty() {
@@ -253,17 +253,17 @@ impl ModelConfig {
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| ModelError::Config("config.json must be a JSON object".into()))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| SpecError::Config(format!("config.json: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| SpecError::Config("config.json must be a JSON object".into()))?;
         let f = Fields(obj);
         let arch = Arch::parse(
-            f.opt_str("model_type")?.ok_or_else(|| ModelError::Config("missing field `model_type`".into()))?,
+            f.opt_str("model_type")?.ok_or_else(|| SpecError::Config("missing field `model_type`".into()))?,
         )?;
         let hidden_size = f.usize("hidden_size")?;
         let num_layers = f.usize("num_hidden_layers")?;
         let num_heads = f.usize("num_attention_heads")?;
         if num_heads == 0 || hidden_size == 0 || num_layers == 0 {
-            return Err(ModelError::Config(
+            return Err(SpecError::Config(
                 "hidden_size, num_hidden_layers and num_attention_heads must be positive".into(),
             ));
         }
@@ -302,7 +302,7 @@ impl ModelConfig {
                     sliding_window: sliding,
                 };
                 if gqa.num_kv_heads == 0 || !gqa.num_heads.is_multiple_of(gqa.num_kv_heads) {
-                    return Err(ModelError::Config(format!(
+                    return Err(SpecError::Config(format!(
                         "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                         gqa.num_heads, gqa.num_kv_heads
                     )));
@@ -311,14 +311,14 @@ impl ModelConfig {
             }
         };
         if rope_dim % 2 != 0 {
-            return Err(ModelError::Config(format!("rotary dimension {rope_dim} must be even")));
+            return Err(SpecError::Config(format!("rotary dimension {rope_dim} must be even")));
         }
         let rope = parse_rope(&f, rope_dim, interleaved, max_position_embeddings)?;
 
         let intermediate_size = f.usize_or("intermediate_size", 0)?;
         let (moe, layer_ffn) = parse_moe(arch, &f, num_layers)?;
         if layer_ffn.contains(&FfnKind::Dense) && intermediate_size == 0 {
-            return Err(ModelError::Config("missing field `intermediate_size` (dense layers need it)".into()));
+            return Err(SpecError::Config("missing field `intermediate_size` (dense layers need it)".into()));
         }
 
         let fp8_block = parse_quantization(&f)?;
@@ -374,7 +374,7 @@ fn parse_rope(f: &Fields<'_>, dim: usize, interleaved: bool, max_pos: usize) -> 
     let p = match params {
         Some(Value::Object(m)) => m,
         Some(v) => {
-            return Err(ModelError::Config(format!("field `{field}` must be an object, got {v}")));
+            return Err(SpecError::Config(format!("field `{field}` must be an object, got {v}")));
         }
         None => &empty,
     };
@@ -416,7 +416,7 @@ fn parse_rope(f: &Fields<'_>, dim: usize, interleaved: bool, max_pos: usize) -> 
             }
         }
         other => {
-            return Err(ModelError::Unsupported {
+            return Err(SpecError::Unsupported {
                 field: format!("{field}.rope_type"),
                 value: format!("{other:?} (supported: default, yarn)"),
             });
@@ -438,7 +438,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
                 "greedy" => TopkMethod::Greedy,
                 "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
                 other => {
-                    return Err(ModelError::Unsupported {
+                    return Err(SpecError::Unsupported {
                         field: "topk_method".into(),
                         value: format!("{other:?} (supported: noaux_tc, greedy, group_limited_greedy)"),
                     });
@@ -448,7 +448,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
                 "sigmoid" => ScoringFunc::Sigmoid,
                 "softmax" => ScoringFunc::Softmax,
                 other => {
-                    return Err(ModelError::Unsupported {
+                    return Err(SpecError::Unsupported {
                         field: "scoring_func".into(),
                         value: format!("{other:?} (supported: sigmoid, softmax)"),
                     });
@@ -457,13 +457,13 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
             // transformers implements exactly one gate per architecture:
             // V3 is sigmoid + noaux_tc, V2 is softmax + greedy/group-limited.
             if v3 && (method != TopkMethod::NoauxTc || scoring != ScoringFunc::Sigmoid) {
-                return Err(ModelError::Unsupported {
+                return Err(SpecError::Unsupported {
                     field: "topk_method/scoring_func".into(),
                     value: format!("{method:?}/{scoring:?} for deepseek_v3 (it routes with noaux_tc + sigmoid)"),
                 });
             }
             if !v3 && (method == TopkMethod::NoauxTc || scoring != ScoringFunc::Softmax) {
-                return Err(ModelError::Unsupported {
+                return Err(SpecError::Unsupported {
                     field: "topk_method/scoring_func".into(),
                     value: format!(
                         "{method:?}/{scoring:?} for deepseek_v2 (it routes with softmax + greedy or group_limited_greedy)"
@@ -510,7 +510,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
         },
     };
     if moe.n_routed_experts == 0 || moe.experts_per_tok == 0 || moe.experts_per_tok > moe.n_routed_experts {
-        return Err(ModelError::Config(format!(
+        return Err(SpecError::Config(format!(
             "num_experts_per_tok ({}) must be in 1..={} (the number of routed experts)",
             moe.experts_per_tok, moe.n_routed_experts
         )));
@@ -518,25 +518,25 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
     let grouped = matches!(moe.topk_method, TopkMethod::NoauxTc | TopkMethod::GroupLimitedGreedy);
     if grouped {
         if moe.n_group == 0 || moe.n_routed_experts % moe.n_group != 0 {
-            return Err(ModelError::Config(format!(
+            return Err(SpecError::Config(format!(
                 "n_group ({}) must divide n_routed_experts ({})",
                 moe.n_group, moe.n_routed_experts
             )));
         }
         if moe.topk_group == 0 || moe.topk_group > moe.n_group {
-            return Err(ModelError::Config(format!(
+            return Err(SpecError::Config(format!(
                 "topk_group ({}) must be in 1..=n_group ({})",
                 moe.topk_group, moe.n_group
             )));
         }
         let per_group = moe.n_routed_experts / moe.n_group;
         if moe.topk_method == TopkMethod::NoauxTc && per_group < 2 {
-            return Err(ModelError::Config(
+            return Err(SpecError::Config(
                 "noaux_tc needs at least 2 experts per group (n_routed_experts / n_group)".into(),
             ));
         }
         if moe.experts_per_tok > moe.topk_group * per_group {
-            return Err(ModelError::Config(format!(
+            return Err(SpecError::Config(format!(
                 "num_experts_per_tok ({}) exceeds the experts in topk_group groups ({})",
                 moe.experts_per_tok,
                 moe.topk_group * per_group
@@ -563,7 +563,7 @@ fn parse_moe(arch: Arch, f: &Fields<'_>, num_layers: usize) -> Result<(MoeConfig
         })
         .collect::<Result<Vec<_>>>()?;
     if matches!(arch, Arch::DeepseekV3 | Arch::DeepseekV2) && f.usize_or("moe_layer_freq", 1)? != 1 {
-        return Err(ModelError::Unsupported {
+        return Err(SpecError::Unsupported {
             field: "moe_layer_freq".into(),
             value: format!("{} (transformers supports only 1)", f.usize_or("moe_layer_freq", 1)?),
         });
@@ -575,12 +575,12 @@ fn parse_quantization(f: &Fields<'_>) -> Result<Option<(usize, usize)>> {
     let Some(q) = f.opt("quantization_config") else {
         return Ok(None);
     };
-    let q = q.as_object().ok_or_else(|| ModelError::Config("field `quantization_config` must be an object".into()))?;
+    let q = q.as_object().ok_or_else(|| SpecError::Config("field `quantization_config` must be an object".into()))?;
     let qf = Fields(q);
     match qf.opt_str("quant_method")? {
         Some("fp8") => {}
         other => {
-            return Err(ModelError::Unsupported {
+            return Err(SpecError::Unsupported {
                 field: "quantization_config.quant_method".into(),
                 value: format!("{other:?} (supported: fp8)"),
             });
@@ -589,7 +589,7 @@ fn parse_quantization(f: &Fields<'_>) -> Result<Option<(usize, usize)>> {
     match qf.opt_str("fmt")? {
         None | Some("e4m3") => {}
         Some(other) => {
-            return Err(ModelError::Unsupported {
+            return Err(SpecError::Unsupported {
                 field: "quantization_config.fmt".into(),
                 value: format!("{other:?} (supported: e4m3)"),
             });
@@ -599,13 +599,13 @@ fn parse_quantization(f: &Fields<'_>) -> Result<Option<(usize, usize)>> {
         Some(Value::Array(a)) if a.len() == 2 => match (a[0].as_u64(), a[1].as_u64()) {
             (Some(r), Some(c)) if r > 0 && c > 0 => (r as usize, c as usize),
             _ => {
-                return Err(ModelError::Config(
+                return Err(SpecError::Config(
                     "quantization_config.weight_block_size must be two positive integers".into(),
                 ));
             }
         },
         _ => {
-            return Err(ModelError::Config(
+            return Err(SpecError::Config(
                 "missing field `quantization_config.weight_block_size` ([rows, cols])".into(),
             ));
         }

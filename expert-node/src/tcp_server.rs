@@ -1,4 +1,4 @@
-//! The framed-TCP dispatch link (`expertmesh_dataplane::tcp`) on the node's
+//! The framed-TCP dispatch link (`expertmesh_dataplane::frame`) on the node's
 //! gRPC port: connections that open with its magic bytes are served here,
 //! all others go to the gRPC server. Each framed link gets its own thread,
 //! which reads a batch straight into its rows, computes it and writes the
@@ -7,7 +7,7 @@
 
 use crate::metrics::NodeMetrics;
 use crate::service::process;
-use expertmesh_dataplane::tcp::{Frame, MAGIC, read_frame, write_error, write_message};
+use expertmesh_dataplane::frame::{Frame, MAGIC, read_frame, write_error, write_message};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::moe::LocalExperts;
 use expertmesh_proto::MAX_MESSAGE_BYTES;
@@ -28,7 +28,7 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a framed link needs to compute batches.
 #[derive(Clone)]
-pub struct RawContext {
+pub struct LinkContext {
     pub experts: Arc<RwLock<LocalExperts>>,
     pub cfg: Arc<ModelConfig>,
     pub metrics: Arc<NodeMetrics>,
@@ -38,13 +38,15 @@ pub struct RawContext {
 /// The threads serving framed links, joined at shutdown so batches in hand
 /// are answered before the node exits.
 #[derive(Clone, Default)]
-pub struct RawLinks(Arc<Mutex<Vec<JoinHandle<()>>>>);
+pub struct LinkThreads(Arc<Mutex<Vec<JoinHandle<()>>>>);
 
-impl RawLinks {
+impl LinkThreads {
     pub fn join(&self) {
         let handles = self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
         for h in handles {
-            let _ = h.join();
+            if h.join().is_err() {
+                tracing::error!("a framed link thread panicked");
+            }
         }
     }
 }
@@ -54,8 +56,8 @@ impl RawLinks {
 /// None` (internal TLS) sends everything to gRPC.
 pub fn split_incoming(
     listener: TcpListener,
-    raw: Option<RawContext>,
-    links: RawLinks,
+    raw: Option<LinkContext>,
+    links: LinkThreads,
     stop: CancellationToken,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> {
     let (tx, rx) = mpsc::channel::<std::io::Result<TcpStream>>(64);
@@ -87,7 +89,9 @@ pub fn split_incoming(
                 match tokio::time::timeout(SNIFF_TIMEOUT, is_framed(&s)).await {
                     Ok(Ok(true)) => start_link(s, ctx, &links),
                     Ok(Ok(false)) => {
-                        let _ = tx.send(Ok(s)).await;
+                        if tx.send(Ok(s)).await.is_err() {
+                            tracing::debug!("gRPC server gone; connection closed");
+                        }
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "connection closed before speaking"),
                     Err(_) => tracing::debug!("connection silent for {SNIFF_TIMEOUT:?}; closed"),
@@ -117,7 +121,7 @@ async fn is_framed(s: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
-fn start_link(s: TcpStream, ctx: RawContext, links: &RawLinks) {
+fn start_link(s: TcpStream, ctx: LinkContext, links: &LinkThreads) {
     let std = match s.into_std().and_then(|s| s.set_nonblocking(false).map(|_| s)) {
         Ok(s) => s,
         Err(e) => return tracing::warn!(error = %e, "framed link setup failed"),
@@ -130,13 +134,15 @@ fn start_link(s: TcpStream, ctx: RawContext, links: &RawLinks) {
             v.push(h);
         }
         (Err(e), _) => tracing::warn!(error = %e, "framed link thread"),
-        (Ok(_), Err(_)) => {}
+        // Unreachable in practice (nothing panics holding it); the thread
+        // still serves, it is only not joined at drain.
+        (Ok(_), Err(_)) => tracing::error!("framed link table poisoned"),
     }
 }
 
 /// Serves one framed link until the peer closes it or the node drains
 /// (finishing the batch in hand).
-fn serve_link(mut s: std::net::TcpStream, ctx: &RawContext) {
+fn serve_link(mut s: std::net::TcpStream, ctx: &LinkContext) {
     use std::io::Read;
     let mut magic = [0u8; 4];
     if s.read_exact(&mut magic).is_err() {
@@ -169,7 +175,9 @@ fn serve_link(mut s: std::net::TcpStream, ctx: &RawContext) {
             Err(e) => {
                 // A broken frame leaves the stream out of step: close it.
                 tracing::warn!(error = %e, "framed link: unreadable frame; closing");
-                let _ = write_error(&mut s, tonic::Code::InvalidArgument, &e.to_string());
+                if let Err(w) = write_error(&mut s, tonic::Code::InvalidArgument, &e.to_string()) {
+                    tracing::debug!(error = %w, "the peer left before the error frame");
+                }
                 return;
             }
         };

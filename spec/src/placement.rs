@@ -10,8 +10,8 @@
 //! Every MoE layer of the model must be listed, with one non-empty list of
 //! distinct known node ids per routed expert.
 
-use crate::error::{DataPlaneError, Result};
-use expertmesh_model::config::ModelConfig;
+use crate::error::{Result, SpecError};
+use crate::model_config::ModelConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,12 +29,12 @@ pub struct Placement {
 
 impl Placement {
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| DataPlaneError::Placement(format!("{}: {e}", path.display())))?;
-        Self::from_json(&bytes).map_err(|e| DataPlaneError::Placement(format!("{}: {e}", path.display())))
+        let bytes = std::fs::read(path).map_err(|e| SpecError::Placement(format!("{}: {e}", path.display())))?;
+        Self::from_json(&bytes).map_err(|e| SpecError::Placement(format!("{}: {e}", path.display())))
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| DataPlaneError::Placement(e.to_string()))
+        serde_json::from_slice(bytes).map_err(|e| SpecError::Placement(e.to_string()))
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -45,10 +45,7 @@ impl Placement {
     /// (round-robin), so each node holds about the same number of experts.
     pub fn round_robin(cfg: &ModelConfig, nodes: &[(NodeId, String)], replicas: usize) -> Result<Self> {
         if nodes.is_empty() || replicas == 0 || replicas > nodes.len() {
-            return Err(DataPlaneError::Placement(format!(
-                "{replicas} replicas need between 1 and {} nodes",
-                nodes.len()
-            )));
+            return Err(SpecError::Placement(format!("{replicas} replicas need between 1 and {} nodes", nodes.len())));
         }
         let layers = cfg
             .moe_layers()
@@ -66,9 +63,9 @@ impl Placement {
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
         for l in cfg.moe_layers() {
             let experts =
-                self.layers.get(&l).ok_or_else(|| DataPlaneError::Placement(format!("MoE layer {l} is missing")))?;
+                self.layers.get(&l).ok_or_else(|| SpecError::Placement(format!("MoE layer {l} is missing")))?;
             if experts.len() != cfg.moe.n_routed_experts {
-                return Err(DataPlaneError::Placement(format!(
+                return Err(SpecError::Placement(format!(
                     "layer {l} lists {} experts, the model has {}",
                     experts.len(),
                     cfg.moe.n_routed_experts
@@ -76,22 +73,20 @@ impl Placement {
             }
             for (e, reps) in experts.iter().enumerate() {
                 if reps.is_empty() {
-                    return Err(DataPlaneError::Placement(format!("layer {l} expert {e} has no replica")));
+                    return Err(SpecError::Placement(format!("layer {l} expert {e} has no replica")));
                 }
                 for (i, n) in reps.iter().enumerate() {
                     if !self.nodes.contains_key(n) {
-                        return Err(DataPlaneError::Placement(format!("layer {l} expert {e}: unknown node {n:?}")));
+                        return Err(SpecError::Placement(format!("layer {l} expert {e}: unknown node {n:?}")));
                     }
                     if reps[..i].contains(n) {
-                        return Err(DataPlaneError::Placement(format!(
-                            "layer {l} expert {e}: node {n:?} listed twice"
-                        )));
+                        return Err(SpecError::Placement(format!("layer {l} expert {e}: node {n:?} listed twice")));
                     }
                 }
             }
         }
         if let Some(l) = self.layers.keys().find(|l| !cfg.moe_layers().any(|m| m == **l)) {
-            return Err(DataPlaneError::Placement(format!("layer {l} is not a MoE layer of this model")));
+            return Err(SpecError::Placement(format!("layer {l} is not a MoE layer of this model")));
         }
         Ok(())
     }

@@ -2,6 +2,10 @@
 //! on HTTP, `authorization: Bearer <key>` metadata on gRPC. Health and
 //! metrics stay open. Keys are compared in constant time and never logged.
 
+use super::GenerationError;
+use crate::RouterState;
+use std::sync::Arc;
+
 /// One `--api-key`; its `Debug` is redacted so a logged config shows none.
 #[derive(Clone)]
 pub struct ApiKey(pub String);
@@ -33,28 +37,33 @@ pub fn key_matches(keys: &[String], given: &str) -> bool {
     })
 }
 
+/// Checks an `authorization` value (HTTP header or gRPC metadata) against
+/// `--api-key`; no keys configured means open. A refusal is counted under
+/// `expertmesh_request_errors_total{reason="unauthorized"}`.
+pub fn authorize(st: &RouterState, authorization: Option<&str>) -> Result<(), GenerationError> {
+    if st.api_keys.is_empty() {
+        return Ok(());
+    }
+    let given = authorization.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+    if key_matches(&st.api_keys, given) {
+        return Ok(());
+    }
+    let e = GenerationError::Unauthenticated;
+    st.metrics.errors.with_label_values(&[e.reason()]).inc();
+    Err(e)
+}
+
 /// A tonic interceptor refusing calls without a valid key (`UNAUTHENTICATED`).
 #[derive(Clone)]
 pub struct GrpcAuth {
-    pub keys: std::sync::Arc<Vec<String>>,
+    pub state: Arc<RouterState>,
 }
 
 impl tonic::service::Interceptor for GrpcAuth {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if self.keys.is_empty() {
-            return Ok(req);
-        }
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if key_matches(&self.keys, given) {
-            Ok(req)
-        } else {
-            Err(tonic::Status::unauthenticated("missing or invalid API key (authorization: Bearer <key>)"))
-        }
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        authorize(&self.state, given)?;
+        Ok(req)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use expertmesh_cluster::planner::{Layers, PlanRequest, plan};
+use expertmesh_planner::{Layers, PlanRequest, plan};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
