@@ -1,22 +1,24 @@
 //! The gRPC transport: one persistent bidirectional `Dispatch` stream per
-//! expert node, owned by a tokio task ("link"). `exchange` is called from
-//! the model's compute thread: it hands each batch to its node's link and
-//! waits for all replies up to the dispatch timeout. A broken stream fails
-//! its in-flight batches (which the executor re-dispatches) and is reopened
-//! on the next batch.
+//! expert node, owned by a tokio task ("link"). `send` is called from the
+//! model's compute thread: it hands each batch to its node's link, and the
+//! answer (or a timeout after the dispatch timeout) goes to the executor's
+//! reply channel. A broken stream fails its in-flight batches (which the
+//! executor re-dispatches) and is reopened on the next batch. Responses are
+//! matched to requests in order, so an answer that comes after the executor
+//! stopped waiting for it lands on a closed reply and is discarded.
 
 use crate::codec;
 use crate::error::{DataPlaneError, Result};
 use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
-use crate::transport::{NodeBatch, Transport, check_response, dispatch_request, replace_addresses};
+use crate::transport::{NodeBatch, Replies, Transport, check_response, dispatch_request, replace_addresses, reply};
 use expertmesh_plumbing::internal_tls::InternalTls;
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -44,7 +46,7 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// `rt` runs the links; `exchange` must be called from outside it.
+    /// `rt` runs the links; `send` must be called from outside it.
     pub fn new(rt: tokio::runtime::Handle, addrs: BTreeMap<NodeId, String>, timeout: Duration, dtype: Dtype) -> Self {
         GrpcTransport {
             rt,
@@ -94,49 +96,59 @@ impl Transport for GrpcTransport {
         replace_addresses(&self.addrs, &self.links, addrs);
     }
 
-    fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>> {
-        let deadline = Instant::now() + self.timeout;
-        let waits: Vec<Result<oneshot::Receiver<Result<DispatchResponse>>>> = batches
-            .iter()
-            .map(|b| {
-                let tx = self.link(&b.node)?;
-                let (reply, rx) = oneshot::channel();
+    /// Hands each batch to its node's link; a task per batch waits (up to
+    /// the dispatch timeout) for the answer and sends it on.
+    fn send(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch], first_tag: usize, replies: &Replies) {
+        for (i, b) in batches.iter().enumerate() {
+            let tag = first_tag + i;
+            let queued = self.link(&b.node).and_then(|tx| {
+                let (reply_tx, rx) = oneshot::channel();
                 let req = dispatch_request(step, layer, hidden, b, self.dtype);
                 self.count_bytes(&b.node, "tx", req.rows.as_ref().map_or(0, codec::wire_bytes));
-                tx.blocking_send(Call { req, reply })
+                tx.blocking_send(Call { req, reply: reply_tx })
                     .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link closed".into() })?;
                 Ok(rx)
-            })
-            .collect();
-        let timeout = self.timeout;
-        self.rt.block_on(async move {
-            let mut out = Vec::with_capacity(waits.len());
-            for (b, w) in batches.iter().zip(waits) {
-                let r = match w {
-                    Err(e) => Err(e),
-                    Ok(rx) => match tokio::time::timeout_at(deadline.into(), rx).await {
-                        Err(_) => Err(DataPlaneError::Timeout { node: b.node.clone(), seconds: timeout.as_secs_f64() }),
-                        Ok(Err(_)) => Err(DataPlaneError::Transport {
-                            node: b.node.clone(),
-                            message: "link dropped the call".into(),
-                        }),
-                        Ok(Ok(r)) => r.and_then(|resp| {
-                            let rows = check_response(resp, b, step, hidden)?;
-                            self.count_bytes(&b.node, "rx", codec::wire_bytes(&rows));
-                            codec::decode(&rows, hidden)
-                        }),
-                    },
+            });
+            let rx = match queued {
+                Ok(rx) => rx,
+                Err(e) => {
+                    reply(replies, tag, Err(e));
+                    continue;
+                }
+            };
+            let (b, to, timeout, metrics) = (b.clone(), replies.clone(), self.timeout, self.metrics.clone());
+            self.rt.spawn(async move {
+                let r = match tokio::time::timeout(timeout, rx).await {
+                    Err(_) => Err(DataPlaneError::Timeout { node: b.node.clone(), seconds: timeout.as_secs_f64() }),
+                    Ok(Err(_)) => {
+                        Err(DataPlaneError::Transport { node: b.node.clone(), message: "link dropped the call".into() })
+                    }
+                    Ok(Ok(r)) => r.and_then(|resp| {
+                        let rows = check_response(resp, &b, step, hidden)?;
+                        if let Some(m) = &metrics {
+                            m.count_bytes(&b.node, "rx", codec::wire_bytes(&rows));
+                        }
+                        codec::decode(&rows, hidden)
+                    }),
                 };
-                out.push(r);
-            }
-            out
-        })
+                reply(&to, tag, r);
+            });
+        }
     }
 }
 
+/// Fails every call in flight on a broken stream. A call whose caller has
+/// stopped waiting has nobody to tell.
 fn fail_all(inflight: &mut VecDeque<Reply>, e: &DataPlaneError) {
     for r in inflight.drain(..) {
-        let _ = r.send(Err(e.clone()));
+        answer(r, Err(e.clone()));
+    }
+}
+
+/// Answers one call; its waiter may be gone (it timed out).
+fn answer(r: Reply, v: Result<DispatchResponse>) {
+    if r.send(v).is_err() {
+        tracing::trace!("a dispatch answer came after its waiter gave up");
     }
 }
 
@@ -165,14 +177,14 @@ async fn run_link(node: NodeId, addr: String, tls: Option<InternalTls>, mut call
                     .await
             }
             Err(e) => {
-                let _ = call.reply.send(Err(transport_err(e)));
+                answer(call.reply, Err(transport_err(e)));
                 continue;
             }
         };
         let channel = match channel {
             Ok(c) => c,
             Err(e) => {
-                let _ = call.reply.send(Err(transport_err(format!("connect {addr}: {e}"))));
+                answer(call.reply, Err(transport_err(format!("connect {addr}: {e}"))));
                 continue;
             }
         };
@@ -196,7 +208,7 @@ async fn run_link(node: NodeId, addr: String, tls: Option<InternalTls>, mut call
                 c = calls.recv() => match c {
                     Some(c) => {
                         if tx.send(c.req).await.is_err() {
-                            let _ = c.reply.send(Err(transport_err("stream closed".into())));
+                            answer(c.reply, Err(transport_err("stream closed".into())));
                             fail_all(&mut inflight, &transport_err("stream closed".into()));
                             break;
                         }
@@ -207,7 +219,7 @@ async fn run_link(node: NodeId, addr: String, tls: Option<InternalTls>, mut call
                 m = responses.message() => match m {
                     Ok(Some(resp)) => {
                         if let Some(r) = inflight.pop_front() {
-                            let _ = r.send(Ok(resp));
+                            answer(r, Ok(resp));
                         }
                     }
                     Ok(None) => {

@@ -4,7 +4,7 @@
 //! Cardinality: `expertmesh_expert_tokens_total` has one series per MoE layer
 //! × routed expert (58 × 256 = 14,848 for DeepSeek-V3).
 
-use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -22,6 +22,11 @@ pub struct DispatchMetrics {
     pub bytes: IntCounterVec,
     pub seconds: Histogram,
     pub balancedness: GaugeVec,
+    /// Shares of a layer re-sent to other replicas because their node
+    /// missed its deadline, by the slow node.
+    pub hedged: IntCounterVec,
+    /// Nodes that missed a deadline and have not answered a probe since.
+    pub suspected_nodes: IntGauge,
     /// One `expert_tokens` series per expert, or one per layer (`expert="all"`).
     pub per_expert: bool,
     /// Decayed per-layer, per-node token load behind `balancedness`.
@@ -55,6 +60,17 @@ impl DispatchMetrics {
                 Opts::new("expertmesh_balancedness_ratio", "Mean over max node load per layer (1 = perfectly even)"),
                 &["layer"],
             )?,
+            hedged: IntCounterVec::new(
+                Opts::new(
+                    "expertmesh_dispatch_hedged_total",
+                    "Node shares hedged to other replicas after a missed deadline",
+                ),
+                &["node"],
+            )?,
+            suspected_nodes: IntGauge::new(
+                "expertmesh_dispatch_suspected_nodes",
+                "Expert nodes that missed a dispatch deadline and have not answered a probe since",
+            )?,
             per_expert,
             window: Mutex::new(HashMap::new()),
         };
@@ -63,6 +79,8 @@ impl DispatchMetrics {
         registry.register(Box::new(m.bytes.clone()))?;
         registry.register(Box::new(m.seconds.clone()))?;
         registry.register(Box::new(m.balancedness.clone()))?;
+        registry.register(Box::new(m.hedged.clone()))?;
+        registry.register(Box::new(m.suspected_nodes.clone()))?;
         Ok(m)
     }
 

@@ -7,48 +7,105 @@
 //! port: a connection that opens with [`crate::frame::MAGIC`] is a framed
 //! dispatch link, anything else is handed to the gRPC server. It is
 //! plaintext, so it is refused under internal mutual TLS (gRPC carries TLS).
+//!
+//! Each node's link is a thread of its own that takes batches in order, so
+//! a hung node holds up only its own link (for at most the dispatch
+//! timeout), never the caller: answers go to the executor's reply channel.
 
 use crate::error::{DataPlaneError, Result};
 use crate::frame::{Frame, MAGIC, Payload, read_frame, write_message};
 use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
-use crate::transport::{NodeBatch, Transport, check_response, dispatch_request, replace_addresses};
+use crate::transport::{NodeBatch, Replies, Transport, check_response, dispatch_request, replace_addresses, reply};
 use expertmesh_proto::v1::{DispatchResponse, Dtype};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::Duration;
 
-/// One link to a node: a connection, reopened after any failure.
-type Link = Arc<Mutex<Option<TcpStream>>>;
-
-pub struct TcpTransport {
-    addrs: RwLock<BTreeMap<NodeId, String>>,
-    links: Mutex<HashMap<NodeId, Link>>,
+/// What every link needs.
+struct LinkConfig {
     timeout: Duration,
     dtype: Dtype,
     metrics: Option<Arc<DispatchMetrics>>,
 }
 
+/// One batch for a link's thread.
+struct Job {
+    step: u64,
+    layer: usize,
+    hidden: usize,
+    batch: NodeBatch,
+    tag: usize,
+    replies: Replies,
+}
+
+/// A node's link: its thread ends when this (the job queue) is dropped.
+type Link = mpsc::Sender<Job>;
+
+pub struct TcpTransport {
+    addrs: RwLock<BTreeMap<NodeId, String>>,
+    links: Mutex<HashMap<NodeId, Link>>,
+    cfg: Arc<LinkConfig>,
+}
+
 impl TcpTransport {
     pub fn new(addrs: BTreeMap<NodeId, String>, timeout: Duration, dtype: Dtype) -> Self {
-        TcpTransport { addrs: RwLock::new(addrs), links: Mutex::new(HashMap::new()), timeout, dtype, metrics: None }
+        let cfg = Arc::new(LinkConfig { timeout, dtype, metrics: None });
+        TcpTransport { addrs: RwLock::new(addrs), links: Mutex::new(HashMap::new()), cfg }
     }
 
     /// Counts activation bytes per node and direction.
     pub fn with_metrics(mut self, m: Arc<DispatchMetrics>) -> Self {
-        self.metrics = Some(m);
+        self.cfg = Arc::new(LinkConfig { timeout: self.cfg.timeout, dtype: self.cfg.dtype, metrics: Some(m) });
         self
     }
 
-    fn link(&self, node: &str) -> Result<(Link, String)> {
-        let err = |m: &str| DataPlaneError::Transport { node: node.to_string(), message: m.to_string() };
-        let addr = self.addrs.read().ok().and_then(|a| a.get(node).cloned()).ok_or_else(|| err("no address"))?;
-        let mut links = self.links.lock().map_err(|_| err("link table poisoned"))?;
-        Ok((links.entry(node.to_string()).or_default().clone(), addr))
+    /// The node's link, started on first use.
+    fn link(&self, node: &str) -> Result<Link> {
+        let err = |m: String| DataPlaneError::Transport { node: node.to_string(), message: m };
+        let addr = self
+            .addrs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+            .ok_or_else(|| err("no address".into()))?;
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = links.get(node) {
+            return Ok(l.clone());
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (cfg, name) = (self.cfg.clone(), node.to_string());
+        std::thread::Builder::new()
+            .name(format!("link-{node}"))
+            .spawn(move || run_link(&cfg, &name, &addr, rx))
+            .map_err(|e| err(format!("link thread: {e}")))?;
+        links.insert(node.to_string(), tx.clone());
+        Ok(tx)
     }
+}
 
+/// A link's thread: one round trip at a time, in order; any failure closes
+/// the connection (reopened for the next batch).
+fn run_link(cfg: &LinkConfig, node: &str, addr: &str, jobs: mpsc::Receiver<Job>) {
+    let mut conn: Option<TcpStream> = None;
+    for j in jobs {
+        let r = match &mut conn {
+            Some(s) => cfg.send_and_receive(s, j.step, j.layer, j.hidden, &j.batch),
+            slot @ None => cfg
+                .connect(node, addr)
+                .and_then(|s| cfg.send_and_receive(slot.insert(s), j.step, j.layer, j.hidden, &j.batch)),
+        };
+        if matches!(r, Err(DataPlaneError::Transport { .. } | DataPlaneError::Timeout { .. })) {
+            conn = None;
+        }
+        reply(&j.replies, j.tag, r);
+    }
+}
+
+impl LinkConfig {
     fn connect(&self, node: &str, addr: &str) -> Result<TcpStream> {
         let err = |m: String| DataPlaneError::Transport { node: node.to_string(), message: m };
         let sa = addr
@@ -66,23 +123,6 @@ impl TcpTransport {
         };
         setup(&mut s).map_err(|e| err(format!("{addr}: {e}")))?;
         Ok(s)
-    }
-
-    /// One node's round trip; any failure closes the link (reopened next time).
-    fn round_trip(&self, step: u64, layer: usize, hidden: usize, b: &NodeBatch) -> Result<Vec<f32>> {
-        let (link, addr) = self.link(&b.node)?;
-        let mut guard = link
-            .lock()
-            .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link poisoned".into() })?;
-        let s = match &mut *guard {
-            Some(s) => s,
-            slot @ None => slot.insert(self.connect(&b.node, &addr)?),
-        };
-        let r = self.send_and_receive(s, step, layer, hidden, b);
-        if matches!(r, Err(DataPlaneError::Transport { .. } | DataPlaneError::Timeout { .. })) {
-            *guard = None;
-        }
-        r
     }
 
     fn send_and_receive(
@@ -130,25 +170,18 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
-    /// Every node's round trip runs on its own scoped thread, so the step
-    /// waits for the slowest node, not for their sum (one node: this thread).
-    fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>> {
-        if let [b] = batches {
-            return vec![self.round_trip(step, layer, hidden, b)];
+    fn send(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch], first_tag: usize, replies: &Replies) {
+        for (i, b) in batches.iter().enumerate() {
+            let tag = first_tag + i;
+            let job = Job { step, layer, hidden, batch: b.clone(), tag, replies: replies.clone() };
+            let queued = self.link(&b.node).and_then(|l| {
+                l.send(job)
+                    .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link closed".into() })
+            });
+            if let Err(e) = queued {
+                reply(replies, tag, Err(e));
+            }
         }
-        std::thread::scope(|scope| {
-            let calls: Vec<_> =
-                batches.iter().map(|b| scope.spawn(move || self.round_trip(step, layer, hidden, b))).collect();
-            calls
-                .into_iter()
-                .zip(batches)
-                .map(|(c, b)| {
-                    c.join().unwrap_or_else(|_| {
-                        Err(DataPlaneError::Transport { node: b.node.clone(), message: "link thread panicked".into() })
-                    })
-                })
-                .collect()
-        })
     }
 
     fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {

@@ -1,19 +1,26 @@
 //! The transport seam between the dispatch planner and the expert nodes.
 //!
-//! One [`Transport::exchange`] call is a collective for one MoE layer of one
-//! step: every destination node gets exactly one batch (its distinct token
-//! rows and, per expert, which rows with which gate weights) and answers with
-//! one combined row per token. The planner fixes the per-node row counts
-//! before any payload moves, which is what an all-to-all over NCCL needs
-//! (counts first, then device buffers of known size).
+//! For one MoE layer of one step every destination node gets exactly one
+//! batch (its distinct token rows and, per expert, which rows with which
+//! gate weights) and answers with one combined row per token. The planner
+//! fixes the per-node row counts before any payload moves, which is what an
+//! all-to-all over NCCL needs (counts first, then device buffers of known
+//! size).
+//!
+//! [`Transport::send`] does not wait: each answer arrives on a channel as
+//! it comes, so the executor can give a slow node a deadline of its own and
+//! hedge its share to another replica while the rest of the layer is still
+//! arriving (see `executor`). [`Transport::exchange`] is the blocking
+//! collective over it.
 
 use crate::codec;
 use crate::error::{DataPlaneError, Result};
 use crate::placement::NodeId;
 use expertmesh_model::moe::{ExpertGroup, LocalExperts};
 use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype, ExpertTokens, PackedRows};
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::time::Duration;
 
 /// One node's share of a layer: `rows` is `[n, hidden]`; groups index into it.
 /// The rows are shared so a transport can put them on the wire without a copy.
@@ -24,11 +31,45 @@ pub struct NodeBatch {
     pub groups: Vec<ExpertGroup>,
 }
 
+/// Where answers go: `(tag, the node's combined rows or its error)`.
+pub type Replies = mpsc::Sender<(usize, Result<Vec<f32>>)>;
+
+/// Sends a reply. The receiver is gone once the executor has what it
+/// needs (a late answer of a hedged node); dropping that reply is the point.
+pub fn reply(to: &Replies, tag: usize, r: Result<Vec<f32>>) {
+    if to.send((tag, r)).is_err() {
+        tracing::trace!(tag, "a late dispatch answer was discarded");
+    }
+}
+
 pub trait Transport: Send + Sync {
-    /// Sends each batch to its node and returns, aligned with `batches`, each
-    /// node's combined rows (`[n, hidden]`) or that node's error. One node's
-    /// failure never fails the others.
-    fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>>;
+    /// Sends each batch to its node without waiting for answers. Batch `i`'s
+    /// combined rows (`[n, hidden]`), or that node's error, are sent to
+    /// `replies` tagged `first_tag + i`, exactly once: at the latest when
+    /// the transport's own timeout (`--dispatch-timeout`) expires. One
+    /// node's failure never fails the others.
+    fn send(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch], first_tag: usize, replies: &Replies);
+
+    /// Sends the batches and waits for every answer, aligned with `batches`.
+    fn exchange(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>> {
+        let (tx, rx) = mpsc::channel();
+        self.send(step, layer, hidden, batches, 0, &tx);
+        drop(tx);
+        let mut out: Vec<Option<Result<Vec<f32>>>> = (0..batches.len()).map(|_| None).collect();
+        for (tag, r) in rx {
+            if let Some(slot) = out.get_mut(tag) {
+                *slot = Some(r);
+            }
+        }
+        out.into_iter()
+            .zip(batches)
+            .map(|(r, b)| {
+                r.unwrap_or_else(|| {
+                    Err(DataPlaneError::Transport { node: b.node.clone(), message: "no answer".into() })
+                })
+            })
+            .collect()
+    }
 
     /// Replaces the node address book (a new placement); links to moved or
     /// removed nodes close. Transports that dial nobody ignore it.
@@ -39,13 +80,14 @@ pub trait Transport: Send + Sync {
 /// address changed or that left are dropped (they close).
 pub fn replace_addresses<L>(
     addrs: &RwLock<BTreeMap<NodeId, String>>,
-    links: &Mutex<std::collections::HashMap<NodeId, L>>,
+    links: &Mutex<HashMap<NodeId, L>>,
     new: BTreeMap<NodeId, String>,
 ) {
-    if let (Ok(mut a), Ok(mut l)) = (addrs.write(), links.lock()) {
-        l.retain(|n, _| a.get(n) == new.get(n));
-        *a = new;
-    }
+    // A panic elsewhere while holding these leaves consistent maps: recover.
+    let mut a = addrs.write().unwrap_or_else(|e| e.into_inner());
+    let mut l = links.lock().unwrap_or_else(|e| e.into_inner());
+    l.retain(|n, _| a.get(n) == new.get(n));
+    *a = new;
 }
 
 /// The wire request for one node's batch.
@@ -80,47 +122,83 @@ pub fn check_response(resp: DispatchResponse, b: &NodeBatch, step: u64, hidden: 
     Ok(rows)
 }
 
+/// How an in-process "node" misbehaves, for failure tests.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Every batch fails at once (a dead node).
+    Down,
+    /// Every batch is answered after this long (a hung or slow node).
+    Slow(Duration),
+}
+
 /// Expert "nodes" inside this process: the single-process baseline, and a
 /// deterministic stand-in for failure tests of the planner.
 #[derive(Default)]
 pub struct InProcess {
     nodes: RwLock<BTreeMap<NodeId, Arc<LocalExperts>>>,
-    down: Mutex<BTreeSet<NodeId>>,
+    faults: Mutex<HashMap<NodeId, Fault>>,
 }
 
 impl InProcess {
     pub fn add(&self, node: &str, experts: Arc<LocalExperts>) {
-        if let Ok(mut n) = self.nodes.write() {
-            n.insert(node.to_string(), experts);
-        }
+        self.nodes.write().unwrap_or_else(|e| e.into_inner()).insert(node.to_string(), experts);
     }
 
-    /// Makes a node fail every exchange until `set_down(node, false)`.
+    fn set_fault(&self, node: &str, f: Option<Fault>) {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        match f {
+            Some(f) => faults.insert(node.to_string(), f),
+            None => faults.remove(node),
+        };
+    }
+
+    /// Makes a node fail every batch until `set_down(node, false)`.
     pub fn set_down(&self, node: &str, down: bool) {
-        if let Ok(mut d) = self.down.lock() {
-            if down {
-                d.insert(node.to_string())
-            } else {
-                d.remove(node)
-            };
-        }
+        self.set_fault(node, down.then_some(Fault::Down));
+    }
+
+    /// Makes a node answer every batch only after `delay` (`None`: at once).
+    pub fn set_delay(&self, node: &str, delay: Option<Duration>) {
+        self.set_fault(node, delay.map(Fault::Slow));
     }
 }
 
 impl Transport for InProcess {
-    fn exchange(&self, _step: u64, layer: usize, hidden: usize, batches: &[NodeBatch]) -> Vec<Result<Vec<f32>>> {
-        batches
-            .iter()
-            .map(|b| {
-                let down = self.down.lock().map(|d| d.contains(&b.node)).unwrap_or(true);
-                let node = self.nodes.read().ok().and_then(|n| n.get(&b.node).cloned());
-                match (down, node) {
-                    (false, Some(experts)) => experts
+    fn send(
+        &self,
+        _step: u64,
+        layer: usize,
+        hidden: usize,
+        batches: &[NodeBatch],
+        first_tag: usize,
+        replies: &Replies,
+    ) {
+        for (i, b) in batches.iter().enumerate() {
+            let fault = self.faults.lock().unwrap_or_else(|e| e.into_inner()).get(&b.node).copied();
+            let node = self.nodes.read().unwrap_or_else(|e| e.into_inner()).get(&b.node).cloned();
+            let compute = {
+                let b = b.clone();
+                move || match node {
+                    Some(experts) => experts
                         .compute(layer, &b.rows, hidden, &b.groups)
                         .map_err(|e| DataPlaneError::Compute(e.to_string())),
-                    _ => Err(DataPlaneError::Transport { node: b.node.clone(), message: "node is down".into() }),
+                    None => Err(DataPlaneError::Transport { node: b.node.clone(), message: "unknown node".into() }),
                 }
-            })
-            .collect()
+            };
+            match fault {
+                None => reply(replies, first_tag + i, compute()),
+                Some(Fault::Down) => {
+                    let e = DataPlaneError::Transport { node: b.node.clone(), message: "node is down".into() };
+                    reply(replies, first_tag + i, Err(e))
+                }
+                Some(Fault::Slow(d)) => {
+                    let to = replies.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(d);
+                        reply(&to, first_tag + i, compute());
+                    });
+                }
+            }
+        }
     }
 }

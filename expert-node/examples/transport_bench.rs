@@ -16,7 +16,7 @@ use expertmesh_cluster as _;
 use expertmesh_dataplane::codec;
 use expertmesh_dataplane::grpc_transport::GrpcTransport;
 use expertmesh_dataplane::tcp_transport::TcpTransport;
-use expertmesh_dataplane::transport::{InProcess, NodeBatch, Transport};
+use expertmesh_dataplane::transport::{InProcess, NodeBatch, Replies, Transport, reply};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::generate::{SamplingParams, generate};
 use expertmesh_model::model::{Model, load_experts};
@@ -61,7 +61,15 @@ struct CodecTransport {
 }
 
 impl Transport for CodecTransport {
-    fn exchange(
+    fn send(&self, step: u64, layer: usize, h: usize, batches: &[NodeBatch], first: usize, to: &Replies) {
+        for (i, r) in self.round_trip(step, layer, h, batches).into_iter().enumerate() {
+            reply(to, first + i, r);
+        }
+    }
+}
+
+impl CodecTransport {
+    fn round_trip(
         &self,
         step: u64,
         layer: usize,

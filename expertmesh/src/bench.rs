@@ -55,6 +55,9 @@ pub struct Load {
     /// Text prompts for every API (see the module doc).
     pub text: bool,
     pub max_tokens: usize,
+    /// Run for this long instead of a number of requests (requests in
+    /// flight at the end finish and count).
+    pub duration: Option<Duration>,
 }
 
 /// Token ids that are valid in any byte-level BPE vocabulary (≥ 256 entries),
@@ -192,7 +195,8 @@ pub async fn bench(t: Target, load: Load) -> Result<serde_json::Value> {
                 let mut out = Vec::new();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= load.requests {
+                    let over = load.duration.is_some_and(|d| t0.elapsed() >= d);
+                    if (load.duration.is_none() && i >= load.requests) || over {
                         return out;
                     }
                     out.push(one(&t, &mut conns, i, &load).await);
@@ -201,8 +205,10 @@ pub async fn bench(t: Target, load: Load) -> Result<serde_json::Value> {
         })
         .collect();
     let (mut ttft, mut itl, mut tokens, mut errors, mut first_error) = (vec![], vec![], 0, 0, None);
+    let mut done = 0;
     for task in tasks {
         for r in task.await? {
+            done += 1;
             match r {
                 Ok(times) if times.len() == load.max_tokens => {
                     tokens += times.len();
@@ -225,12 +231,15 @@ pub async fn bench(t: Target, load: Load) -> Result<serde_json::Value> {
     }
     let wall = t0.elapsed().as_secs_f64();
     Ok(json!({
-        "requests": load.requests,
+        "requests": done,
         "errors": errors,
         "output_tokens_per_s": tokens as f64 / wall,
         "ttft_p50_s": percentile(&mut ttft, 0.5),
         "ttft_p99_s": percentile(&mut ttft, 0.99),
         "itl_p50_s": percentile(&mut itl, 0.5),
         "itl_p99_s": percentile(&mut itl, 0.99),
+        "itl_p999_s": percentile(&mut itl, 0.999),
+        "itl_max_s": itl.iter().copied().fold(0.0, f64::max),
+        "wall_s": wall,
     }))
 }

@@ -32,7 +32,7 @@ enum Command {
     /// Write a random checkpoint in Hugging Face layout.
     GenModel(GenModelArgs),
     /// Start a local cluster (etcd, coordinator, expert nodes, router) as child processes.
-    Up(UpCmd),
+    Up(crate::up::UpCmd),
     /// Load-test a router, or the same engine in this process.
     Bench(BenchCmd),
     /// Plan expert placement offline from a load matrix.
@@ -43,49 +43,6 @@ enum Command {
     Drain(crate::cluster_cmd::DrainCmd),
     /// Ask the leading coordinator to re-plan placement now.
     Rebalance(crate::cluster_cmd::RebalanceCmd),
-}
-
-#[derive(Args)]
-struct UpCmd {
-    /// Checkpoint directory.
-    #[arg(long, env = "EXPERTMESH_MODEL", required_unless_present = "demo")]
-    model: Option<PathBuf>,
-    /// Use the demo model (generated into ./demo-model on first use).
-    #[arg(long, conflicts_with = "model", env = "EXPERTMESH_DEMO")]
-    demo: bool,
-    #[arg(long, env = "EXPERTMESH_EXPERT_NODES", default_value_t = 2)]
-    expert_nodes: usize,
-    /// Distinct nodes holding each expert.
-    #[arg(long, env = "EXPERTMESH_REPLICAS", default_value_t = 2)]
-    replicas: usize,
-    #[arg(long, env = "EXPERTMESH_GRPC_PORT", default_value_t = 50051)]
-    grpc_port: u16,
-    #[arg(long, env = "EXPERTMESH_HTTP_PORT", default_value_t = 8080)]
-    http_port: u16,
-    /// Written once every component serves; removed on exit.
-    #[arg(long, env = "EXPERTMESH_STATE_FILE")]
-    state_file: Option<PathBuf>,
-    /// Write Prometheus file_sd targets (every component's /metrics, labelled
-    /// component, id, cluster, model) here; deploy/prometheus/prometheus.yml reads it.
-    #[arg(long, env = "EXPERTMESH_PROMETHEUS_TARGETS")]
-    prometheus_targets: Option<PathBuf>,
-    /// Compute threads per expert node.
-    #[arg(long, env = "EXPERTMESH_THREADS_PER_NODE")]
-    threads_per_node: Option<usize>,
-    /// Use this etcd instead of starting a private one.
-    #[arg(long, env = "EXPERTMESH_ETCD")]
-    etcd: Option<String>,
-    #[arg(long, env = "EXPERTMESH_CLUSTER", default_value = "local")]
-    cluster: String,
-    /// Membership lease TTL in seconds for every component.
-    #[arg(long, env = "EXPERTMESH_LEASE_TTL", default_value_t = 10)]
-    lease_ttl: u64,
-    /// Secure the cluster with a throwaway CA: TLS on the router's public
-    /// listeners, mutual TLS between the processes, TLS with client
-    /// certificates to the private etcd. The CA is written next to the
-    /// state file's other paths and printed.
-    #[arg(long, env = "EXPERTMESH_TLS", conflicts_with = "etcd")]
-    tls: bool,
 }
 
 #[derive(Args)]
@@ -115,6 +72,10 @@ struct BenchCmd {
     concurrency: usize,
     #[arg(long, default_value_t = 32, env = "EXPERTMESH_REQUESTS")]
     requests: usize,
+    /// Seconds to keep sending requests (instead of --requests): for
+    /// throughput over a window, such as while a node is stopped.
+    #[arg(long, env = "EXPERTMESH_DURATION")]
+    duration: Option<f64>,
     /// Prompt length: token ids, or words with --text-prompts (and for kserve).
     #[arg(long, default_value_t = 64, env = "EXPERTMESH_PROMPT_TOKENS")]
     prompt_tokens: usize,
@@ -477,9 +438,9 @@ fn cmd_generate_remote(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_up(a: UpCmd) -> Result<()> {
-    let model = match a.model {
-        Some(m) => m,
+fn cmd_up(a: crate::up::UpCmd) -> Result<()> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
         None => crate::up::demo_model(Path::new("demo-model"))?,
     };
     static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -491,23 +452,7 @@ fn cmd_up(a: UpCmd) -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    crate::up::up(
-        crate::up::UpArgs {
-            model,
-            expert_nodes: a.expert_nodes,
-            replicas: a.replicas,
-            grpc_port: a.grpc_port,
-            http_port: a.http_port,
-            state_file: a.state_file,
-            prometheus_targets: a.prometheus_targets,
-            threads_per_node: a.threads_per_node,
-            etcd: a.etcd,
-            cluster: a.cluster,
-            lease_ttl: a.lease_ttl,
-            tls: a.tls,
-        },
-        &STOP,
-    )
+    crate::up::up(a, model, &STOP)
 }
 
 fn cmd_bench(a: BenchCmd) -> Result<()> {
@@ -519,6 +464,11 @@ fn cmd_bench(a: BenchCmd) -> Result<()> {
         prompt_tokens: a.prompt_tokens,
         text: a.text_prompts,
         max_tokens: a.max_tokens,
+        duration: match a.duration {
+            Some(d) if d > 0.0 && d.is_finite() => Some(std::time::Duration::from_secs_f64(d)),
+            Some(_) => bail!("--duration must be a positive number of seconds"),
+            None => None,
+        },
     };
     let target = |api, addr: String| crate::bench::Target {
         api,

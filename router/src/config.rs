@@ -47,9 +47,19 @@ pub struct Config {
     /// experts run in this process (the single-process baseline).
     #[arg(long, env = "EXPERTMESH_PLACEMENT", conflicts_with = "endpoints")]
     pub placement: Option<PathBuf>,
-    /// Seconds a MoE layer's dispatch may take before the node counts as failed.
+    /// Seconds a MoE layer's dispatch may take before the node counts as
+    /// failed: the hard limit, which applies when an expert has no other
+    /// replica to hedge to.
     #[arg(long, env = "EXPERTMESH_DISPATCH_TIMEOUT", default_value_t = 10.0)]
     pub dispatch_timeout: f64,
+    /// A node's share of a layer is hedged to other replicas (and the node
+    /// probed, with no real traffic until it answers) after this multiple
+    /// of its recent p99 round trip; 0 turns hedging off.
+    #[arg(long, env = "EXPERTMESH_HEDGE_MULTIPLE", default_value_t = 3.0)]
+    pub hedge_multiple: f64,
+    /// Seconds: the per-node hedging deadline is never shorter than this.
+    #[arg(long, env = "EXPERTMESH_HEDGE_FLOOR", default_value_t = 0.05)]
+    pub hedge_floor: f64,
     /// Dispatch transport to the expert nodes.
     #[arg(long, value_enum, env = "EXPERTMESH_TRANSPORT", default_value = "grpc")]
     pub transport: TransportArg,
@@ -135,6 +145,12 @@ impl Config {
         let bad = |flag, message: &str| Err(RouterError::Config { flag, message: message.to_string() });
         if !(self.dispatch_timeout > 0.0 && self.dispatch_timeout.is_finite()) {
             return bad("--dispatch-timeout", "must be a positive number of seconds");
+        }
+        if !(self.hedge_multiple >= 0.0 && self.hedge_multiple.is_finite()) {
+            return bad("--hedge-multiple", "must be a non-negative number (0 turns hedging off)");
+        }
+        if !(self.hedge_floor > 0.0 && self.hedge_floor.is_finite()) {
+            return bad("--hedge-floor", "must be a positive number of seconds");
         }
         if self.max_num_seqs == 0 {
             return bad("--max-num-seqs", "must be at least 1");

@@ -30,6 +30,7 @@ pub use state::{Limits, RouterState, log_prompt};
 
 use engine::{Engine, EngineConfig};
 use expertmesh_dataplane::executor::RemoteExecutor;
+use expertmesh_dataplane::executor::health::HedgePolicy;
 use expertmesh_dataplane::grpc_transport::GrpcTransport;
 use expertmesh_dataplane::metrics::DispatchMetrics;
 use expertmesh_dataplane::placement::Placement;
@@ -133,7 +134,12 @@ async fn experts(
         ),
         TransportArg::Tcp => Arc::new(TcpTransport::new(p.nodes.clone(), timeout, dtype).with_metrics(metrics.clone())),
     };
-    let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(metrics));
+    let hedging = HedgePolicy {
+        multiple: cfg.hedge_multiple,
+        floor: Duration::from_secs_f64(cfg.hedge_floor).min(timeout),
+        hard: timeout,
+    };
+    let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(metrics).with_hedging(hedging));
     Ok(Experts { executor: ex.clone(), remote: Some((ex, t)) })
 }
 
