@@ -10,17 +10,13 @@ use expertmesh_cluster::etcd_server::EtcdServer;
 use expertmesh_cluster::keys::{self, Keys, NodeRecord};
 use expertmesh_cluster::store::{ClusterStore, Etcd};
 use expertmesh_dataplane::placement::Placement;
+use expertmesh_proto::v1::InfoRequest;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
-use expertmesh_proto::v1::generate_request::Prompt;
-use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
-use expertmesh_proto::v1::{GenerateRequest, InfoRequest, SamplingParams, TokenIds};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Procs, bin, field, fixture, http_get, reference, spawn};
+use common::{Procs, Traffic, bin, field, fixture, http_get, spawn};
 
 const CASE: &str = "deepseek_v3_qnull";
 const TTL: &str = "2";
@@ -92,13 +88,25 @@ impl Cluster {
 
     /// Starts a router and waits until it serves with full coverage.
     fn router(&mut self) -> String {
+        let (grpc, http) = self.router_started();
+        assert!(wait(Duration::from_secs(30), || http_get(&http, "/ready").0 == 200), "router never became ready");
+        grpc
+    }
+
+    /// Starts a router (its metrics under the name "router"); returns (grpc, http).
+    fn router_started(&mut self) -> (String, String) {
         let mut cmd = Command::new(bin("router"));
         cmd.args(self.common_args()).args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1"]);
         let (child, line) = spawn(cmd);
         let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
-        self.procs.0.push(("router".into(), grpc.clone(), child));
-        assert!(wait(Duration::from_secs(30), || http_get(&http, "/ready").0 == 200), "router never became ready");
-        grpc
+        self.procs.0.push(("router".into(), http.clone(), child));
+        (grpc, http)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     fn get(&self, key: &str) -> Option<Vec<u8>> {
@@ -148,68 +156,6 @@ fn wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// Requests sent back to back from `clients` threads until stopped; every
-/// result is checked against the transformers reference.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    results: Arc<Mutex<(usize, Vec<String>)>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(grpc: &str, clients: usize) -> Self {
-        let (prompt, greedy) = reference(CASE);
-        let stop = Arc::new(AtomicBool::new(false));
-        let results = Arc::new(Mutex::new((0usize, Vec::new())));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, results, grpc, prompt, greedy) =
-                    (stop.clone(), results.clone(), grpc.to_string(), prompt.clone(), greedy.clone());
-                std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        let r = rt.block_on(one(&grpc, prompt.clone(), greedy.len() as u32));
-                        let mut res = results.lock().unwrap();
-                        match r {
-                            Ok(t) if t == greedy => res.0 += 1,
-                            Ok(t) => res.1.push(format!("wrong tokens {t:?}")),
-                            Err(e) => res.1.push(e),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Traffic { stop, results, threads }
-    }
-
-    /// Stops and returns (successes, failures).
-    fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let r = self.results.lock().unwrap();
-        (r.0, r.1.clone())
-    }
-}
-
-async fn one(grpc: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<Vec<u32>, String> {
-    let mut c = GenerateServiceClient::connect(format!("http://{grpc}")).await.map_err(|e| e.to_string())?;
-    let req = GenerateRequest {
-        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt })),
-        sampling: Some(SamplingParams::default()),
-        max_tokens,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let mut s = c.generate(req).await.map_err(|e| e.to_string())?.into_inner();
-    let mut toks = Vec::new();
-    while let Some(m) = s.message().await.map_err(|e| e.to_string())? {
-        toks.extend(m.token_ids);
-    }
-    Ok(toks)
-}
-
 #[test]
 fn members_appear_and_vanish_within_the_ttl_after_kill_9() {
     let mut c = Cluster::new("members");
@@ -235,8 +181,8 @@ fn killing_a_node_and_the_leader_loses_no_request() {
     let grpc = c.router();
     let first = c.placement().unwrap();
     assert!(first.nodes.len() == 3);
-    let traffic = Traffic::start(&grpc, 2);
-    std::thread::sleep(Duration::from_secs(2));
+    let traffic = Traffic::start(&grpc, 2, CASE);
+    traffic.wait_for(4, Duration::from_secs(60));
     let leader = c.leader().unwrap();
     let t0 = Instant::now();
     c.procs.kill("en-1");
@@ -249,7 +195,8 @@ fn killing_a_node_and_the_leader_loses_no_request() {
         "no placement without en-1"
     );
     let replanned = t0.elapsed();
-    std::thread::sleep(Duration::from_secs(2));
+    // Traffic on the new placement, too.
+    traffic.wait_for(traffic.done().0 + 4, Duration::from_secs(60));
     let (ok, failed) = traffic.finish();
     eprintln!("new leader after {elected:?}, full coverage after {replanned:?}; {ok} requests ok");
     assert!(failed.is_empty(), "{} failed requests: {:?}", failed.len(), &failed[..failed.len().min(3)]);
@@ -274,19 +221,23 @@ fn a_late_node_gets_experts_and_traffic_and_a_drain_moves_them_away() {
         "the late node got no experts"
     );
     assert!(c.held(&late) > 0);
-    let traffic = Traffic::start(&grpc, 2);
-    std::thread::sleep(Duration::from_secs(2));
+    let traffic = Traffic::start(&grpc, 2, CASE);
+    traffic.wait_for(4, Duration::from_secs(60));
     let metrics = c.procs.0.iter().find(|(n, _, _)| n == "en-2").unwrap().1.clone();
-    let served: f64 = http_get(&metrics, "/metrics")
-        .1
-        .lines()
-        .filter(|l| l.starts_with("expertmesh_node_expert_tokens_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(served > 0.0, "the late node computed nothing");
+    let served = || -> f64 {
+        http_get(&metrics, "/metrics")
+            .1
+            .lines()
+            .filter(|l| l.starts_with("expertmesh_node_expert_tokens_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(wait(Duration::from_secs(30), || served() > 0.0), "the late node computed nothing");
     assert_eq!(c.metric("co-a", "expertmesh_coordinator_is_leader"), Some(1.0));
     assert_eq!(c.metric("co-a", "expertmesh_rebalances_total{reason=\"initial\"}"), Some(1.0));
-    assert_eq!(c.metric("co-a", "expertmesh_rebalances_total{reason=\"join\"}"), Some(1.0));
+    // Counted once the change is fully applied (routers acked, old copies unloaded).
+    let join = || c.metric("co-a", "expertmesh_rebalances_total{reason=\"join\"}");
+    assert!(wait(Duration::from_secs(30), || join() == Some(1.0)), "join counted {:?}", join());
     assert_eq!(c.metric("co-a", "expertmesh_placement_version"), Some(2.0));
     assert_eq!(c.metric("co-a", "expertmesh_placement_uncovered_experts"), Some(0.0));
     assert_eq!(c.metric("co-a", "expertmesh_cluster_nodes{state=\"ready\"}"), Some(3.0));
@@ -297,7 +248,7 @@ fn a_late_node_gets_experts_and_traffic_and_a_drain_moves_them_away() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(c.placement().unwrap().experts_of("en-0").is_empty());
     assert!(wait(Duration::from_secs(10), || c.held(&a0) == 0), "en-0 still holds experts");
-    std::thread::sleep(Duration::from_secs(1));
+    traffic.wait_for(traffic.done().0 + 2, Duration::from_secs(60));
     let (ok, failed) = traffic.finish();
     assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
     assert!(ok >= 4);
@@ -320,8 +271,8 @@ fn the_data_plane_rides_out_an_etcd_outage_and_the_control_plane_resumes() {
     let grpc = c.router();
     let version = c.placement().unwrap().version;
     c.etcd.kill();
-    let traffic = Traffic::start(&grpc, 2);
-    std::thread::sleep(Duration::from_secs(4));
+    let traffic = Traffic::start(&grpc, 2, CASE);
+    traffic.wait_for(4, Duration::from_secs(60));
     let (ok, failed) = traffic.finish();
     assert!(failed.is_empty() && ok >= 2, "during the outage: {ok} ok, failures {failed:?}");
     c.etcd.restart().unwrap();
@@ -335,9 +286,83 @@ fn the_data_plane_rides_out_an_etcd_outage_and_the_control_plane_resumes() {
         "the control plane did not resume"
     );
     let (ok, failed) = {
-        let t = Traffic::start(&grpc, 1);
-        std::thread::sleep(Duration::from_secs(1));
+        let t = Traffic::start(&grpc, 1, CASE);
+        t.wait_for(2, Duration::from_secs(60));
         t.finish()
     };
     assert!(failed.is_empty() && ok >= 1, "after the outage: {ok} ok, failures {failed:?}");
+}
+
+#[test]
+fn requests_before_the_first_placement_wait_and_traffic_at_first_coverage_never_fails() {
+    let mut c = Cluster::new("ready");
+    c.coordinator("co-a", 2);
+    c.coordinator("co-b", 2);
+    // The router first: no node yet, so nothing can be placed.
+    let (grpc, http) = c.router_started();
+    assert_eq!(http_get(&http, "/ready").0, 503, "ready before any placement");
+    let s = c.status();
+    assert_eq!(s["placement"]["in_force"], false, "{s}");
+    assert_ne!(s["placement"]["uncovered"], 0, "no placement is not full coverage: {s}");
+    // A request now waits in the queue instead of failing.
+    let early = Traffic::start(&grpc, 1, CASE);
+    for i in 0..3 {
+        c.node(&format!("en-{i}"));
+    }
+    // Poll status as a client would; send traffic the moment it reports coverage.
+    let t0 = Instant::now();
+    loop {
+        let s = c.status();
+        if s["placement"]["in_force"] == true && s["placement"]["uncovered"] == 0 {
+            break;
+        }
+        assert!(s["placement"]["uncovered"] != 0 || s["placement"]["version"] != 0, "covered without a placement: {s}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "never covered: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let traffic = Traffic::start(&grpc, 6, CASE);
+    traffic.wait_for(120, Duration::from_secs(120));
+    let (ok, failed) = traffic.finish();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    early.wait_for(1, Duration::from_secs(30));
+    let (ok, failed) = early.finish();
+    assert!(failed.is_empty() && ok >= 1, "the early request: {failed:?}");
+    assert_eq!(http_get(&http, "/ready").0, 200);
+}
+
+#[test]
+fn garbage_in_the_placement_key_is_counted_and_the_last_good_placement_stays() {
+    let mut c = Cluster::new("garbage");
+    c.coordinator("co-a", 1);
+    c.node("en-0");
+    c.node("en-1");
+    let grpc = c.router();
+    let version = c.placement().unwrap().version;
+    c.rt.block_on(c.store.put(&c.keys.placement(), b"{\"version\": 99, \"nodes\": [".to_vec(), None)).unwrap();
+    let counted = |p: &str| c.metric(p, "expertmesh_invalid_placements_total") == Some(1.0);
+    assert!(wait(Duration::from_secs(10), || counted("router") && counted("co-a")), "the bad value was not counted");
+    let s = c.status();
+    assert!(s["placement"]["invalid"].is_string(), "{s}");
+    // Still serving on the last good placement.
+    let traffic = Traffic::start(&grpc, 1, CASE);
+    traffic.wait_for(2, Duration::from_secs(60));
+    let (ok, failed) = traffic.finish();
+    assert!(failed.is_empty() && ok >= 2, "{failed:?}");
+    // The next change is planned from the last good placement and replaces the garbage.
+    c.node("en-2");
+    assert!(
+        wait(Duration::from_secs(30), || c
+            .placement()
+            .is_some_and(|p| p.version == version + 1 && !p.experts_of("en-2").is_empty())),
+        "no valid placement after the join"
+    );
+    let traffic = Traffic::start(&grpc, 1, CASE);
+    traffic.wait_for(2, Duration::from_secs(60));
+    assert!(traffic.finish().1.is_empty());
 }

@@ -271,10 +271,9 @@ impl Served<'_> {
                 _ = stop.cancelled() => {}
             }
         });
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| NodeError::Load(e.to_string()))?;
+        let reflection =
+            expertmesh_plumbing::listen::reflection(&[FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET])
+                .map_err(NodeError::Load)?;
         let server = ExpertServiceServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -286,8 +285,8 @@ impl Served<'_> {
             .initial_stream_window_size(expertmesh_dataplane::grpc_transport::WINDOW)
             .initial_connection_window_size(expertmesh_dataplane::grpc_transport::WINDOW)
             .max_frame_size(expertmesh_dataplane::grpc_transport::FRAME)
+            .add_routes(reflection)
             .add_service(health_service)
-            .add_service(reflection)
             .add_service(server)
             .serve_with_incoming_shutdown(incoming, async move {
                 drain.cancelled().await;

@@ -70,14 +70,19 @@ struct Status {
     view: View,
     leader: Option<String>,
     supervisor: Option<SupervisorRecord>,
+    /// Why the `placement` key did not parse, if it did not.
+    invalid_placement: Option<String>,
 }
 
 impl Status {
     async fn read(s: &Etcd, k: &Keys) -> Result<Self> {
         let drains: BTreeMap<String, DrainRecord> = records(s, &k.drains()).await?;
-        let placement = match s.get(&k.placement()).await? {
-            Some(b) => Some(Placement::from_json(&b).context("the placement in etcd")?),
-            None => None,
+        let (placement, invalid_placement) = match s.get(&k.placement()).await? {
+            Some(b) => match Placement::from_json(&b) {
+                Ok(p) => (Some(p), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+            None => (None, None),
         };
         let view = View {
             nodes: records(s, &k.nodes()).await?,
@@ -92,7 +97,7 @@ impl Status {
             Some(b) => Some(keys::decode(&k.supervisor(), &b)?),
             None => None,
         };
-        Ok(Status { view, leader, supervisor })
+        Ok(Status { view, leader, supervisor, invalid_placement })
     }
 
     /// A placement exists and every live router steps on one.
@@ -143,6 +148,7 @@ impl Status {
                 "version": v.placement.as_ref().map_or(0, |p| p.version),
                 "in_force": self.in_force(),
                 "uncovered": v.coverage().uncovered(),
+                "invalid": self.invalid_placement,
             },
             "balancedness": self.balance(),
             "supervisor": self.supervisor,
@@ -153,6 +159,10 @@ impl Status {
         let v = &self.view;
         println!("leader: {}", self.leader.as_deref().unwrap_or("(none)"));
         match v.coverage() {
+            Coverage::NoPlacement { .. } if self.invalid_placement.is_some() => {
+                let e = self.invalid_placement.as_deref().unwrap_or_default();
+                println!("placement: the placement key in etcd is invalid ({e}); components keep their last good one");
+            }
             Coverage::NoPlacement { .. } => println!("placement: no placement yet (every expert uncovered)"),
             Coverage::Placed { uncovered } => {
                 let version = v.placement.as_ref().map_or(0, |p| p.version);

@@ -18,6 +18,20 @@ pub fn nodelay_incoming(
     })
 }
 
+/// gRPC server reflection for `descriptors` (encoded file descriptor
+/// sets), served as both `grpc.reflection.v1` and `v1alpha`: older clients
+/// (Python's grpcio-reflection, older grpcurl, some IDEs) only ask v1alpha.
+pub fn reflection(descriptors: &[&'static [u8]]) -> Result<tonic::service::Routes, String> {
+    let configure = || {
+        descriptors
+            .iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, d| b.register_encoded_file_descriptor_set(d))
+    };
+    let v1 = configure().build_v1().map_err(|e| format!("reflection: {e}"))?;
+    let v1alpha = configure().build_v1alpha().map_err(|e| format!("reflection: {e}"))?;
+    Ok(tonic::service::Routes::new(v1).add_service(v1alpha))
+}
+
 /// The servers of one process. A server that fails (or stops before the
 /// process is shutting down) is logged with its name and marks the process
 /// unready; readiness endpoints consult [`Listeners::healthy`], and

@@ -311,14 +311,9 @@ async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<GenerateServiceServer<generate_api::GenerateApi>>().await;
     tokio::spawn(follow_health(state.clone(), health, shutdown.clone()));
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| RouterError::Internal(e.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| RouterError::Internal(e.to_string()))?;
+    let reflection =
+        expertmesh_plumbing::listen::reflection(&[FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET])
+            .map_err(RouterError::Internal)?;
     let auth = generation::auth::GrpcAuth { state: state.clone() };
     let api = tonic::service::interceptor::InterceptedService::new(
         GenerateServiceServer::new(generate_api::GenerateApi { state: state.clone() })
@@ -339,9 +334,8 @@ async fn serve(
     }
     let stop = shutdown.clone();
     let grpc_server = grpc_builder
+        .add_routes(reflection)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
         .add_service(api)
         .add_service(kserve)
         .serve_with_incoming_shutdown(expertmesh_plumbing::listen::nodelay_incoming(grpc_listener), async move {

@@ -4,10 +4,15 @@
 
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_model::config::ModelConfig;
+use expertmesh_proto::v1::generate_request::Prompt;
+use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
+use expertmesh_proto::v1::{GenerateRequest, SamplingParams, TokenIds};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn fixture(case: &str) -> PathBuf {
@@ -217,11 +222,96 @@ pub fn up_with(model: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)], st
         .spawn()
         .unwrap();
     let t0 = Instant::now();
+    // Written to a temporary file and renamed: once it exists, it is whole.
     while !state_file.exists() {
         assert!(t0.elapsed() < Duration::from_secs(60), "cluster did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(50)); // the file is written in one call; let it land
     let state = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
     Up { child, state, state_file }
+}
+
+/// Requests sent back to back from `clients` threads until stopped; every
+/// result is checked against the transformers reference.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<(usize, Vec<String>)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    pub fn start(grpc: &str, clients: usize, case: &str) -> Self {
+        let (prompt, greedy) = reference(case);
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new((0usize, Vec::new())));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, results, grpc, prompt, greedy) =
+                    (stop.clone(), results.clone(), grpc.to_string(), prompt.clone(), greedy.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = rt.block_on(one(&grpc, prompt.clone(), greedy.len() as u32));
+                        let mut res = results.lock().unwrap();
+                        match r {
+                            Ok(t) if t == greedy => res.0 += 1,
+                            Ok(t) => res.1.push(format!("wrong tokens {t:?}")),
+                            Err(e) => res.1.push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Traffic { stop, results, threads }
+    }
+
+    /// Waits until `n` requests have succeeded (a failure counts too, so a
+    /// broken cluster fails the test instead of timing out).
+    pub fn wait_for(&self, n: usize, limit: std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        loop {
+            let (ok, failed) = {
+                let r = self.results.lock().unwrap();
+                (r.0, r.1.len())
+            };
+            if ok + failed >= n {
+                return;
+            }
+            assert!(t0.elapsed() < limit, "only {ok} of {n} requests done after {limit:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Requests done so far (successes, failures).
+    pub fn done(&self) -> (usize, usize) {
+        let r = self.results.lock().unwrap();
+        (r.0, r.1.len())
+    }
+
+    /// Stops and returns (successes, failures).
+    pub fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let r = self.results.lock().unwrap();
+        (r.0, r.1.clone())
+    }
+}
+
+pub async fn one(grpc: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<Vec<u32>, String> {
+    let mut c = GenerateServiceClient::connect(format!("http://{grpc}")).await.map_err(|e| e.to_string())?;
+    let req = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt })),
+        sampling: Some(SamplingParams::default()),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut s = c.generate(req).await.map_err(|e| e.to_string())?.into_inner();
+    let mut toks = Vec::new();
+    while let Some(m) = s.message().await.map_err(|e| e.to_string())? {
+        toks.extend(m.token_ids);
+    }
+    Ok(toks)
 }
