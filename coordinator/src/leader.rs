@@ -105,11 +105,14 @@ async fn serve_listeners(
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let mut builder =
             server_builder(tls).map_err(|e| CoordError::Config { flag: "--internal-cert", message: e.to_string() })?;
+        let reflection = expertmesh_plumbing::listen::reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])
+            .map_err(CoordError::Internal)?;
         let (s, watched) = (stop.clone(), listeners.clone());
         tokio::spawn(async move {
             let incoming = expertmesh_plumbing::listen::nodelay_incoming(l);
             let stopped = s.clone();
             let server = builder
+                .add_routes(reflection)
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await });
             watched.run("grpc", server, &s).await;

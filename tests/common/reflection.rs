@@ -12,7 +12,11 @@ pub fn reflected_services(addr: &str) -> (Vec<String>, Vec<String>) {
             ..Default::default()
         };
         let mut c = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
-        let mut s = c.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+        let mut s = c
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap_or_else(|e| panic!("{addr}: {e}"))
+            .into_inner();
         let new = match s.next().await.unwrap().unwrap().message_response {
             Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => l.service,
             other => panic!("v1: {other:?}"),
@@ -22,7 +26,11 @@ pub fn reflected_services(addr: &str) -> (Vec<String>, Vec<String>) {
             ..Default::default()
         };
         let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(ch);
-        let mut s = c.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+        let mut s = c
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap_or_else(|e| panic!("{addr}: {e}"))
+            .into_inner();
         let old = match s.next().await.unwrap().unwrap().message_response {
             Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) => l.service,
             other => panic!("v1alpha: {other:?}"),
