@@ -133,7 +133,8 @@ fn thirty_two_concurrent_requests_complete_identically() {
 fn a_killed_node_loses_no_request_and_uncovered_experts_are_named() {
     let rt = runtime();
     let model = fixture("deepseek_v2_lite");
-    let mut c = cluster(&model, 3, 2, &["--dispatch-timeout", "2"]);
+    let timeout = Duration::from_secs(2);
+    let mut c = cluster(&model, 3, 2, &["--dispatch-timeout", &timeout.as_secs().to_string()]);
     let (prompt, _) = reference("deepseek_v2_lite");
     let local = Model::load(&model, Precision::F32, &mut |_, _| {}).unwrap();
     let offline = offline_generate(&local, &prompt, 40, ModelSampling::default(), true, |_, _| {}).unwrap();
@@ -154,7 +155,8 @@ fn a_killed_node_loses_no_request_and_uncovered_experts_are_named() {
         let e = generate(&grpc, request(prompt.clone(), 4)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
         assert!(e.message().contains("no live replica"), "{e:?}");
-        assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
+        // A killed node refuses at once; the dispatch timeout bounds it, with room.
+        assert!(t0.elapsed() < timeout * 3, "took {:?}", t0.elapsed());
     });
 }
 

@@ -176,11 +176,41 @@ mod tests {
             }
         }
 
+        /// Arbitrary headers and payloads: never a panic; accepted exactly
+        /// when every length agrees with the header (then one value per
+        /// row and column), refused with an error otherwise.
         #[test]
-        fn decoder_never_panics(dtype in 0i32..5, n in 0u32..50, h in 0u32..300, data in proptest::collection::vec(any::<u8>(), 0..600), scales in proptest::collection::vec(any::<u8>(), 0..40)) {
+        fn malformed_rows_are_refused_and_consistent_ones_accepted(
+            dtype in 0i32..5,
+            n in 0u32..12,
+            h in 0u32..300,
+            expected in prop_oneof![Just(None), (0usize..300).prop_map(Some)],
+            exact in any::<bool>(),
+            data in proptest::collection::vec(any::<u8>(), 0..600),
+            scales in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let (nn, hh) = (n as usize, h as usize);
+            let width = match dtype { 1 => 4, 2 => 2, 3 => 1, _ => 0 };
+            let want_scales = if dtype == 3 { nn * hh.div_ceil(FP8_GROUP) * 4 } else { scales.len() };
+            // Half the cases get consistent lengths, so acceptance is exercised too.
+            let (data, scales) = if exact {
+                ((0..nn * hh * width).map(|i| (i % 0x70) as u8).collect::<Vec<u8>>(), vec![0x3f; want_scales])
+            } else {
+                (data, scales)
+            };
+            let expected = expected.unwrap_or(hh);
+            let consistent = width > 0 && expected == hh && data.len() == nn * hh * width && scales.len() == want_scales;
             let p = PackedRows { dtype, num_rows: n, hidden_size: h, data: data.into(), scales: scales.into() };
-            let _ = decode(&p, h as usize);
-            let _ = decode(&p, 7);
+            match decode(&p, expected) {
+                Ok(v) => {
+                    prop_assert!(consistent, "accepted an inconsistent batch: {:?}", p);
+                    prop_assert_eq!(v.len(), nn * hh);
+                }
+                Err(e) => {
+                    prop_assert!(!consistent, "refused a consistent batch: {}", e);
+                    prop_assert!(matches!(e, DataPlaneError::Invalid(_)));
+                }
+            }
         }
     }
 

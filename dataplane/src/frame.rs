@@ -192,5 +192,41 @@ mod tests {
                 let _ = p.into_rows(rows, 16);
             }
         }
+
+        // A valid frame reads back as written; every strict prefix of it
+        // (a peer that stopped mid-frame) is an error, not a short frame.
+        #[test]
+        fn frames_round_trip_and_truncations_are_refused(
+            step in any::<u64>(),
+            layer in 0u32..100,
+            hidden in 1usize..40,
+            n in 0usize..6,
+            experts in proptest::collection::vec((0u32..256, 0.0f32..1.0), 0..5),
+            seed in any::<u32>(),
+        ) {
+            let rows: Vec<f32> = (0..n * hidden).map(|i| (i as u32 ^ seed) as f32 * 1e-3).collect();
+            let groups = experts
+                .iter()
+                .map(|&(e, w)| expertmesh_model::moe::ExpertGroup { expert: e, rows: (0..n).collect(), weights: vec![w; n] })
+                .collect();
+            let b = NodeBatch { node: "n".into(), rows: Arc::new(rows.clone()), groups };
+            let mut req = dispatch_request(step, layer as usize, hidden, &b, Dtype::F32);
+            let payload = req.rows.as_mut().map(|p| std::mem::take(&mut p.data)).unwrap_or_default();
+            let mut wire = Vec::new();
+            write_message(&mut wire, &req, &payload).unwrap();
+            match read_frame::<DispatchRequest>(&mut wire.as_slice(), 1 << 20, rows_dtype).unwrap() {
+                Frame::Message(m, p) => {
+                    prop_assert_eq!((m.step, m.layer), (step, layer));
+                    prop_assert_eq!(m.experts.clone(), req.experts.clone());
+                    prop_assert_eq!(p.into_rows(m.rows.unwrap(), hidden).unwrap(), rows);
+                }
+                Frame::Error(..) => prop_assert!(false, "a message read back as an error"),
+            }
+            for cut in [0, 1, 12, 13, wire.len() / 2, wire.len() - 1] {
+                if cut < wire.len() {
+                    prop_assert!(read_frame::<DispatchRequest>(&mut &wire[..cut], 1 << 20, rows_dtype).is_err(), "prefix {}", cut);
+                }
+            }
+        }
     }
 }

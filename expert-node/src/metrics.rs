@@ -9,6 +9,8 @@ pub struct NodeMetrics {
     pub compute_seconds: CounterVec,
     pub experts_loaded: IntGauge,
     pub batch_tokens: Histogram,
+    /// Dispatch batches being validated or computed right now.
+    pub batches_in_flight: IntGauge,
     /// Per-expert series, or one per layer (`expert="all"`).
     pub per_expert: bool,
 }
@@ -30,12 +32,17 @@ impl NodeMetrics {
                 HistogramOpts::new("expertmesh_node_batch_tokens", "Distinct token rows per dispatch batch")
                     .buckets(prometheus::exponential_buckets(1.0, 2.0, 14)?),
             )?,
+            batches_in_flight: IntGauge::new(
+                "expertmesh_node_batches_in_flight",
+                "Dispatch batches being validated or computed now",
+            )?,
             per_expert,
         };
         m.registry.register(Box::new(m.expert_tokens.clone()))?;
         m.registry.register(Box::new(m.compute_seconds.clone()))?;
         m.registry.register(Box::new(m.experts_loaded.clone()))?;
         m.registry.register(Box::new(m.batch_tokens.clone()))?;
+        m.registry.register(Box::new(m.batches_in_flight.clone()))?;
         Ok(m)
     }
 }

@@ -57,6 +57,19 @@ pub(crate) fn process(
     req: DispatchRequest,
     rows: Vec<f32>,
 ) -> Result<DispatchResponse, DataPlaneError> {
+    metrics.batches_in_flight.inc();
+    let r = compute(experts, cfg, metrics, req, rows);
+    metrics.batches_in_flight.dec();
+    r
+}
+
+fn compute(
+    experts: &RwLock<LocalExperts>,
+    cfg: &ModelConfig,
+    metrics: &NodeMetrics,
+    req: DispatchRequest,
+    rows: Vec<f32>,
+) -> Result<DispatchResponse, DataPlaneError> {
     let h = cfg.hidden_size;
     let layer = req.layer as usize;
     if !cfg.moe_layers().any(|l| l == layer) {

@@ -211,6 +211,82 @@ mod tests {
         assert_eq!(g.sample(&logits).0 as usize, top_k_indices(&logits, 1)[0]);
     }
 
+    /// Draws `n` tokens from one seeded sampler.
+    fn draws(params: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params).unwrap();
+        (0..n).map(|_| s.sample(logits).0).collect()
+    }
+
+    fn softmax_at(logits: &[f32], t: f32) -> Vec<f64> {
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f64> = logits.iter().map(|&l| (((l - m) / t) as f64).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.into_iter().map(|x| x / z).collect()
+    }
+
+    /// Pearson's chi-square of observed counts against probabilities.
+    fn chi_square(counts: &[usize], probs: &[f64]) -> f64 {
+        let n: usize = counts.iter().sum();
+        counts.iter().zip(probs).map(|(&c, &p)| (c as f64 - n as f64 * p).powi(2) / (n as f64 * p)).sum()
+    }
+
+    #[test]
+    fn different_seeds_diverge() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run =
+            |seed| draws(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: Some(seed) }, &logits, 30);
+        let runs: std::collections::BTreeSet<Vec<u32>> = (0..8).map(run).collect();
+        assert_eq!(runs.len(), 8, "eight seeds, eight different sequences");
+        let unseeded = draws(SamplingParams { temperature: 1.0, ..Default::default() }, &logits, 30);
+        let unseeded_again = draws(SamplingParams { temperature: 1.0, ..Default::default() }, &logits, 30);
+        assert_ne!(unseeded, unseeded_again, "without a seed every sampler draws afresh");
+    }
+
+    #[test]
+    fn draws_follow_the_softmax_at_the_temperature() {
+        // Chi-square goodness of fit, 5 degrees of freedom: 20.5 is the
+        // p = 0.001 critical value. The seed fixes the draws, so the test
+        // is deterministic; a sampler that ignored temperature (or
+        // returned the argmax) would be off by orders of magnitude.
+        let logits = [1.0f32, 0.5, 0.0, -0.5, -1.0, 2.0];
+        let n = 20_000;
+        for t in [0.5f32, 1.0, 2.0] {
+            let mut counts = [0usize; 6];
+            for tok in draws(SamplingParams { temperature: t, top_p: 1.0, top_k: 0, seed: Some(11) }, &logits, n) {
+                counts[tok as usize] += 1;
+            }
+            let fit = chi_square(&counts, &softmax_at(&logits, t));
+            assert!(fit < 20.5, "T={t}: chi-square {fit:.1} against the softmax ({counts:?})");
+            let other = if t == 2.0 { 0.5 } else { 2.0 };
+            let misfit = chi_square(&counts, &softmax_at(&logits, other));
+            assert!(misfit > 200.0, "T={t} draws also fit T={other} (chi-square {misfit:.1}): temperature ignored");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn top_k_never_leaves_the_top_k_and_top_p_never_leaves_the_nucleus(
+            logits in proptest::collection::vec(-4.0f32..4.0, 2..40),
+            k in 1usize..8,
+            top_p in 0.05f32..0.99,
+            seed in 0u64..1000,
+        ) {
+            let top = top_k_indices(&logits, k.min(logits.len()));
+            for tok in draws(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: k, seed: Some(seed) }, &logits, 50) {
+                proptest::prop_assert!(top.contains(&(tok as usize)), "token {} outside the top {}", tok, k);
+            }
+            // The nucleus: the most likely tokens until their mass reaches top_p.
+            let probs = softmax_at(&logits, 1.0);
+            let order = top_k_indices(&logits, logits.len());
+            let mut mass = 0.0;
+            // (A hair above top_p, so f32 rounding at the boundary cannot fail the test.)
+            let nucleus: Vec<usize> = order.iter().copied().take_while(|&i| { let inside = mass < top_p as f64 + 1e-5; mass += probs[i]; inside }).collect();
+            for tok in draws(SamplingParams { temperature: 1.0, top_p, top_k: 0, seed: Some(seed) }, &logits, 50) {
+                proptest::prop_assert!(nucleus.contains(&(tok as usize)), "token {} outside the nucleus {:?}", tok, nucleus);
+            }
+        }
+    }
+
     #[test]
     fn bad_params_are_refused() {
         assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());

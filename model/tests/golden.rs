@@ -1,16 +1,18 @@
 //! Golden tests against transformers (fixtures from `tools/make_fixtures.py`).
 //!
-//! Tolerance: 2e-4 absolute on logits for every case. The reference runs in
-//! float32 on the same stored weights (bf16 upcast exactly, FP8 dequantized
-//! with its block scales), so differences come only from f32 summation order
-//! (observed max ≈ 1e-5 on these logits of magnitude ≤ ~5).
+//! Tolerance: 1e-5 absolute on logits for every case, the bound README and
+//! docs claim. The reference runs in float32 on the same stored weights
+//! (bf16 upcast exactly, FP8 dequantized with its block scales), so
+//! differences come only from f32 summation order: observed max 6.4e-6 on
+//! these logits of magnitude ≤ ~5, on both the AVX-512 and the portable
+//! kernels (`.ci/run` runs this file with `EXPERTMESH_NO_AVX512=1` too).
 
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use expertmesh_model::tensor::Precision;
 use serde::Deserialize;
 use std::path::PathBuf;
 
-const TOL: f32 = 2e-4;
+const TOL: f32 = 1e-5;
 
 #[derive(Deserialize)]
 struct Reference {
@@ -172,10 +174,11 @@ fn bad_input_is_refused_without_touching_the_cache() {
     assert!(m.forward(&mut [SeqChunk { tokens: &[], cache: &mut c }], Logits::Last).is_err());
 }
 
-/// bf16-activation mode on the bf16 checkpoint. Tolerance 0.05: each product
-/// input is rounded to bf16 (relative error ≤ 2⁻⁹), which over three layers
-/// moves these logits (|logit| ≲ 5) by a few 1e-3 to 1e-2; a wrong kernel or
-/// a mis-set gate moves them by ≫ 0.1.
+/// bf16-activation mode on the bf16 checkpoint, against the float32
+/// reference (there is no bfloat16 one). Tolerance 3e-2: each product input
+/// is rounded to bf16 (relative error ≤ 2⁻⁹), which over three layers moves
+/// these logits (|logit| ≲ 5) by 2.0e-2 at most (measured, both kernel
+/// paths); a wrong kernel or a mis-set gate moves them by ≫ 0.1.
 #[test]
 fn bf16_activation_mode_stays_close() {
     let (m, r) = load_with("deepseek_v3_yarn_bf16", Precision::Bf16);
@@ -187,7 +190,7 @@ fn bf16_activation_mode_stays_close() {
         worst = worst.max(max_diff(&out[0][i * v..(i + 1) * v], want));
     }
     eprintln!("bf16 activations: max |Δlogit| {worst:.2e}");
-    assert!(worst < 0.05, "max |Δlogit| = {worst}");
+    assert!(worst < 3e-2, "max |Δlogit| = {worst}");
     assert!(worst > 0.0, "bf16 mode must actually round the activations");
 }
 

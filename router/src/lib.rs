@@ -211,6 +211,8 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), RouterError> {
     cfg.validate()?;
+    // Ours to cancel too (the engine dying stops this router), not the caller's.
+    let shutdown = shutdown.child_token();
     let internal_tls = InternalTls::load(&cfg.internal_tls)
         .map_err(|e| RouterError::Config { flag: "--internal-cert", message: e.to_string() })?;
     let public = public_tls(&cfg)?;
@@ -241,9 +243,18 @@ pub async fn run(
         rt: tokio::runtime::Handle::current(),
         placed: placed.clone(),
     };
+    // A router whose engine is gone can only refuse: it stops (and exits
+    // non-zero, so a supervisor restarts it) instead of serving errors.
+    let (died, engine_died) = tokio::sync::oneshot::channel::<()>();
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || engine.run(rx))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(rx)));
+            if r.is_err() && died.send(()).is_err() {
+                tracing::debug!("the engine panicked while the router stopped");
+            }
+            r.is_ok()
+        })
         .map_err(|e| RouterError::Internal(format!("engine thread: {e}")))?;
     let state = Arc::new(state(&cfg, model_cfg, metrics, tx, placed)?);
     let (addrs, servers) = serve(&cfg, &state, public, &shutdown).await?;
@@ -273,7 +284,18 @@ pub async fn run(
         }
         _ => None,
     };
-    servers.await;
+    tokio::pin!(servers);
+    tokio::select! {
+        _ = &mut servers => {}
+        r = engine_died => {
+            // Ok: it panicked. Err: it ended (the router is stopping anyway).
+            if r.is_ok() {
+                tracing::error!("the engine thread panicked; the router stops");
+                shutdown.cancel();
+            }
+            (&mut servers).await;
+        }
+    }
     if let Some(c) = control {
         match c.await {
             Ok(r) => r?,
@@ -281,10 +303,13 @@ pub async fn run(
         }
     }
     state.close();
-    tokio::task::spawn_blocking(move || engine_thread.join())
+    let engine_ok = tokio::task::spawn_blocking(move || engine_thread.join())
         .await
         .map_err(|e| RouterError::Internal(e.to_string()))?
-        .map_err(|_| RouterError::Internal("engine thread panicked".into()))?;
+        .unwrap_or(false);
+    if !engine_ok {
+        return Err(RouterError::Internal("the engine thread panicked".into()));
+    }
     if let Some(f) = state.listeners.failure() {
         return Err(RouterError::Internal(format!("listener failed: {f}")));
     }

@@ -72,7 +72,11 @@ def renderer():
         return lambda vals: ["helm", "template", "demo", CHART, *vals]
     tool = os.environ.get("EXPERTMESH_HELM_TEMPLATE") or os.path.join(ROOT, "..", "shared", "tools", "helm-template", "helm-template")
     if not os.path.exists(tool):
-        sys.exit(f"no helm and no helm-template at {tool} (set EXPERTMESH_HELM_TEMPLATE)")
+        sys.exit(
+            "this test renders the Helm chart and needs Helm 3: install it (https://helm.sh/docs/intro/install/, "
+            "or your package manager's `helm`) so that `helm` is on PATH; "
+            f"a `helm template`-compatible renderer also works via EXPERTMESH_HELM_TEMPLATE (looked for {tool})"
+        )
     return lambda vals: [tool, "--name", "demo", *vals, CHART]
 
 
@@ -133,6 +137,14 @@ def check_render(name, values_file):
                 check_flags(f"{name} {where}", cmd0, c.get("args", []), env)
             pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
             check_shell(f"{name} {where} preStop", " ".join(pre))
+            if "drain" in " ".join(pre):
+                # The drain reaches etcd exactly as the node does (TLS, user;
+                # the password from the container's environment).
+                etcd_args = [a for a in c.get("args", []) if a.startswith(("--etcd", "--cluster"))]
+                missing = [a for a in etcd_args if a not in " ".join(pre).split()]
+                check(not missing, f"{name} {where}: the preStop drain lacks the node's etcd flags {missing}")
+                if v["etcd"]["client"]["user"]:
+                    check("EXPERTMESH_ETCD_PASSWORD" in env, f"{name} {where}: the etcd password in the environment")
 
     # Structure.
     gpu = v["expertNode"]["gpu"]["enabled"]
@@ -180,6 +192,14 @@ def check_render(name, values_file):
         check(len(component(docs, "PodDisruptionBudget", comp)) == 1, f"{name}: PDB for {comp}")
     coord = component(docs, "Deployment", "coordinator")
     check(coord and coord[0]["spec"]["replicas"] == 2, f"{name}: 2 coordinators")
+    redundant = v["coordinator"]["redundantExperts"]
+    if coord and str(redundant) != "":
+        args = coord[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+        check(f"--redundant-experts={redundant}" in args, f"{name}: redundantExperts {redundant!r} reaches the coordinator")
+    routers = component(docs, "Deployment", "router")
+    if routers and "DeepSeek-V3" in v["model"]["path"]:
+        mem = routers[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        check(mem.endswith("Gi") and int(mem[:-2]) >= 40, f"{name}: a DeepSeek-V3 router needs ~40 GiB (limit {mem})")
     check(("HorizontalPodAutoscaler" in kinds) == v["router"]["autoscaling"]["enabled"], f"{name}: router HPA")
     check(("NetworkPolicy" in kinds) == v["networkPolicy"]["enabled"], f"{name}: NetworkPolicy")
     check(("ServiceMonitor" in kinds) == v["metrics"]["serviceMonitor"]["enabled"], f"{name}: ServiceMonitor")

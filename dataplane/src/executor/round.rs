@@ -262,6 +262,9 @@ impl<'a> Round<'a> {
     /// Adds the share into `out` if one of its alternatives is complete.
     fn try_win(&mut self, share: usize, out: &mut [f32]) {
         let s = &self.shares[share];
+        if s.won {
+            return; // a late answer of a share already added: discarded
+        }
         let Some(winner) = s
             .alternatives
             .iter()

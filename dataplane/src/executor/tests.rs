@@ -193,3 +193,38 @@ fn a_slow_answer_that_comes_first_wins_over_its_hedge() {
         assert!(close(&ex.execute(rb).unwrap(), &want));
     }
 }
+
+#[test]
+fn answers_for_a_share_already_won_are_discarded_while_other_shares_wait() {
+    // Expert 0 lives only on n0, which is slow: its share cannot be hedged
+    // and keeps the call open. n1 is slow enough to be hedged to n2, which
+    // wins; n1's own answer then arrives while the call still waits for
+    // n0, and must be dropped, not added a second time.
+    let (t, ex, local) = hedged(2, Duration::from_secs(10));
+    let mut p = (*ex.placement()).clone();
+    let reps = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+    let layer = vec![
+        vec!["n0".to_string()],
+        reps("n1", "n2"),
+        reps("n1", "n2"),
+        reps("n1", "n2"),
+        reps("n1", "n2"),
+        reps("n1", "n2"),
+    ];
+    p.layers.insert(0, layer);
+    ex.set_placement(Arc::new(p));
+    let (hidden, routing) = batch();
+    let rb = RoutedBatch { layer: 0, hidden: &hidden, hidden_size: H, routing: &routing };
+    let want = local.execute(rb).unwrap();
+    warm_up(&ex, rb);
+    t.set_delay("n0", Some(Duration::from_millis(250)));
+    t.set_delay("n1", Some(Duration::from_millis(80)));
+    for _ in 0..4 {
+        let t0 = Instant::now();
+        while ex.is_suspected("n1") {
+            assert!(t0.elapsed() < Duration::from_secs(3), "n1's probe never came back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(close(&ex.execute(rb).unwrap(), &want));
+    }
+}

@@ -37,11 +37,24 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 {{- end -}}
 
+{{/* How to reach the cluster in etcd, as space-separated flags: the same
+for every service and for `expertmesh drain` in the preStop hook. */}}
+{{- define "expertmesh.etcdFlags" -}}
+{{- $c := .Values.etcd.client -}}
+{{- $f := list (printf "--etcd=%s" (include "expertmesh.etcdEndpoints" .)) (printf "--cluster=%s" .Values.clusterName) -}}
+{{- if $c.caFile }}{{ $f = append $f (printf "--etcd-ca=%s" $c.caFile) }}{{ end -}}
+{{- if $c.certFile }}{{ $f = append $f (printf "--etcd-cert=%s" $c.certFile) }}{{ end -}}
+{{- if $c.keyFile }}{{ $f = append $f (printf "--etcd-key=%s" $c.keyFile) }}{{ end -}}
+{{- if $c.user }}{{ $f = append $f (printf "--etcd-user=%s" $c.user) }}{{ end -}}
+{{ join " " $f }}
+{{- end -}}
+
 {{/* Flags every ExpertMesh service takes. */}}
 {{- define "expertmesh.commonArgs" -}}
 - --model={{ .Values.model.path }}
-- --etcd={{ include "expertmesh.etcdEndpoints" . }}
-- --cluster={{ .Values.clusterName }}
+{{- range splitList " " (include "expertmesh.etcdFlags" .) }}
+- {{ . }}
+{{- end }}
 - --log-format={{ .Values.logFormat }}
 {{- if .Values.internalTls.enabled }}
 - --internal-ca=/etc/expertmesh/tls/ca.crt
@@ -59,6 +72,13 @@ app.kubernetes.io/component: {{ index . 1 }}
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+{{- with .Values.etcd.client.passwordSecret.name }}
+- name: EXPERTMESH_ETCD_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.etcd.client.passwordSecret.key }}
+{{- end }}
 {{- end -}}
 
 {{- define "expertmesh.tlsSecret" -}}

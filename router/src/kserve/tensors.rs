@@ -139,6 +139,7 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use expertmesh_proto::inference::InferTensorContents;
     use proptest::prelude::*;
 
     #[test]
@@ -154,6 +155,43 @@ mod tests {
         #[test]
         fn any_bytes_decode_without_panicking(raw in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode_bytes(&raw);
+        }
+
+        // BYTES elements round-trip; a cut inside the last element is refused.
+        #[test]
+        fn bytes_elements_round_trip_and_cut_ones_are_refused(
+            elems in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 0..5),
+            cut in 1usize..24,
+        ) {
+            let refs: Vec<&[u8]> = elems.iter().map(Vec::as_slice).collect();
+            let raw = encode_bytes(&refs);
+            prop_assert_eq!(decode_bytes(&raw).unwrap(), elems.clone());
+            if let Some(last) = elems.last() {
+                let cut = cut.min(last.len() + 4);
+                prop_assert!(decode_bytes(&raw[..raw.len() - cut]).is_err() || cut == last.len() + 4);
+            }
+        }
+
+        // A well-formed request's text comes back exactly, from either
+        // encoding; the wrong datatype or element count is refused.
+        #[test]
+        fn text_input_round_trips_and_malformed_tensors_are_refused(text in "\\PC{0,40}", raw in any::<bool>(), count in 0usize..3) {
+            let t = InferInputTensor { name: "text_input".into(), datatype: "BYTES".into(), shape: vec![1], ..Default::default() };
+            let elems = vec![text.as_bytes(); count];
+            let req = if raw {
+                ModelInferRequest { inputs: vec![t], raw_input_contents: vec![encode_bytes(&elems).into()], ..Default::default() }
+            } else {
+                let contents = InferTensorContents { bytes_contents: elems.iter().map(|e| e.to_vec().into()).collect(), ..Default::default() };
+                ModelInferRequest { inputs: vec![InferInputTensor { contents: Some(contents), ..t }], ..Default::default() }
+            };
+            match (count, text_input(&req)) {
+                (1, Ok(got)) => prop_assert_eq!(got, text.clone()),
+                (1, Err(e)) => prop_assert!(false, "refused a valid text_input: {}", e),
+                (_, r) => prop_assert!(r.is_err(), "accepted {} elements", count),
+            }
+            let mut wrong = req.clone();
+            wrong.inputs[0].datatype = "INT32".into();
+            prop_assert!(text_input(&wrong).is_err());
         }
 
         #[test]
