@@ -48,8 +48,10 @@ impl Election {
 impl Drop for Election {
     fn drop(&mut self) {
         self.stop.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the election thread panicked");
         }
     }
 }
@@ -75,7 +77,7 @@ async fn campaign(
         // Wait for the key to be free, refreshing our lease meanwhile.
         let won = loop {
             if stop.is_cancelled() {
-                let _ = s.revoke(lease).await;
+                crate::membership::revoke(&s, lease).await;
                 return;
             }
             match s.create(&key, id.clone().into_bytes(), lease).await {
@@ -99,7 +101,7 @@ async fn campaign(
             tokio::select! {
                 _ = stop.cancelled() => {
                     leader.send_replace(false);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), s.revoke(lease)).await;
+                    crate::membership::revoke(&s, lease).await;
                     return;
                 }
                 _ = tokio::time::sleep(ttl / 3) => {}

@@ -90,8 +90,13 @@ impl EtcdServer {
     /// Kills etcd (SIGKILL) without removing its data.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            // An etcd that already exited cannot be killed; reaping tells.
+            if let Err(e) = c.kill() {
+                tracing::debug!(error = %e, "etcd had already exited");
+            }
+            if let Err(e) = c.wait() {
+                tracing::warn!(error = %e, "reaping etcd");
+            }
         }
     }
 
@@ -148,13 +153,14 @@ impl EtcdServer {
     /// etcd's own `/health`, on the plain metrics port.
     fn healthy(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        // Any failure here is "not healthy yet": the caller polls again.
+        if s.set_read_timeout(Some(Duration::from_secs(1))).is_err()
+            || s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err()
+        {
             return false;
         }
         let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.contains("\"health\":\"true\"")
+        s.read_to_string(&mut body).is_ok() && body.contains("\"health\":\"true\"")
     }
 }
 

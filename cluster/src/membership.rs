@@ -22,6 +22,16 @@ use tokio_util::sync::CancellationToken;
 /// Backoff while etcd is unreachable.
 const RETRY: Duration = Duration::from_millis(500);
 
+/// Revokes a lease on leaving, within 2 s. Failing, the record goes when
+/// the lease expires instead (at most a TTL later): worth a warning only.
+pub(crate) async fn revoke(s: &Etcd, lease: i64) {
+    match tokio::time::timeout(Duration::from_secs(2), s.revoke(lease)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(lease, error = %e, "revoking the lease; it expires within its TTL instead"),
+        Err(_) => tracing::warn!(lease, "revoking the lease timed out; it expires within its TTL instead"),
+    }
+}
+
 /// A record kept alive under a lease; revoked (the record vanishes at once)
 /// when dropped or stopped.
 pub struct Registration {
@@ -63,8 +73,10 @@ impl Registration {
 
     fn shutdown(&mut self) {
         self.stop.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the membership thread panicked");
         }
     }
 }
@@ -108,7 +120,7 @@ async fn keep_registered(
         };
         tokio::select! {
             _ = stop.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), s.revoke(id)).await;
+                revoke(&s, id).await;
                 registered.store(false, Ordering::Relaxed);
                 return;
             }

@@ -279,7 +279,9 @@ impl ClusterStore for Etcd {
                     }
                 }
             };
-            let _ = tx.send(WatchEvent::Lost(lost)).await;
+            if tx.send(WatchEvent::Lost(lost)).await.is_err() {
+                tracing::debug!("the watch's follower left before hearing it was lost");
+            }
         });
         Ok(rx)
     }

@@ -142,7 +142,11 @@ pub async fn wait_for_routers(routers: &mut watch::Receiver<Snapshot>, keys: &Ke
             tracing::warn!(?waiting, version, "routers did not confirm the new placement in time");
             return;
         }
-        let _ = tokio::time::timeout(left, routers.changed()).await;
+        // Either a router changed or the time is up: both are re-checked above.
+        if tokio::time::timeout(left, routers.changed()).await.is_ok_and(|r| r.is_err()) {
+            tracing::warn!("the router watch ended; not waiting for acknowledgements");
+            return;
+        }
     }
 }
 

@@ -79,11 +79,13 @@ impl GrpcTransport {
 
     fn link(&self, node: &str) -> Result<mpsc::Sender<Call>> {
         let err = |m: &str| DataPlaneError::Transport { node: node.to_string(), message: m.to_string() };
-        let mut links = self.links.lock().map_err(|_| err("link table poisoned"))?;
+        // The maps are replaced whole; one a panic poisoned is still consistent.
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = links.get(node).filter(|tx| !tx.is_closed()) {
             return Ok(tx.clone());
         }
-        let addr = self.addrs.read().ok().and_then(|a| a.get(node).cloned()).ok_or_else(|| err("no address"))?;
+        let addrs = self.addrs.read().unwrap_or_else(|e| e.into_inner());
+        let addr = addrs.get(node).cloned().ok_or_else(|| err("no address"))?;
         let (tx, rx) = mpsc::channel(64);
         self.rt.spawn(run_link(node.to_string(), addr, self.tls.clone(), rx));
         links.insert(node.to_string(), tx.clone());

@@ -92,7 +92,8 @@ impl DispatchMetrics {
     /// Records one layer's completed per-node loads; nodes of the layer that
     /// got nothing this step count as zero.
     pub fn observe_layer(&self, layer: usize, nodes: &[String], load: &HashMap<String, u64>) {
-        let Ok(mut w) = self.window.lock() else { return };
+        // A window a panic poisoned is still a valid (if stale) window.
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         let lw = w.entry(layer).or_default();
         for n in nodes {
             let x = load.get(n).copied().unwrap_or(0) as f64;

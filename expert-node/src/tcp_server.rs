@@ -42,7 +42,7 @@ pub struct LinkThreads(Arc<Mutex<Vec<JoinHandle<()>>>>);
 
 impl LinkThreads {
     pub fn join(&self) {
-        let handles = self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+        let handles = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
         for h in handles {
             if h.join().is_err() {
                 tracing::error!("a framed link thread panicked");
@@ -128,15 +128,13 @@ fn start_link(s: TcpStream, ctx: LinkContext, links: &LinkThreads) {
     };
     tracing::debug!(peer = ?std.peer_addr().ok(), "framed dispatch link opened");
     let h = std::thread::Builder::new().name("dispatch-link".into()).spawn(move || serve_link(std, &ctx));
-    match (h, links.0.lock()) {
-        (Ok(h), Ok(mut v)) => {
+    match h {
+        Ok(h) => {
+            let mut v = links.0.lock().unwrap_or_else(|e| e.into_inner());
             v.retain(|h| !h.is_finished());
             v.push(h);
         }
-        (Err(e), _) => tracing::warn!(error = %e, "framed link thread"),
-        // Unreachable in practice (nothing panics holding it); the thread
-        // still serves, it is only not joined at drain.
-        (Ok(_), Err(_)) => tracing::error!("framed link table poisoned"),
+        Err(e) => tracing::warn!(error = %e, "framed link thread"),
     }
 }
 
