@@ -85,14 +85,7 @@ fn up_restarts_a_killed_node_and_coordinator_and_no_request_fails() {
     wait(Duration::from_secs(30), "leadership back", || status(&u)["leader"] == "coordinator-0");
     assert_eq!(status(&u)["supervisor"]["children"]["coordinator-0"]["restarts"], 1);
     traffic.wait_for(traffic.done().0 + 4, Duration::from_secs(60));
-    let (ok, failed) = traffic.finish();
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(3)]
-    );
+    traffic.finish_without_failures();
 }
 
 #[test]

@@ -322,14 +322,7 @@ fn requests_before_the_first_placement_wait_and_traffic_at_first_coverage_never_
     }
     let traffic = Traffic::start(&grpc, 6, CASE);
     traffic.wait_for(120, Duration::from_secs(120));
-    let (ok, failed) = traffic.finish();
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(3)]
-    );
+    traffic.finish_without_failures();
     early.wait_for(1, Duration::from_secs(30));
     let (ok, failed) = early.finish();
     assert!(failed.is_empty() && ok >= 1, "the early request: {failed:?}");

@@ -288,6 +288,19 @@ impl Traffic {
         (r.0, r.1.len())
     }
 
+    /// Stops, asserts that no request failed, and returns the successes.
+    pub fn finish_without_failures(self) -> usize {
+        let (ok, failed) = self.finish();
+        assert!(
+            failed.is_empty(),
+            "{} of {} failed: {:?}",
+            failed.len(),
+            ok + failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        ok
+    }
+
     /// Stops and returns (successes, failures).
     pub fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);

@@ -2,12 +2,11 @@
 //! template, streamed or not, with the DeepSeek-R1 reasoning split when the
 //! router runs `--reasoning-parser deepseek_r1`.
 
-use super::error::ApiError;
-use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse, usage};
+use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse};
 use crate::RouterState;
 use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use expertmesh_model::tokenizer::ChatMessage;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -149,14 +148,9 @@ async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result
             choice["logprobs"] = json!({"content": c.tokens.iter().map(|t| logprob_entry(&st, t)).collect::<Vec<_>>()});
         }
         if with_ids {
-            choice["prompt_token_ids"] = json!(c.prompt);
-            choice["token_ids"] = json!(c.tokens.iter().map(|t| t.id).collect::<Vec<_>>());
+            super::add_token_ids(&mut choice, &c);
         }
-        let body = json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens),
-        });
-        return Ok(axum::Json(body).into_response());
+        return Ok(super::whole(&id, "chat.completion", created, &model, choice, &c));
     }
     let chunk = move |choice: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]});
     let chunks = Chunks { chunk, include_usage };
@@ -191,12 +185,7 @@ async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result
                     chunks.finish(&tx, choice, &done).await;
                     return;
                 }
-                Err(e) => {
-                    if tx.send(ApiError::from(e).body()).await.is_err() {
-                        tracing::debug!("the client left before the error");
-                    }
-                    return;
-                }
+                Err(e) => return super::send_error(&tx, e).await,
             }
             if tx.send((chunks.chunk)(choice)).await.is_err() {
                 return;

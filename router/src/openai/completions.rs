@@ -1,11 +1,10 @@
 //! `POST /v1/completions`: a prompt as text or token ids, streamed or not.
 
-use super::error::ApiError;
-use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse, usage};
+use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse};
 use crate::RouterState;
 use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
@@ -128,14 +127,9 @@ async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> 
             choice["logprobs"] = lp.json();
         }
         if with_ids {
-            choice["prompt_token_ids"] = json!(c.prompt);
-            choice["token_ids"] = json!(c.tokens.iter().map(|t| t.id).collect::<Vec<_>>());
+            super::add_token_ids(&mut choice, &c);
         }
-        let body = json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens),
-        });
-        return Ok(axum::Json(body).into_response());
+        return Ok(super::whole(&id, "text_completion", created, &model, choice, &c));
     }
     let chunk = move |choice: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
     let chunks = Chunks { chunk, include_usage };
@@ -168,12 +162,7 @@ async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> 
                     chunks.finish(&tx, choice, &done).await;
                     return;
                 }
-                Err(e) => {
-                    if tx.send(ApiError::from(e).body()).await.is_err() {
-                        tracing::debug!("the client left before the error");
-                    }
-                    return;
-                }
+                Err(e) => return super::send_error(&tx, e).await,
             }
             if tx.send((chunks.chunk)(choice)).await.is_err() {
                 return;

@@ -157,6 +157,35 @@ pub fn finish_str(r: FinishReason) -> &'static str {
     r.as_str()
 }
 
+/// `return_token_ids` on a whole response: the prompt's and the completion's ids.
+pub fn add_token_ids(choice: &mut Value, c: &crate::generation::Completion) {
+    choice["prompt_token_ids"] = json!(c.prompt);
+    choice["token_ids"] = json!(c.tokens.iter().map(|t| t.id).collect::<Vec<_>>());
+}
+
+/// A whole (not streamed) response of `object` with one choice and usage.
+pub fn whole(
+    id: &str,
+    object: &str,
+    created: u64,
+    model: &str,
+    choice: Value,
+    c: &crate::generation::Completion,
+) -> Response {
+    let body = json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens),
+    });
+    axum::Json(body).into_response()
+}
+
+/// Ends a stream with an OpenAI error chunk.
+pub async fn send_error(tx: &tokio::sync::mpsc::Sender<Value>, e: GenerationError) {
+    if tx.send(ApiError::from(e).body()).await.is_err() {
+        tracing::debug!("the client left before the error");
+    }
+}
+
 /// One token as text, for logprobs.
 pub fn token_text(st: &RouterState, id: u32) -> String {
     st.tokenizer.as_ref().and_then(|t| t.decode(&[id], false).ok()).unwrap_or_else(|| format!("<{id}>"))
