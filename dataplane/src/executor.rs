@@ -167,12 +167,12 @@ impl RemoteExecutor {
         if uncovered.is_empty() { Ok(plan) } else { Err(uncovered) }
     }
 
-    fn track(&self, batches: &[NodeBatch], hidden: usize, add: bool) {
+    /// Adds (or, done, removes) rows in flight per node.
+    fn track<'n>(&self, rows: impl IntoIterator<Item = (&'n NodeId, usize)>, add: bool) {
         let mut o = lock(&self.outstanding);
-        for b in batches {
-            let n = (b.rows.len() / hidden.max(1)) as u64;
-            let e = o.entry(b.node.clone()).or_default();
-            *e = if add { *e + n } else { e.saturating_sub(n) };
+        for (node, n) in rows {
+            let e = o.entry(node.clone()).or_default();
+            *e = if add { *e + n as u64 } else { e.saturating_sub(n as u64) };
         }
     }
 

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use expertmesh_model::generate::FinishReason;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
 
@@ -85,14 +86,13 @@ fn answer(st: &RouterState, fields: Value) -> Value {
     v
 }
 
-fn done_fields(text: String, p: &Piece) -> Value {
-    match p {
-        Piece::Done { reason, prompt_tokens, completion_tokens } => json!({
-            "text_output": text, "finish_reason": reason.as_str(),
-            "num_input_tokens": prompt_tokens, "num_output_tokens": completion_tokens,
-        }),
-        _ => json!({"text_output": text}),
-    }
+/// The last answer's fields: the text (whole, or empty when streamed),
+/// why it ended, and the token counts.
+fn done_fields(text: String, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "text_output": text, "finish_reason": reason.as_str(),
+        "num_input_tokens": prompt_tokens, "num_output_tokens": completion_tokens,
+    })
 }
 
 async fn generate(
@@ -103,9 +103,7 @@ async fn generate(
 ) -> Response {
     let collected = async {
         let c = begin(&st, &model, &headers, body).await?.collect().await?;
-        let done =
-            Piece::Done { reason: c.reason, prompt_tokens: c.prompt_tokens, completion_tokens: c.completion_tokens };
-        Ok::<_, GenerationError>(done_fields(c.text, &done))
+        Ok::<_, GenerationError>(done_fields(c.text, c.reason, c.prompt_tokens, c.completion_tokens))
     };
     match collected.await {
         Ok(f) => Json(answer(&st, f)).into_response(),
@@ -128,7 +126,9 @@ async fn generate_stream(
             let (msg, last) = match p {
                 Ok(Piece::Token(t)) => (answer(&st, json!({"text_output": t.text})), false),
                 Ok(Piece::Tail { text, .. }) => (answer(&st, json!({"text_output": text})), false),
-                Ok(done @ Piece::Done { .. }) => (answer(&st, done_fields(String::new(), &done)), true),
+                Ok(Piece::Done { reason, prompt_tokens, completion_tokens }) => {
+                    (answer(&st, done_fields(String::new(), reason, prompt_tokens, completion_tokens)), true)
+                }
                 Err(e) => (json!({"error": e.to_string()}), true),
             };
             if tx.send(msg).await.is_err() || last {

@@ -26,10 +26,11 @@ enum State {
     Failed,
 }
 
-/// One batch on the wire.
+/// One batch on the wire (the batch itself is the transport's).
 struct Flight {
     node: NodeId,
-    batch: NodeBatch,
+    /// Token-expert pairs it carries (metrics).
+    pairs: u64,
     /// The batch's rows, as token indices of the layer's batch.
     tokens: Vec<usize>,
     share: usize,
@@ -146,10 +147,11 @@ impl<'a> Round<'a> {
             let (batch, tokens) = node_batch(node.clone(), node_groups, self.hidden, self.h);
             let soft = now + self.ex.health.deadline(&node);
             let hard = now + self.ex.health.policy.hard;
-            batches.push(batch.clone());
+            let pairs = batch.groups.iter().map(|g| g.rows.len() as u64).sum();
+            batches.push(batch);
             let f = Flight {
                 node,
-                batch,
+                pairs,
                 tokens,
                 share,
                 sent: now,
@@ -164,7 +166,7 @@ impl<'a> Round<'a> {
         if let Some(s) = share {
             self.shares[s].alternatives.push(alternative);
         }
-        self.ex.track(&batches, self.h, true);
+        self.ex.track(self.flights[first..].iter().map(|f| (&f.node, f.tokens.len())), true);
         self.ex.transport.send(self.step, self.layer, self.h, &batches, first, &self.tx);
         Ok(())
     }
@@ -174,8 +176,7 @@ impl<'a> Round<'a> {
     pub(super) fn run(&mut self, groups: Vec<ExpertGroup>, out: &mut [f32]) -> std::result::Result<(), ModelError> {
         self.launch(groups, &BTreeSet::new(), None).map_err(|e| self.unavailable(&e))?;
         let result = self.settle(out);
-        let all: Vec<NodeBatch> = self.flights.iter().map(|f| f.batch.clone()).collect();
-        self.ex.track(&all, self.h, false);
+        self.ex.track(self.flights.iter().map(|f| (&f.node, f.tokens.len())), false);
         result
     }
 
@@ -278,8 +279,7 @@ impl<'a> Round<'a> {
         for i in winner {
             let f = &mut self.flights[i];
             let combined = f.result.take().unwrap_or_default();
-            *self.served.entry(f.node.clone()).or_default() +=
-                f.batch.groups.iter().map(|g| g.rows.len() as u64).sum::<u64>();
+            *self.served.entry(f.node.clone()).or_default() += f.pairs;
             for (k, &t) in f.tokens.iter().enumerate() {
                 let dst = &mut out[t * h..(t + 1) * h];
                 dst.iter_mut().zip(&combined[k * h..(k + 1) * h]).for_each(|(o, v)| *o += v);

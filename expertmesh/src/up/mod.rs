@@ -220,16 +220,19 @@ impl Cluster<'_> {
             program: program.clone(),
             args: common.iter().cloned().chain(extra).collect(),
         };
-        let mut specs = vec![spec(
+        let replicas = self.a.replicas.to_string();
+        let coordinator = [
+            "--id",
             "coordinator-0",
-            Kind::Coordinator,
-            &coord_bin,
-            ["--id", "coordinator-0", "--min-replicas", &self.a.replicas.to_string(), "--listen", "127.0.0.1:0"]
-                .into_iter()
-                .chain(["--metrics", "127.0.0.1:0"])
-                .map(String::from)
-                .collect(),
-        )];
+            "--min-replicas",
+            &replicas,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ];
+        let mut specs =
+            vec![spec("coordinator-0", Kind::Coordinator, &coord_bin, coordinator.map(String::from).to_vec())];
         for i in 0..self.a.expert_nodes {
             let id = format!("en-{i}");
             let mut extra: Vec<String> =

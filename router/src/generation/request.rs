@@ -119,21 +119,21 @@ pub fn check_model(st: &RouterState, model: Option<&str>) -> Result<(), Generati
 }
 
 /// The prompt as token ids.
-pub fn prompt_ids(st: &RouterState, p: Prompt) -> Result<Vec<u32>, GenerationError> {
+pub fn prompt_ids(st: &RouterState, p: &Prompt) -> Result<Vec<u32>, GenerationError> {
     let tok = || {
         st.tokenizer.as_ref().ok_or_else(|| {
             GenerationError::invalid("prompt", "this model has no tokenizer.json; send the prompt as token ids")
         })
     };
     Ok(match p {
-        Prompt::TokenIds(ids) => ids,
-        Prompt::Text(text) => tok()?.encode(&text)?,
+        Prompt::TokenIds(ids) => ids.clone(),
+        Prompt::Text(text) => tok()?.encode(text)?,
         Prompt::Chat(messages) => {
             if messages.is_empty() {
                 return Err(GenerationError::invalid("messages", "messages must not be empty"));
             }
             let t = tok()?;
-            t.encode(&t.apply_chat_template(&messages, true)?)?
+            t.encode(&t.apply_chat_template(messages, true)?)?
         }
     })
 }

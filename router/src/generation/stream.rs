@@ -106,8 +106,7 @@ impl Generation {
 /// here for the core's own checks, by the engine for what it refuses.
 pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Generation, GenerationError> {
     let arrived = Instant::now();
-    let checked = check(st, &req).map_err(|e| st.refused(e))?;
-    let (params, prompt, max_tokens) = checked;
+    let (params, prompt, max_tokens) = check(st, &req).map_err(|e| st.refused(e))?;
     crate::log_prompt(st, &req.trace_id, &prompt);
     let (events, mut rx) = event_channel(max_tokens);
     st.submit(Submit {
@@ -145,7 +144,7 @@ fn check(
 ) -> Result<(expertmesh_model::generate::SamplingParams, Vec<u32>, usize), GenerationError> {
     check_model(st, req.model.as_deref())?;
     let params = check_fields(req)?;
-    let prompt = prompt_ids(st, req.prompt.clone())?;
+    let prompt = prompt_ids(st, &req.prompt)?;
     let max_tokens = check_limits(st, prompt.len(), req.max_tokens)?;
     Ok((params, prompt, max_tokens))
 }
