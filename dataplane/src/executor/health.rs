@@ -78,7 +78,12 @@ impl Health {
     fn with<R>(&self, node: &str, f: impl FnOnce(&mut NodeHealth) -> R) -> R {
         // Nothing panics while holding it; recover the map if something did.
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        f(nodes.entry(node.to_string()).or_default())
+        // Called per replica candidate on every layer call: no key allocation
+        // once the node is known.
+        match nodes.get_mut(node) {
+            Some(h) => f(h),
+            None => f(nodes.entry(node.to_string()).or_default()),
+        }
     }
 
     /// Whether real traffic should go elsewhere while another replica can
