@@ -240,3 +240,34 @@ fn framed_tcp_links_are_exact_and_garbage_on_one_harms_no_other() {
         c.info(expertmesh_proto::v1::InfoRequest {}).await.unwrap();
     });
 }
+
+/// `--device cuda:0` on a machine without the CUDA driver (every CI
+/// machine): a non-zero exit at start, before listening, with a message that
+/// names the flag and the missing library; no panic, no hang.
+#[test]
+fn a_gpu_node_without_a_gpu_exits_naming_what_is_missing() {
+    if expertmesh_gpu::libs::Lib::Driver.present() {
+        return; // a CUDA machine: tools/gpu_check.sh runs the device there.
+    }
+    let mut cmd = std::process::Command::new(common::bin("expert-node"));
+    cmd.args(["--model", fixture("deepseek_v3_qnull").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["--device", "cuda:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(out.status.code(), Some(1), "an error exit, not a signal or panic: {err}");
+    assert!(err.contains("--device") && err.contains("libcuda") && err.contains("NVIDIA driver"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "it must not hang");
+    // A malformed device is a flag error too.
+    let out = std::process::Command::new(common::bin("expert-node"))
+        .args(["--model", fixture("deepseek_v3_qnull").to_str().unwrap(), "--device", "gpu0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device"));
+}

@@ -15,9 +15,10 @@ use clap::Parser;
 use expertmesh_cluster::args::MemberArgs;
 use expertmesh_cluster::keys::{self, NodeRecord, NodeState};
 use expertmesh_cluster::membership::Registration;
+use expertmesh_gpu::DeviceSpec;
 use expertmesh_model::config::ModelConfig;
-use expertmesh_model::model::load_experts;
-use expertmesh_model::moe::LocalExperts;
+use expertmesh_model::model::{load_expert, load_experts_into};
+use expertmesh_model::moe::{ExpertBank, LocalExperts};
 use expertmesh_model::tensor::Precision;
 use expertmesh_model::weights::WeightStore;
 use expertmesh_plumbing::internal_tls::{InternalTls, InternalTlsArgs, server_builder};
@@ -50,7 +51,14 @@ pub struct Config {
     /// Compute threads (default: all cores).
     #[arg(long, env = "EXPERTMESH_THREADS")]
     pub threads: Option<usize>,
+    /// Where the experts are computed: `cpu`, or `cuda:N` (weights in that
+    /// GPU's memory as bf16, GEMMs on cuBLAS). A machine without the CUDA
+    /// driver, cuBLAS or NVRTC refuses `cuda:N` at start, naming what is
+    /// missing.
+    #[arg(long, env = "EXPERTMESH_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
     /// Activations in expert products (see `expertmesh generate --help`).
+    /// On `--device cuda:N` they are always bf16 (f32 accumulation).
     #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
     pub precision: Precision,
     /// Serve Prometheus `/metrics` on this address (port 0 picks one).
@@ -60,7 +68,9 @@ pub struct Config {
     /// layer's experts into one series (`expert="all"`) for very large models.
     #[arg(long, env = "EXPERTMESH_PER_EXPERT_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub per_expert_metrics: bool,
-    /// Memory for expert weights, in bytes; 0 = unlimited.
+    /// Memory for expert weights, in bytes; 0 = unlimited on the CPU, and on
+    /// a GPU its free memory at start less a reserve for scratch buffers and
+    /// the CUDA context (`max(2 GiB, 10%)` of the device).
     #[arg(long, env = "EXPERTMESH_CAPACITY_BYTES", default_value_t = 0)]
     pub capacity_bytes: u64,
     /// etcd, cluster and lease: join the cluster under a lease, so the
@@ -104,11 +114,37 @@ pub struct Bound {
     pub metrics: Option<SocketAddr>,
 }
 
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse()
+}
+
 /// The node's shard, loaded.
 struct Shard {
     store: WeightStore,
-    experts: LocalExperts,
+    experts: Box<dyn ExpertBank>,
     weight_dtype: String,
+}
+
+/// Opens the compute backend `--device` names (before anything listens, so
+/// a node asked for a GPU it lacks exits at once); returns it with the
+/// capacity in bytes.
+fn open_bank(cfg: &Config, model_cfg: &ModelConfig) -> Result<(Box<dyn ExpertBank>, u64), NodeError> {
+    match cfg.device {
+        DeviceSpec::Cpu => Ok((Box::new(LocalExperts::new(Vec::new())), cfg.capacity_bytes)),
+        DeviceSpec::Cuda(n) => {
+            let bad = |e: expertmesh_gpu::GpuError| NodeError::Config { flag: "--device", message: e.to_string() };
+            let bank = expertmesh_gpu::CudaExperts::open(n, model_cfg.hidden_size, model_cfg.moe.moe_intermediate_size)
+                .map_err(bad)?;
+            let (free, total) = bank.memory().map_err(bad)?;
+            let reserve = (2u64 << 30).max(total as u64 / 10);
+            let capacity = match cfg.capacity_bytes {
+                0 => (free as u64).saturating_sub(reserve),
+                c => c,
+            };
+            tracing::info!(device = %bank.device(), free, total, capacity, "expert weights go to the GPU");
+            Ok((Box::new(bank), capacity))
+        }
+    }
 }
 
 /// Loads this node's experts, serves until `shutdown` is cancelled, then
@@ -122,6 +158,7 @@ pub async fn run(
     // TLS material is checked before the (slow) expert load.
     let tls = InternalTls::load(&cfg.internal_tls)?;
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
+    let (bank, capacity_bytes) = open_bank(&cfg, &model_cfg)?;
     let node_metrics = Arc::new(
         metrics::NodeMetrics::new(cfg.per_expert_metrics).map_err(|e| NodeError::Load(format!("metrics: {e}")))?,
     );
@@ -144,8 +181,8 @@ pub async fn run(
         id: cfg.node_id.clone(),
         addr: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
         metrics: metrics_addr.map(|m| m.to_string()).unwrap_or_default(),
-        device: "cpu".into(),
-        capacity_bytes: cfg.capacity_bytes,
+        device: bank.device(),
+        capacity_bytes,
         expert_bytes: 0,
         state: NodeState::Joining,
         incarnation: std::time::SystemTime::now()
@@ -153,8 +190,8 @@ pub async fn run(
             .map_or(0, |d| d.as_nanos() as u64),
     };
     let registration = register(&cfg, &record)?;
-    let shard = load_shard(&cfg, &model_cfg).await?;
-    record.expert_bytes = expert_bytes(&cfg, &model_cfg, &shard)?;
+    let shard = load_shard(&cfg, &model_cfg, bank).await?;
+    record.expert_bytes = expert_bytes(capacity_bytes, &model_cfg, &shard)?;
     node_metrics.experts_loaded.set(shard.experts.loaded().len() as i64);
     tracing::info!(node = %cfg.node_id, %addr, experts = shard.experts.size_bytes(), "expert node serving");
     record.state = NodeState::Ready;
@@ -166,7 +203,7 @@ pub async fn run(
     {
         tracing::debug!("nobody waits for the bound addresses");
     }
-    let served = Served { cfg: &cfg, model_cfg, tls, metrics: node_metrics, listeners };
+    let served = Served { cfg: &cfg, model_cfg, tls, metrics: node_metrics, listeners, capacity_bytes };
     served.serve(listener, shard, registration.clone(), record, &shutdown).await?;
     drop(registration);
     tracing::info!(node = %cfg.node_id, "expert node drained");
@@ -186,13 +223,17 @@ fn register(cfg: &Config, record: &NodeRecord) -> Result<Option<Arc<Registration
 
 /// Reads the experts `--experts` names (all, or none under a coordinator),
 /// off the async runtime.
-async fn load_shard(cfg: &Config, model_cfg: &ModelConfig) -> Result<Shard, NodeError> {
+async fn load_shard(
+    cfg: &Config,
+    model_cfg: &ModelConfig,
+    mut experts: Box<dyn ExpertBank>,
+) -> Result<Shard, NodeError> {
     let spec = cfg.experts.clone().unwrap_or_else(|| if cfg.member.joins() { String::new() } else { "all".into() });
     let wanted = spec::parse(&spec, model_cfg).map_err(|m| NodeError::Config { flag: "--experts", message: m })?;
     let (dir, mc, precision) = (cfg.model.clone(), model_cfg.clone(), cfg.precision);
     let (store, experts) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
         let store = WeightStore::for_model(&dir, &mc, precision)?;
-        let experts = load_experts(&mc, &store, |l, e| wanted.contains(&(l, e)), &mut |_, _| {})?;
+        load_experts_into(&mc, &store, |l, e| wanted.contains(&(l, e)), &mut |_, _| {}, experts.as_mut())?;
         Ok((store, experts))
     })
     .await
@@ -207,16 +248,16 @@ async fn load_shard(cfg: &Config, model_cfg: &ModelConfig) -> Result<Shard, Node
 
 /// Bytes one routed expert takes here (the placement's slot size), checking
 /// the shard fits `--capacity-bytes`.
-fn expert_bytes(cfg: &Config, model_cfg: &ModelConfig, shard: &Shard) -> Result<u64, NodeError> {
+fn expert_bytes(capacity: u64, model_cfg: &ModelConfig, shard: &Shard) -> Result<u64, NodeError> {
     let used = shard.experts.size_bytes() as u64;
-    if cfg.capacity_bytes > 0 && used > cfg.capacity_bytes {
+    if capacity > 0 && used > capacity {
         return Err(NodeError::Config {
             flag: "--capacity-bytes",
-            message: format!("the selected experts need {used} bytes, more than {}", cfg.capacity_bytes),
+            message: format!("the selected experts need {used} bytes, more than {capacity}"),
         });
     }
     match shard.experts.loaded().len() {
-        0 => one_expert_bytes(model_cfg, &shard.store),
+        0 => one_expert_bytes(model_cfg, &shard.store, shard.experts.as_ref()),
         n => Ok(used / n as u64),
     }
 }
@@ -228,6 +269,7 @@ struct Served<'a> {
     tls: Option<InternalTls>,
     metrics: Arc<metrics::NodeMetrics>,
     listeners: Arc<Listeners>,
+    capacity_bytes: u64,
 }
 
 impl Served<'_> {
@@ -256,7 +298,7 @@ impl Served<'_> {
             cfg: model_cfg,
             store: Arc::new(shard.store),
             experts,
-            capacity_bytes: self.cfg.capacity_bytes,
+            capacity_bytes: self.capacity_bytes,
             weight_dtype: shard.weight_dtype,
             shutdown: shutdown.clone(),
             metrics: self.metrics,
@@ -323,9 +365,8 @@ fn validate(cfg: &Config) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// Bytes one routed expert takes here, measured by loading one.
-fn one_expert_bytes(cfg: &ModelConfig, store: &WeightStore) -> Result<u64, NodeError> {
+/// Bytes one routed expert takes in `bank`, measured on one read from disk.
+fn one_expert_bytes(cfg: &ModelConfig, store: &WeightStore, bank: &dyn ExpertBank) -> Result<u64, NodeError> {
     let Some(layer) = cfg.moe_layers().next() else { return Ok(0) };
-    let one = load_experts(cfg, store, |l, e| (l, e) == (layer, 0), &mut |_, _| {})?;
-    Ok(one.size_bytes() as u64)
+    Ok(bank.bytes_for(&load_expert(cfg, store, layer, 0)?) as u64)
 }

@@ -3,8 +3,8 @@
 use crate::metrics::NodeMetrics;
 use expertmesh_dataplane::{DataPlaneError, codec};
 use expertmesh_model::config::ModelConfig;
-use expertmesh_model::model::expert_tensor_names;
-use expertmesh_model::moe::{ExpertGroup, LocalExperts, Mlp};
+use expertmesh_model::model::load_expert;
+use expertmesh_model::moe::{ExpertBank, ExpertGroup, Mlp};
 use expertmesh_model::weights::WeightStore;
 use expertmesh_proto::v1::expert_service_server::ExpertService;
 use expertmesh_proto::v1::{
@@ -23,7 +23,7 @@ pub struct NodeService {
     pub model_name: String,
     pub cfg: Arc<ModelConfig>,
     pub store: Arc<WeightStore>,
-    pub experts: Arc<RwLock<LocalExperts>>,
+    pub experts: Arc<RwLock<Box<dyn ExpertBank>>>,
     /// 0 = unlimited.
     pub capacity_bytes: u64,
     pub weight_dtype: String,
@@ -37,7 +37,7 @@ fn poisoned<T>(_: T) -> Status {
 
 /// A gRPC batch: its rows decoded from the message, then [`process`].
 fn process_message(
-    experts: &RwLock<LocalExperts>,
+    experts: &RwLock<Box<dyn ExpertBank>>,
     cfg: &ModelConfig,
     metrics: &NodeMetrics,
     req: DispatchRequest,
@@ -51,7 +51,7 @@ fn process_message(
 /// every malformed field is an `Invalid` error naming it, so the sender
 /// gets `INVALID_ARGUMENT`.
 pub(crate) fn process(
-    experts: &RwLock<LocalExperts>,
+    experts: &RwLock<Box<dyn ExpertBank>>,
     cfg: &ModelConfig,
     metrics: &NodeMetrics,
     req: DispatchRequest,
@@ -64,7 +64,7 @@ pub(crate) fn process(
 }
 
 fn compute(
-    experts: &RwLock<LocalExperts>,
+    experts: &RwLock<Box<dyn ExpertBank>>,
     cfg: &ModelConfig,
     metrics: &NodeMetrics,
     req: DispatchRequest,
@@ -223,7 +223,7 @@ impl ExpertService for NodeService {
             node_id: self.node_id.clone(),
             experts: to_layer_experts(&t.loaded()),
             weight_dtype: self.weight_dtype.clone(),
-            device: "cpu".into(),
+            device: t.device(),
             capacity_bytes: self.capacity_bytes,
             used_bytes: t.size_bytes() as u64,
             hidden_size: self.cfg.hidden_size as u32,
@@ -235,31 +235,34 @@ impl ExpertService for NodeService {
         let want = self.check_set(request.get_ref())?;
         let (cfg, store) = (self.cfg.clone(), self.store.clone());
         let loaded = tokio::task::spawn_blocking(move || -> Result<Vec<((usize, usize), Mlp)>, Status> {
-            let (h, i) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
             want.into_iter()
                 .map(|(l, e)| {
-                    let [g, u, d] = expert_tensor_names(&cfg, l, e);
-                    let m =
-                        |n: &str, r, c| store.matrix(n, r, c).map_err(|e| Status::failed_precondition(e.to_string()));
-                    Ok(((l, e), Mlp::new(m(&g, i, h)?, m(&u, i, h)?, m(&d, h, i)?, None)))
+                    load_expert(&cfg, &store, l, e)
+                        .map(|m| ((l, e), m))
+                        .map_err(|e| Status::failed_precondition(e.to_string()))
                 })
                 .collect()
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
-        {
-            let mut t = self.experts.write().map_err(poisoned)?;
-            let extra: usize = loaded.iter().map(|(_, m)| m.gate_up.size_bytes() + m.down.size_bytes()).sum();
-            if self.capacity_bytes > 0 && (t.size_bytes() + extra) as u64 > self.capacity_bytes {
+        let experts = self.experts.clone();
+        let capacity = self.capacity_bytes;
+        // Inserting uploads to the device on a GPU node: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+            let mut t = experts.write().map_err(poisoned)?;
+            let extra: usize = loaded.iter().map(|(_, m)| t.bytes_for(m)).sum();
+            if capacity > 0 && (t.size_bytes() + extra) as u64 > capacity {
                 return Err(Status::resource_exhausted(format!(
-                    "loading {extra} bytes would exceed the capacity of {} bytes",
-                    self.capacity_bytes
+                    "loading {extra} bytes would exceed the capacity of {capacity} bytes"
                 )));
             }
             for ((l, e), m) in loaded {
-                t.insert(l, e, m);
+                t.insert(l, e, m).map_err(|e| Status::resource_exhausted(e.to_string()))?;
             }
-        }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(self.loaded_response()?))
     }
 

@@ -9,7 +9,7 @@ use crate::metrics::NodeMetrics;
 use crate::service::process;
 use expertmesh_dataplane::frame::{Frame, MAGIC, read_frame, write_error, write_message};
 use expertmesh_model::config::ModelConfig;
-use expertmesh_model::moe::LocalExperts;
+use expertmesh_model::moe::ExpertBank;
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use expertmesh_proto::v1::DispatchRequest;
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,7 +29,7 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a framed link needs to compute batches.
 #[derive(Clone)]
 pub struct LinkContext {
-    pub experts: Arc<RwLock<LocalExperts>>,
+    pub experts: Arc<RwLock<Box<dyn ExpertBank>>>,
     pub cfg: Arc<ModelConfig>,
     pub metrics: Arc<NodeMetrics>,
     pub stop: CancellationToken,

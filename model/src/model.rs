@@ -5,7 +5,7 @@ use crate::cache::KvCache;
 use crate::config::{Arch, AttentionConfig, FfnKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kernels::matmul;
-use crate::moe::{ExpertExecutor, Gate, LocalExperts, Mlp, MlpBias, RoutedBatch};
+use crate::moe::{ExpertBank, ExpertExecutor, Gate, LocalExperts, Mlp, MlpBias, RoutedBatch};
 use crate::ops::{Rope, rms_norm};
 use crate::tensor::{MatView, Matrix, Precision};
 use crate::weights::WeightStore;
@@ -85,24 +85,40 @@ fn linear(ws: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear
 pub fn load_experts(
     cfg: &ModelConfig,
     ws: &WeightStore,
-    mut want: impl FnMut(usize, usize) -> bool,
+    want: impl FnMut(usize, usize) -> bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LocalExperts> {
     let mut experts = LocalExperts::new(Vec::new());
-    let (h, inter) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
+    load_experts_into(cfg, ws, want, progress, &mut experts)?;
+    Ok(experts)
+}
+
+/// Loads the routed experts accepted by `want(layer, expert)` into `bank`,
+/// one at a time, so a device bank never holds the whole shard on the host.
+pub fn load_experts_into(
+    cfg: &ModelConfig,
+    ws: &WeightStore,
+    mut want: impl FnMut(usize, usize) -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+    bank: &mut dyn ExpertBank,
+) -> Result<()> {
     let layers: Vec<usize> = cfg.moe_layers().collect();
     for (n, &l) in layers.iter().enumerate() {
         for e in 0..cfg.moe.n_routed_experts {
-            if !want(l, e) {
-                continue;
+            if want(l, e) {
+                bank.insert(l, e, load_expert(cfg, ws, l, e)?)?;
             }
-            let [g, u, d] = expert_tensor_names(cfg, l, e);
-            let m = Mlp::new(ws.matrix(&g, inter, h)?, ws.matrix(&u, inter, h)?, ws.matrix(&d, h, inter)?, None);
-            experts.insert(l, e, m);
         }
         progress(n + 1, layers.len());
     }
-    Ok(experts)
+    Ok(())
+}
+
+/// One routed expert's weights.
+pub fn load_expert(cfg: &ModelConfig, ws: &WeightStore, layer: usize, expert: usize) -> Result<Mlp> {
+    let (h, inter) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
+    let [g, u, d] = expert_tensor_names(cfg, layer, expert);
+    Ok(Mlp::new(ws.matrix(&g, inter, h)?, ws.matrix(&u, inter, h)?, ws.matrix(&d, h, inter)?, None))
 }
 
 impl Model {

@@ -330,6 +330,72 @@ impl ExpertExecutor for LocalExperts {
     }
 }
 
+/// Where an expert node's routed experts live and run: the compute-backend
+/// seam. [`LocalExperts`] is the CPU backend; `expertmesh-gpu` holds the
+/// CUDA one. The node's validation, wire protocol, drain and metrics are the
+/// same whichever backend computes.
+pub trait ExpertBank: Send + Sync {
+    /// The device, as `Info.device` and the node record name it.
+    fn device(&self) -> String;
+    /// Whether `(layer, expert)` is loaded here.
+    fn has(&self, layer: usize, expert: usize) -> bool;
+    /// Loads or replaces one expert's weights (an upload, on a device: it
+    /// fails when the device is out of memory).
+    fn insert(&mut self, layer: usize, expert: usize, mlp: Mlp) -> Result<()>;
+    /// Drops one expert's weights, freeing its memory; whether it was loaded.
+    fn remove(&mut self, layer: usize, expert: usize) -> bool;
+    /// Loaded `(layer, expert)` pairs, in order.
+    fn loaded(&self) -> Vec<(usize, usize)>;
+    /// Bytes the loaded weights occupy in the backend's memory.
+    fn size_bytes(&self) -> usize;
+    /// Bytes `mlp` would occupy here once inserted (capacity checks run
+    /// before the upload).
+    fn bytes_for(&self, mlp: &Mlp) -> usize;
+    /// `Σ weight · expert(row)` per row of `hidden` (`[rows, h]`) over the
+    /// groups, with each group's compute seconds.
+    fn compute_timed(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        h: usize,
+        groups: &[ExpertGroup],
+    ) -> Result<(Vec<f32>, Vec<f64>)>;
+}
+
+impl ExpertBank for LocalExperts {
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+    fn has(&self, layer: usize, expert: usize) -> bool {
+        LocalExperts::has(self, layer, expert)
+    }
+    fn insert(&mut self, layer: usize, expert: usize, mlp: Mlp) -> Result<()> {
+        LocalExperts::insert(self, layer, expert, mlp);
+        Ok(())
+    }
+    fn remove(&mut self, layer: usize, expert: usize) -> bool {
+        LocalExperts::remove(self, layer, expert)
+    }
+    fn loaded(&self) -> Vec<(usize, usize)> {
+        LocalExperts::loaded(self)
+    }
+    fn size_bytes(&self) -> usize {
+        LocalExperts::size_bytes(self)
+    }
+    fn bytes_for(&self, mlp: &Mlp) -> usize {
+        mlp.gate_up.size_bytes() + mlp.down.size_bytes()
+    }
+    fn compute_timed(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        h: usize,
+        groups: &[ExpertGroup],
+    ) -> Result<(Vec<f32>, Vec<f64>)> {
+        LocalExperts::compute_timed(self, layer, hidden, h, groups)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

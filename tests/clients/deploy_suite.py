@@ -159,8 +159,11 @@ def check_render(name, values_file):
             check(limits.get("nvidia.com/gpu") == v["expertNode"]["gpu"]["count"], f"{name}: GPU limit on expert nodes")
             check(any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])), f"{name}: GPU toleration")
             check(c["image"].endswith("-cuda"), f"{name}: CUDA image on GPU nodes")
+            check("--device=cuda:0" in c["args"], f"{name}: GPU nodes compute on the GPU")
+            check(v["expertNode"]["gpu"]["count"] == 1, f"{name}: one GPU per expert-node process")
         else:
             check("nvidia.com/gpu" not in limits, f"{name}: no GPU without gpu.enabled")
+            check(not any(a.startswith("--device=cuda") for a in c["args"]), f"{name}: CPU nodes without --device=cuda")
         check(spec["terminationGracePeriodSeconds"] >= 60, f"{name}: long grace period on expert nodes")
         check("podAntiAffinity" in spec.get("affinity", {}) or v["expertNode"]["affinity"], f"{name}: expert-node anti-affinity")
         check(any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"]), f"{name}: shm on expert nodes")
@@ -250,6 +253,10 @@ def check_dockerfiles():
             check(f"target/release/{b}" in text, f"{f}: ships {b}")
         if f.endswith("cuda"):
             check("nvidia/cuda" in stages[-1] and "runtime" in stages[-1], f"{f}: CUDA runtime base")
+            for lib in ("libcublas", "libnccl", "nvrtc"):
+                check(lib in final, f"{f}: the runtime stage has {lib}")
+            check("libnccl.so.2 " in final and "libnccl.so" in final, f"{f}: the libnccl.so link cudarc looks for")
+            check("target/release/expertmesh-gpu-check" in text, f"{f}: ships the GPU check")
 
 
 check_render("default", None)
