@@ -70,8 +70,11 @@ pub struct CudaExperts {
     name: String,
     hidden: usize,
     inter: usize,
-    /// cuBLAS has `cublasGemmGroupedBatchedEx` (12.5 and later).
-    grouped: bool,
+    /// cuBLAS has `cublasGemmGroupedBatchedEx` (12.5 and later) and took
+    /// these types: cleared, with a warning, the first time it refuses them
+    /// (its documented type list is narrower than `cublasGemmEx`'s), after
+    /// which every batch loops over `cublasGemmEx`.
+    grouped: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the device handles are only used under `inner`'s lock or through
@@ -101,7 +104,7 @@ impl CudaExperts {
             name,
             hidden,
             inter,
-            grouped: version >= 120_500,
+            grouped: std::sync::atomic::AtomicBool::new(version >= 120_500),
         })
     }
 
@@ -114,10 +117,32 @@ impl CudaExperts {
         Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Runs one projection's GEMMs (grouped where cuBLAS has it).
+    /// `grouped` (one `cublasGemmGroupedBatchedEx` per projection) or
+    /// `loop` (one `cublasGemmEx` per expert).
+    pub fn gemm_path(&self) -> &'static str {
+        if self.grouped.load(std::sync::atomic::Ordering::Relaxed) { "grouped" } else { "loop" }
+    }
+
+    /// Runs one projection's GEMMs: grouped where cuBLAS has it and takes
+    /// these types, else one call per expert.
     fn gemms(&self, inner: &mut Inner, problems: &[Problem]) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.grouped.load(Relaxed) && problems.len() > 1 {
+            match self.grouped_gemm(inner, problems) {
+                Ok(()) => return Ok(()),
+                // Refused at the call (types or sizes): nothing was queued.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cublasGemmGroupedBatchedEx refused bf16→f32; one cublasGemmEx per expert from now on");
+                    self.grouped.store(false, Relaxed);
+                }
+            }
+        }
+        self.gemm_loop(inner, problems)
+    }
+
+    fn grouped_gemm(&self, inner: &mut Inner, problems: &[Problem]) -> Result<()> {
         let handle = *inner.dev.blas.handle();
-        if self.grouped && problems.len() > 1 {
+        {
             let g = GroupedArrays::new(problems);
             if g.groups() == 0 {
                 return Ok(());
@@ -163,8 +188,12 @@ impl CudaExperts {
             .result()?;
             // The host arrays must outlive the call's reads of them, which
             // happen at launch: cuBLAS copies them before returning.
-            return Ok(());
+            Ok(())
         }
+    }
+
+    fn gemm_loop(&self, inner: &mut Inner, problems: &[Problem]) -> Result<()> {
+        let handle = *inner.dev.blas.handle();
         let (alpha, beta) = (1f32, 0f32);
         for p in problems.iter().filter(|p| p.tokens > 0) {
             let (m, n, k, lda, ldb, ldc) = p.cublas_dims();

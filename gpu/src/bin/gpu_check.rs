@@ -220,6 +220,7 @@ fn accuracy_v3_layer(device: usize, experts: usize, tokens: usize) -> Result<()>
     line["model"] =
         json!(format!("deepseek-v3 layer: hidden {h}, width {i}, {experts} experts, top-{k}, {tokens} tokens"));
     line["load_s"] = json!(load_s);
+    line["gemm"] = json!(gpu.gemm_path());
     line["device_bytes"] = json!(gpu.size_bytes());
     println!("{line}");
     Ok(())
@@ -249,7 +250,7 @@ fn speed(device: usize, tokens: &[usize], h: usize, i: usize, iters: usize) -> R
         let flops = 2.0 * t as f64 * 3.0 * h as f64 * i as f64;
         println!(
             "{}",
-            json!({"check": "speed", "tokens": t, "hidden": h, "inter": i, "device_s": dev, "wall_s": wall,
+            json!({"check": "speed", "tokens": t, "hidden": h, "inter": i, "gemm": "cublasGemmEx (one expert)", "device_s": dev, "wall_s": wall,
                    "host_overhead_s": (wall - dev).max(0.0), "gflops": flops / dev / 1e9})
         );
     }
