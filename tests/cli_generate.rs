@@ -166,3 +166,44 @@ fn bad_input_fails_cleanly() {
     let e = fail(&["generate", "--model", broken.to_str().unwrap(), "--prompt-ids", "3"]);
     assert!(e.contains("expected shape"), "{e}");
 }
+
+/// Peak resident memory of offline generation on a generated bf16
+/// checkpoint: the weights once (packed), not the file mapping beside them.
+/// Bound: 1.1 × the checkpoint's bytes + 256 MiB of fixed overhead (the
+/// binary's pages, the tokenizer, threads, a 4-token KV cache). Before the
+/// loader released each tensor's pages it was ~2.1× the checkpoint.
+#[test]
+fn offline_generation_holds_the_weights_once() {
+    let dir = TempDir::new("rss");
+    let d = dir.0.to_str().unwrap();
+    let out = bin()
+        .args(["gen-model", "--arch", "deepseek-v3", "--dtype", "bf16", "--out", d, "--hidden-size", "512"])
+        .args(["--layers", "4", "--experts", "64", "--moe-intermediate-size", "512"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let weights: u64 = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(weights > 200 << 20, "a checkpoint large enough to tell: {weights} bytes");
+    // Reaped by wait4 below, which also reports the child's own peak memory.
+    #[allow(clippy::zombie_processes)]
+    let child = bin()
+        .args(["generate", "--model", d, "--prompt-ids", "1,2,3,4", "--max-tokens", "2", "--threads", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: waits for our own child, writing into locals.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "generate failed: {status}");
+    let peak = usage.ru_maxrss as u64 * 1024;
+    let bound = weights + weights / 10 + (256 << 20);
+    eprintln!("peak resident {peak} bytes for {weights} bytes of weights ({:.2}x)", peak as f64 / weights as f64);
+    assert!(peak <= bound, "peak resident {peak} > {bound} (weights {weights})");
+}

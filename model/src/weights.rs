@@ -112,16 +112,48 @@ impl WeightStore {
             Dtype::F8_E4M3 => Storage::F32(self.dequant_fp8(name, rows, cols, bytes)?),
             _ => Storage::F32(to_f32(name, dtype, bytes)?),
         };
+        self.release(name);
+        if dtype == Dtype::F8_E4M3 {
+            self.release(&format!("{name}_scale_inv"));
+        }
         let mut m = Matrix::new(rows, cols, storage);
         m.set_precision(self.precision);
         Ok(m)
+    }
+
+    /// Drops this process's mapping of a tensor's pages once it has been
+    /// copied out (every load copies: weights end up packed or widened), so
+    /// that resident memory holds the loaded copy only, not the file beside
+    /// it. The pages stay in the page cache; a later read faults them back.
+    /// Pages shared with a neighbouring tensor are kept (the range is
+    /// rounded inward to whole pages).
+    fn release(&self, name: &str) {
+        let Some(&idx) = self.by_name.get(name) else { return };
+        let shard = &self.shards[idx];
+        let Some(info) = shard.meta.info(name) else { return };
+        let page = page_size();
+        let start = (shard.data_start + info.data_offsets.0).next_multiple_of(page);
+        let end = (shard.data_start + info.data_offsets.1).min(shard.mmap.len()) / page * page;
+        if end <= start {
+            return;
+        }
+        // SAFETY: the mapping is a read-only shared file mapping and nothing
+        // keeps a reference into this range (loads copy out of it); after
+        // MADV_DONTNEED a read refaults the same bytes from the file.
+        if let Err(e) =
+            unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) }
+        {
+            tracing::debug!(tensor = name, error = %e, "releasing a loaded tensor's pages");
+        }
     }
 
     /// A 1-D tensor (norm weights, biases) as f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (dtype, shape, bytes) = self.raw(name)?;
         check_shape(name, shape, &[len])?;
-        to_f32(name, dtype, bytes)
+        let v = to_f32(name, dtype, bytes)?;
+        self.release(name);
+        Ok(v)
     }
 
     /// The tensor if present (optional biases), else `None`.
@@ -147,6 +179,16 @@ impl WeightStore {
         }
         Ok(out)
     }
+}
+
+/// The system's page size (4 KiB where it cannot be read).
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    })
 }
 
 fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
