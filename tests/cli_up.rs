@@ -117,9 +117,13 @@ fn up_serves_generate_and_bench_and_ctrl_c_cleans_up() {
 fn kill_9_of_up_takes_the_children_along() {
     let mut u = up(&fixture("mixtral"), "kill");
     let all = pids(&u.state);
+    let run_dir = std::env::temp_dir().join(format!("expertmesh-up-{}", u.child.id()));
     u.child.kill().unwrap(); // SIGKILL: up gets no chance to clean up
     let _ = u.child.wait();
     wait_gone(&all);
+    // What up could not remove (its private etcd's data, the logs).
+    assert!(run_dir.exists(), "up's run directory is {}", run_dir.display());
+    std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
 #[test]

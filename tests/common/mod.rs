@@ -201,9 +201,12 @@ pub struct Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
+        let pid = self.child.id();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.state_file);
+        // SIGKILL leaves up's run directory (its private etcd's data).
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("expertmesh-up-{pid}")));
     }
 }
 

@@ -135,13 +135,20 @@ pub fn up(a: UpCmd, model: PathBuf, stop: &AtomicBool) -> Result<()> {
             eprintln!("up: removing {}: {e}", f.display());
         }
     }
-    match &result {
-        // The logs a failure points at stay for the reader.
-        Err(_) => eprintln!("up: logs kept in {}", run_dir.join("logs").display()),
-        Ok(()) => {
-            if let Err(e) = std::fs::remove_dir_all(&run_dir) {
-                eprintln!("up: removing {}: {e}", run_dir.display());
-            }
+    // The logs a failure points at stay for the reader; the private etcd's
+    // data (its WAL preallocates ~128 MB) and the certificates never do.
+    let gone: Vec<PathBuf> = match &result {
+        Err(_) => {
+            eprintln!("up: logs kept in {}", run_dir.join("logs").display());
+            vec![run_dir.join("etcd"), run_dir.join("tls")]
+        }
+        Ok(()) => vec![run_dir.clone()],
+    };
+    for d in gone {
+        if let Err(e) = std::fs::remove_dir_all(&d)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("up: removing {}: {e}", d.display());
         }
     }
     result
