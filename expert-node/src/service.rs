@@ -234,21 +234,17 @@ impl ExpertService for NodeService {
     async fn load_experts(&self, request: Request<ExpertSet>) -> Result<Response<LoadExpertsResponse>, Status> {
         let want = self.check_set(request.get_ref())?;
         let (cfg, store) = (self.cfg.clone(), self.store.clone());
-        let loaded = tokio::task::spawn_blocking(move || -> Result<Vec<((usize, usize), Mlp)>, Status> {
-            want.into_iter()
+        let (experts, capacity) = (self.experts.clone(), self.capacity_bytes);
+        // Reading from disk, and on a GPU node the upload: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+            let loaded = want
+                .into_iter()
                 .map(|(l, e)| {
                     load_expert(&cfg, &store, l, e)
                         .map(|m| ((l, e), m))
                         .map_err(|e| Status::failed_precondition(e.to_string()))
                 })
-                .collect()
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
-        let experts = self.experts.clone();
-        let capacity = self.capacity_bytes;
-        // Inserting uploads to the device on a GPU node: off the runtime.
-        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+                .collect::<Result<Vec<((usize, usize), Mlp)>, Status>>()?;
             let mut t = experts.write().map_err(poisoned)?;
             let extra: usize = loaded.iter().map(|(_, m)| t.bytes_for(m)).sum();
             if capacity > 0 && (t.size_bytes() + extra) as u64 > capacity {

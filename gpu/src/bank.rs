@@ -302,22 +302,20 @@ impl CudaExperts {
             return Err(GpuError::Invalid(format!("rows of {h} values for experts of width {}", self.hidden)));
         }
         let n = hidden.len() / h;
-        let mut up = Vec::with_capacity(groups.len());
-        let mut down = Vec::with_capacity(groups.len());
+        let mut weights = Vec::with_capacity(groups.len());
         for g in groups {
             let w = self
                 .experts
                 .get(&(layer, g.expert as usize))
                 .ok_or_else(|| GpuError::Invalid(format!("expert {} of layer {layer} is not loaded here", g.expert)))?;
-            up.push(w);
-            down.push(w);
+            weights.push(w);
         }
         let plan = BatchPlan::new(groups, n)?;
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         let stream = inner.dev.stream.clone();
-        let up_ptrs: Vec<u64> = up.iter().map(|w| ptr(&w.gate_up, &stream)).collect();
-        let down_ptrs: Vec<u64> = down.iter().map(|w| ptr(&w.down, &stream)).collect();
+        let up_ptrs: Vec<u64> = weights.iter().map(|w| ptr(&w.gate_up, &stream)).collect();
+        let down_ptrs: Vec<u64> = weights.iter().map(|w| ptr(&w.down, &stream)).collect();
         let out = self.device_batch(inner, &plan, hidden, n, &up_ptrs, &down_ptrs)?;
         let rows = plan.rows().max(1) as f64;
         let seconds = (0..groups.len()).map(|g| out.1 * plan.group_rows(g) as f64 / rows).collect();

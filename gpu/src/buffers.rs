@@ -1,7 +1,7 @@
 //! Buffers reused across calls: device and pinned host memory that grow to
 //! the largest request seen, shared by the expert bank and the NCCL link.
 
-use crate::error::{GpuError, Result};
+use crate::error::Result;
 use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
 
 /// The device address of a buffer (event tracking is off: no sync object).
@@ -15,12 +15,13 @@ pub fn grow<'a, T: cudarc::driver::DeviceRepr>(
     slot: &'a mut Option<CudaSlice<T>>,
     len: usize,
 ) -> Result<&'a CudaSlice<T>> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = None; // free first: the old and new buffer need not coexist
+    // Free a small one first: the old and new buffer need not coexist.
+    slot.take_if(|s| s.len() < len);
+    match slot {
+        Some(s) => Ok(s),
         // SAFETY: every buffer is written by a copy or kernel before it is read.
-        *slot = Some(unsafe { stream.alloc::<T>(len.max(1)) }?);
+        None => Ok(slot.insert(unsafe { stream.alloc::<T>(len.max(1)) }?)),
     }
-    slot.as_ref().ok_or_else(|| GpuError::Invalid("scratch buffer".into()))
 }
 
 /// A pinned host buffer of at least `len` floats.
@@ -30,10 +31,10 @@ pub fn pinned<'a>(
     len: usize,
     flags: u32,
 ) -> Result<&'a mut PinnedHostSlice<f32>> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = None;
+    slot.take_if(|s| s.len() < len);
+    match slot {
+        Some(s) => Ok(s),
         // SAFETY: written before it is read (a host copy or a D2H copy).
-        *slot = Some(unsafe { ctx.alloc_pinned_with_flags::<f32>(len.max(1), flags) }?);
+        None => Ok(slot.insert(unsafe { ctx.alloc_pinned_with_flags::<f32>(len.max(1), flags) }?)),
     }
-    slot.as_mut().ok_or_else(|| GpuError::Invalid("pinned buffer".into()))
 }

@@ -8,7 +8,7 @@
 
 use crate::error::{GpuError, Result};
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Kernel names, as `load_function` takes them.
@@ -120,9 +120,7 @@ pub fn compile(src: &str, arch: &str) -> Result<String> {
 /// A NUL-terminated C string from NVRTC, as text.
 fn c_chars(v: &[std::ffi::c_char]) -> String {
     let bytes: Vec<u8> = v.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
-    CStr::from_bytes_until_nul(&[bytes.as_slice(), &[0]].concat())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Grid size for `work` items of `BLOCK`-thread blocks, capped where the
