@@ -65,6 +65,19 @@ async fn records<T: for<'de> serde::Deserialize<'de>>(s: &Etcd, prefix: &str) ->
     Ok(out)
 }
 
+/// Whether the cluster has settled on every node in `nodes`: a placement
+/// names each of them and every live router steps on that very version.
+/// `up` waits for this, not only for the router's `/ready`: the first
+/// placement may cover every expert before the last node has joined, and
+/// the join's re-placement follows a moment later.
+pub(crate) async fn settled(s: &Etcd, k: &Keys, nodes: &[&str]) -> Result<bool> {
+    let st = Status::read(s, k).await?;
+    let Some(p) = &st.view.placement else { return Ok(false) };
+    Ok(nodes.iter().all(|n| p.nodes.contains_key(*n))
+        && !st.view.routers.is_empty()
+        && st.view.routers.values().all(|r| r.placement_version == p.version))
+}
+
 /// What `status` shows, read from etcd.
 struct Status {
     view: View,

@@ -28,10 +28,13 @@ mod state;
 mod supervisor;
 
 use crate::certs::LocalPki;
+use crate::cluster_cmd::settled;
 use anyhow::{Context, Result, bail};
 use child::{Kind, Spec};
 use clap::Args;
 use expertmesh_cluster::etcd_server::{EtcdServer, EtcdTls};
+use expertmesh_cluster::keys::Keys;
+use expertmesh_cluster::store::{Etcd, EtcdOptions};
 use expertmesh_model::config::ModelConfig;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -189,6 +192,14 @@ struct Cluster<'a> {
 }
 
 impl Cluster<'_> {
+    /// How `up` itself reaches etcd (private or `--etcd`).
+    fn etcd_options(&self) -> EtcdOptions {
+        match self.etcd {
+            Some(e) => e.options(),
+            None => EtcdOptions { endpoints: vec![self.etcd_url.to_string()], ..Default::default() },
+        }
+    }
+
     /// `--etcd-*` flags for a TLS etcd.
     fn etcd_flags(&self) -> Vec<String> {
         self.pki
@@ -300,22 +311,33 @@ impl Cluster<'_> {
         Ok(())
     }
 
-    /// Supervises while waiting for the router's `/ready` (full coverage),
-    /// showing progress; fails after `--start-timeout` without any.
+    /// Supervises while waiting for the router's `/ready` (full coverage)
+    /// and for a placement over every node `up` started, showing progress;
+    /// fails after `--start-timeout` without any.
     fn wait_ready(&self, sup: &mut Supervisor, rt: &tokio::runtime::Runtime, stop: &AtomicBool) -> Result<()> {
         let client = crate::remote::http_client(self.pki.map(|p| p.ca.as_path()))?;
         let limit = Duration::from_secs_f64(self.a.start_timeout);
+        let keys = Keys::new(&self.a.cluster);
+        let names: Vec<String> =
+            sup.children.iter().filter(|c| c.spec.kind == Kind::Node).map(|c| c.spec.name.clone()).collect();
+        let nodes: Vec<&str> = names.iter().map(String::as_str).collect();
         let (mut last, mut progress_at, mut shown) = (String::new(), Instant::now(), Instant::now());
+        let (opts, mut store) = (self.etcd_options(), None);
         while !stop.load(Ordering::Relaxed) {
             sup.poll()?;
+            let mut now = progress(sup);
             if let Some(http) = sup.get("router").and_then(Supervised::start_line).map(|l| field(l, "http=")) {
                 let url = format!("{}://{http}/ready", self.scheme());
                 let probe = async { client.get(&url).timeout(Duration::from_secs(2)).send().await };
                 if rt.block_on(probe).is_ok_and(|r| r.status().is_success()) {
-                    return Ok(());
+                    now = match self.settle_check(rt, &opts, &mut store, &keys, &nodes) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => "router ready, placement settling over every expert node".into(),
+                        // Shown as progress and retried: etcd serves, the router got its placement there.
+                        Err(e) => format!("router ready, reading the placement from etcd: {e:#}"),
+                    };
                 }
             }
-            let now = progress(sup);
             if now != last {
                 eprintln!("up: starting: {now}");
                 (last, progress_at, shown) = (now, Instant::now(), Instant::now());
@@ -329,6 +351,23 @@ impl Cluster<'_> {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
+    }
+
+    /// One round of [`settled`], connecting to etcd first if need be.
+    fn settle_check(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        opts: &EtcdOptions,
+        store: &mut Option<Etcd>,
+        keys: &Keys,
+        nodes: &[&str],
+    ) -> Result<bool> {
+        let deadline = Duration::from_secs(2);
+        let etcd = match store {
+            Some(s) => s,
+            None => store.insert(rt.block_on(async { tokio::time::timeout(deadline, Etcd::connect(opts)).await })??),
+        };
+        rt.block_on(async { tokio::time::timeout(deadline, settled(etcd, keys, nodes)).await })?
     }
 
     fn banner(&self, sup: &Supervisor) {

@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use expertmesh_cluster::etcd_server::EtcdServer;
 use expertmesh_cluster::keys::{self, ChildRecord, Keys, SupervisorRecord};
 use expertmesh_cluster::membership::Registration;
-use expertmesh_cluster::store::EtcdOptions;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -56,14 +55,11 @@ impl Report {
                 .with_context(|| format!("--metrics {addr}"))?;
             eprintln!("up: metrics on http://{bound}/metrics");
         }
-        let etcd = match c.etcd {
-            Some(e) => e.options(),
-            None => EtcdOptions { endpoints: vec![c.etcd_url.to_string()], ..Default::default() },
-        };
         let key = Keys::new(&c.a.cluster).supervisor();
         let ttl = std::time::Duration::from_secs(c.a.lease_ttl);
         let first = keys::encode(&SupervisorRecord { pid: std::process::id(), ..Default::default() });
-        let record = Registration::start(etcd, key, first, ttl).context("the supervisor record's thread")?;
+        let record =
+            Registration::start(c.etcd_options(), key, first, ttl).context("the supervisor record's thread")?;
         Ok(Report { restarts, record, stop })
     }
 
