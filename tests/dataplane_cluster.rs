@@ -108,6 +108,7 @@ fn malformed_batch_gets_invalid_argument_and_the_node_survives() {
             rows: Some(rows),
             experts,
             trace_id: String::new(),
+            nccl: None,
         };
         let good_rows = || PackedRows {
             dtype: Dtype::F32 as i32,
@@ -163,6 +164,7 @@ fn sigterm_drains_the_batch_in_hand_then_exits_cleanly() {
         rows: Some(expertmesh_dataplane::codec::encode(data, h, Dtype::F32)),
         experts,
         trace_id: String::new(),
+        nccl: None,
     };
     rt.block_on(async {
         let mut client = ExpertServiceClient::connect(format!("http://{addr}"))
@@ -270,4 +272,84 @@ fn a_gpu_node_without_a_gpu_exits_naming_what_is_missing() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device"));
+}
+
+/// The NCCL path's refusals on a machine without a GPU: a CPU node answers
+/// `NcclInit` with FAILED_PRECONDITION naming `--device`, and a batch
+/// marked `nccl` with an error at once (no wait on a communicator that
+/// does not exist); the node serves on.
+#[test]
+fn nccl_on_a_cpu_node_is_refused_at_once_and_the_node_serves_on() {
+    use expertmesh_dataplane::nccl_transport::Headers;
+    use expertmesh_dataplane::tcp_transport::TcpTransport;
+    use expertmesh_dataplane::transport::{NodeBatch, Transport};
+    use expertmesh_model::moe::ExpertGroup;
+    use expertmesh_proto::v1::{NcclInitRequest, NcclMarker};
+    let model = fixture("mixtral");
+    let (_nodes, p, _) = start(&model, 1, 1);
+    let (node, addr) = p.nodes.iter().next().map(|(n, a)| (n.clone(), a.clone())).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        let req = NcclInitRequest {
+            unique_id: vec![0u8; 128].into(),
+            rank: 1,
+            world_size: 2,
+            router_id: "router-0".into(),
+            epoch: 1,
+            timeout_seconds: 5.0,
+        };
+        let e = c.nccl_init(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("--device cuda:N"), "{e:?}");
+        let e = c.nccl_init(NcclInitRequest { rank: 0, ..req }).await.unwrap_err();
+        assert!(e.message().contains("rank 0 is the router's"), "{e:?}");
+    });
+    let h = ModelConfig::from_dir(&model).unwrap().hidden_size;
+    let tcp = TcpTransport::new(p.nodes.clone(), Duration::from_secs(10), Dtype::F32);
+    let b = NodeBatch {
+        node: node.clone(),
+        rows: Arc::new(vec![0.5; 2 * h]),
+        groups: vec![ExpertGroup { expert: 0, rows: vec![0, 1], weights: vec![0.5, 0.5] }],
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = std::time::Instant::now();
+    Headers::send_headers(
+        &tcp,
+        1,
+        0,
+        h,
+        std::slice::from_ref(&b),
+        &NcclMarker { router_id: "r".into(), epoch: 1 },
+        &tx,
+    );
+    let (_, r) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("--device cuda:N"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "refused at once");
+    let r = tcp.exchange(2, 0, h, &[b]);
+    assert_eq!(r[0].as_ref().map(Vec::len).unwrap(), 2 * h, "the node serves on");
+}
+
+/// `router --transport nccl` without a GPU exits 1 at start naming the
+/// flag and the missing driver.
+#[test]
+fn an_nccl_router_without_a_gpu_exits_naming_what_is_missing() {
+    if expertmesh_gpu::libs::Lib::Driver.present() {
+        return; // a CUDA machine: tools/gpu_check.sh runs the device there.
+    }
+    let model = fixture("mixtral");
+    let (_nodes, p, _) = start(&model, 1, 1);
+    let dir = common::scratch("nccl-router");
+    let placement = dir.0.join("placement.json");
+    std::fs::write(&placement, p.to_json()).unwrap();
+    let out = std::process::Command::new(common::bin("router"))
+        .args(["--model", model.to_str().unwrap(), "--placement", placement.to_str().unwrap()])
+        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--transport", "nccl"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--nccl-device") && err.contains("libcuda"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

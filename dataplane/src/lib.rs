@@ -6,10 +6,11 @@
 //!   the format lives in `expertmesh-spec`, shared with the control plane).
 //! - [`transport`]: the collective seam (`Transport::exchange`), with an
 //!   in-process implementation; [`grpc_transport`] implements it over
-//!   persistent bidirectional `Dispatch` streams. An NCCL transport fits the
-//!   same seam.
+//!   persistent bidirectional `Dispatch` streams.
 //! - [`tcp_transport`]: the same dispatch over hand-framed TCP ([`frame`]),
 //!   without gRPC's copies.
+//! - [`nccl_transport`]: headers over framed TCP, rows GPU to GPU over
+//!   NCCL, falling back to framed TCP on any fault.
 //! - [`trace`]: request and step trace ids, carried to the expert nodes.
 //! - [`executor`]: `RemoteExecutor`, the model's `ExpertExecutor` for a
 //!   cluster: plans one batch per node per MoE layer, picks replicas by
@@ -21,6 +22,7 @@ pub mod executor;
 pub mod frame;
 pub mod grpc_transport;
 pub mod metrics;
+pub mod nccl_transport;
 pub mod tcp_transport;
 pub mod trace;
 pub mod transport;

@@ -15,9 +15,12 @@
 use crate::error::{DataPlaneError, Result};
 use crate::frame::{Frame, MAGIC, Payload, read_frame, write_message};
 use crate::metrics::DispatchMetrics;
+use crate::nccl_transport::Headers;
 use crate::placement::NodeId;
-use crate::transport::{NodeBatch, Replies, Transport, check_response, dispatch_request, replace_addresses, reply};
-use expertmesh_proto::v1::{DispatchResponse, Dtype};
+use crate::transport::{
+    NodeBatch, Replies, Transport, check_response, dispatch_request, nccl_request, replace_addresses, reply,
+};
+use expertmesh_proto::v1::{DispatchResponse, Dtype, NcclMarker};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -39,6 +42,8 @@ struct Job {
     batch: NodeBatch,
     tag: usize,
     replies: Replies,
+    /// Only the header goes on the socket: the rows travel over NCCL.
+    nccl: Option<NcclMarker>,
 }
 
 /// A node's link: its thread ends when this (the job queue) is dropped.
@@ -93,10 +98,8 @@ fn run_link(cfg: &LinkConfig, node: &str, addr: &str, jobs: mpsc::Receiver<Job>)
     let mut conn: Option<TcpStream> = None;
     for j in jobs {
         let r = match &mut conn {
-            Some(s) => cfg.send_and_receive(s, j.step, j.layer, j.hidden, &j.batch),
-            slot @ None => cfg
-                .connect(node, addr)
-                .and_then(|s| cfg.send_and_receive(slot.insert(s), j.step, j.layer, j.hidden, &j.batch)),
+            Some(s) => cfg.send_and_receive(s, &j),
+            slot @ None => cfg.connect(node, addr).and_then(|s| cfg.send_and_receive(slot.insert(s), &j)),
         };
         if matches!(r, Err(DataPlaneError::Transport { .. } | DataPlaneError::Timeout { .. })) {
             conn = None;
@@ -125,21 +128,18 @@ impl LinkConfig {
         Ok(s)
     }
 
-    fn send_and_receive(
-        &self,
-        s: &mut TcpStream,
-        step: u64,
-        layer: usize,
-        hidden: usize,
-        b: &NodeBatch,
-    ) -> Result<Vec<f32>> {
+    fn send_and_receive(&self, s: &mut TcpStream, j: &Job) -> Result<Vec<f32>> {
+        let (step, hidden, b) = (j.step, j.hidden, &j.batch);
         let io = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
                 DataPlaneError::Timeout { node: b.node.clone(), seconds: self.timeout.as_secs_f64() }
             }
             _ => DataPlaneError::Transport { node: b.node.clone(), message: e.to_string() },
         };
-        let mut req = dispatch_request(step, layer, hidden, b, self.dtype);
+        let mut req = match &j.nccl {
+            Some(m) => nccl_request(step, j.layer, hidden, b, m.clone()),
+            None => dispatch_request(step, j.layer, hidden, b, self.dtype),
+        };
         let payload = req.rows.as_mut().map(|p| std::mem::take(&mut p.data)).unwrap_or_default();
         self.count_bytes(&b.node, "tx", payload.len() + req.rows.as_ref().map_or(0, |p| p.scales.len()));
         write_message(s, &req, &payload).map_err(io)?;
@@ -156,6 +156,10 @@ impl LinkConfig {
                     Payload::Bytes(v) => v.len(),
                 };
                 let rows = check_response(resp, b, step, hidden)?;
+                if j.nccl.is_some() {
+                    // The combined rows came back over NCCL; this is the node's word that they are whole.
+                    return Ok(Vec::new());
+                }
                 self.count_bytes(&b.node, "rx", bytes + rows.scales.len());
                 payload.into_rows(rows, hidden)
             }
@@ -169,11 +173,19 @@ impl LinkConfig {
     }
 }
 
-impl Transport for TcpTransport {
-    fn send(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch], first_tag: usize, replies: &Replies) {
+impl TcpTransport {
+    /// Queues every batch on its node's link; with `nccl`, only headers.
+    fn queue(
+        &self,
+        (step, layer, hidden): (u64, usize, usize),
+        batches: &[NodeBatch],
+        first_tag: usize,
+        replies: &Replies,
+        nccl: Option<&NcclMarker>,
+    ) {
         for (i, b) in batches.iter().enumerate() {
             let tag = first_tag + i;
-            let job = Job { step, layer, hidden, batch: b.clone(), tag, replies: replies.clone() };
+            let job = Job { step, layer, hidden, batch: b.clone(), tag, replies: replies.clone(), nccl: nccl.cloned() };
             let queued = self.link(&b.node).and_then(|l| {
                 l.send(job)
                     .map_err(|_| DataPlaneError::Transport { node: b.node.clone(), message: "link closed".into() })
@@ -182,6 +194,30 @@ impl Transport for TcpTransport {
                 reply(replies, tag, Err(e));
             }
         }
+    }
+}
+
+impl Headers for TcpTransport {
+    fn send_headers(
+        &self,
+        step: u64,
+        layer: usize,
+        hidden: usize,
+        batches: &[NodeBatch],
+        marker: &NcclMarker,
+        replies: &Replies,
+    ) {
+        self.queue((step, layer, hidden), batches, 0, replies, Some(marker));
+    }
+
+    fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {
+        replace_addresses(&self.addrs, &self.links, addrs);
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch], first_tag: usize, replies: &Replies) {
+        self.queue((step, layer, hidden), batches, first_tag, replies, None);
     }
 
     fn set_addresses(&self, addrs: BTreeMap<NodeId, String>) {

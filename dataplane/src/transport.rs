@@ -17,7 +17,7 @@ use crate::codec;
 use crate::error::{DataPlaneError, Result};
 use crate::placement::NodeId;
 use expertmesh_model::moe::{ExpertGroup, LocalExperts};
-use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype, ExpertTokens, PackedRows};
+use expertmesh_proto::v1::{DispatchRequest, DispatchResponse, Dtype, ExpertTokens, NcclMarker, PackedRows};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::Duration;
@@ -92,10 +92,32 @@ pub fn replace_addresses<L>(
 
 /// The wire request for one node's batch.
 pub fn dispatch_request(step: u64, layer: usize, hidden: usize, b: &NodeBatch, dtype: Dtype) -> DispatchRequest {
+    header_request(step, layer, codec::encode(Arc::clone(&b.rows), hidden, dtype), b, None)
+}
+
+/// A request whose rows travel over NCCL: only their count is in it.
+pub fn nccl_request(step: u64, layer: usize, hidden: usize, b: &NodeBatch, marker: NcclMarker) -> DispatchRequest {
+    let rows = PackedRows {
+        dtype: Dtype::F32 as i32,
+        num_rows: (b.rows.len() / hidden.max(1)) as u32,
+        hidden_size: hidden as u32,
+        data: Default::default(),
+        scales: Default::default(),
+    };
+    header_request(step, layer, rows, b, Some(marker))
+}
+
+fn header_request(
+    step: u64,
+    layer: usize,
+    rows: PackedRows,
+    b: &NodeBatch,
+    nccl: Option<NcclMarker>,
+) -> DispatchRequest {
     DispatchRequest {
         step,
         layer: layer as u32,
-        rows: Some(codec::encode(Arc::clone(&b.rows), hidden, dtype)),
+        rows: Some(rows),
         experts: b
             .groups
             .iter()
@@ -106,6 +128,7 @@ pub fn dispatch_request(step: u64, layer: usize, hidden: usize, b: &NodeBatch, d
             })
             .collect(),
         trace_id: crate::trace::step(),
+        nccl,
     }
 }
 

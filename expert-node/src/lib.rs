@@ -7,6 +7,7 @@
 //! (finishes in-flight batches, refuses new ones) before returning.
 
 pub mod metrics;
+pub mod nccl;
 pub mod service;
 pub mod spec;
 pub mod tcp_server;
@@ -284,12 +285,14 @@ impl Served<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), NodeError> {
         let (model_cfg, experts) = (Arc::new(self.model_cfg), Arc::new(RwLock::new(shard.experts)));
+        let nccl = Arc::new(nccl::NcclSide::new(self.cfg.device));
         // The framed-TCP dispatch link shares the gRPC port; it is plaintext,
         // so under internal TLS every connection goes to gRPC.
         let link_ctx = self.tls.is_none().then(|| tcp_server::LinkContext {
             experts: experts.clone(),
             cfg: model_cfg.clone(),
             metrics: self.metrics.clone(),
+            nccl: nccl.clone(),
             stop: shutdown.clone(),
         });
         let service = service::NodeService {
@@ -302,6 +305,7 @@ impl Served<'_> {
             weight_dtype: shard.weight_dtype,
             shutdown: shutdown.clone(),
             metrics: self.metrics,
+            nccl,
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExpertServiceServer<service::NodeService>>().await;

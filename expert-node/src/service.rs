@@ -9,6 +9,7 @@ use expertmesh_model::weights::WeightStore;
 use expertmesh_proto::v1::expert_service_server::ExpertService;
 use expertmesh_proto::v1::{
     DispatchRequest, DispatchResponse, Dtype, ExpertSet, InfoRequest, InfoResponse, LayerExperts, LoadExpertsResponse,
+    NcclInitRequest, NcclInitResponse,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -29,6 +30,7 @@ pub struct NodeService {
     pub weight_dtype: String,
     pub shutdown: CancellationToken,
     pub metrics: Arc<NodeMetrics>,
+    pub nccl: Arc<crate::nccl::NcclSide>,
 }
 
 fn poisoned<T>(_: T) -> Status {
@@ -260,6 +262,21 @@ impl ExpertService for NodeService {
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(self.loaded_response()?))
+    }
+
+    async fn nccl_init(&self, request: Request<NcclInitRequest>) -> Result<Response<NcclInitResponse>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("node is draining"));
+        }
+        let nccl = self.nccl.clone();
+        // Blocks until every rank has joined (bounded by the request's timeout).
+        let joined = tokio::task::spawn_blocking(move || nccl.init(request.get_ref()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        joined.map(Response::new).map_err(|e| match e {
+            DataPlaneError::Invalid(m) => Status::failed_precondition(m),
+            e => Status::from(e),
+        })
     }
 
     async fn unload_experts(&self, request: Request<ExpertSet>) -> Result<Response<LoadExpertsResponse>, Status> {

@@ -2,8 +2,10 @@
 //! gRPC port: connections that open with its magic bytes are served here,
 //! all others go to the gRPC server. Each framed link gets its own thread,
 //! which reads a batch straight into its rows, computes it and writes the
-//! answer from the result's buffer; under internal TLS every connection
-//! goes to gRPC (which requires the client certificate).
+//! answer from the result's buffer (or, for a batch marked `nccl`, moves
+//! the rows over the router's communicator: [`crate::nccl`]); under
+//! internal TLS every connection goes to gRPC (which requires the client
+//! certificate).
 
 use crate::metrics::NodeMetrics;
 use crate::service::process;
@@ -32,6 +34,7 @@ pub struct LinkContext {
     pub experts: Arc<RwLock<Box<dyn ExpertBank>>>,
     pub cfg: Arc<ModelConfig>,
     pub metrics: Arc<NodeMetrics>,
+    pub nccl: Arc<crate::nccl::NcclSide>,
     pub stop: CancellationToken,
 }
 
@@ -182,12 +185,16 @@ fn serve_link(mut s: std::net::TcpStream, ctx: &LinkContext) {
         let (step, layer) = (req.step, req.layer);
         let span = tracing::info_span!("dispatch", trace_id = %req.trace_id, step, layer);
         let _entered = span.enter();
-        let result = req
-            .rows
-            .clone()
-            .ok_or_else(|| expertmesh_dataplane::DataPlaneError::Invalid("missing rows".into()))
-            .and_then(|packed| payload.into_rows(packed, ctx.cfg.hidden_size))
-            .and_then(|rows| process(&ctx.experts, &ctx.cfg, &ctx.metrics, req, rows));
+        let result = match req.nccl.clone() {
+            // The rows come over NCCL; the answer's rows go back the same way.
+            Some(m) => ctx.nccl.serve(&m, &ctx.experts, &ctx.cfg, &ctx.metrics, req),
+            None => req
+                .rows
+                .clone()
+                .ok_or_else(|| expertmesh_dataplane::DataPlaneError::Invalid("missing rows".into()))
+                .and_then(|packed| payload.into_rows(packed, ctx.cfg.hidden_size))
+                .and_then(|rows| process(&ctx.experts, &ctx.cfg, &ctx.metrics, req, rows)),
+        };
         let sent = match result {
             Ok(mut resp) => {
                 tracing::debug!(seconds = resp.compute_seconds, "dispatch batch computed");

@@ -25,6 +25,10 @@ pub enum TransportArg {
     /// Hand-framed TCP on the nodes' gRPC port: no protobuf or HTTP/2
     /// copies of the payload; plaintext only.
     Tcp,
+    /// Headers over framed TCP, rows GPU to GPU over NCCL (the router
+    /// stages them through `--nccl-device`; every node needs a GPU),
+    /// falling back to framed TCP on any fault; plaintext only.
+    Nccl,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -63,6 +67,10 @@ pub struct Config {
     /// Dispatch transport to the expert nodes.
     #[arg(long, value_enum, env = "EXPERTMESH_TRANSPORT", default_value = "grpc")]
     pub transport: TransportArg,
+    /// With `--transport nccl`: the GPU the router stages dispatch rows
+    /// through (its dense model still runs on the CPU).
+    #[arg(long, env = "EXPERTMESH_NCCL_DEVICE", default_value = "cuda:0", value_parser = parse_cuda)]
+    pub nccl_device: usize,
     /// Activation encoding on the wire: f32 is exact.
     #[arg(long, value_enum, env = "EXPERTMESH_DISPATCH_DTYPE", default_value = "f32")]
     pub dispatch_dtype: WireDtype,
@@ -179,12 +187,23 @@ impl Config {
         if let Err((flag, message)) = self.member.validate() {
             return bad(flag, &message);
         }
-        if self.transport == TransportArg::Tcp && self.internal_tls.internal_ca.is_some() {
-            return bad("--transport", "tcp is plaintext; use grpc with --internal-ca");
+        if self.transport != TransportArg::Grpc && self.internal_tls.internal_ca.is_some() {
+            return bad("--transport", "tcp and nccl are plaintext; use grpc with --internal-ca");
+        }
+        if self.transport == TransportArg::Nccl && !matches!(self.dispatch_dtype, WireDtype::F32) {
+            return bad("--dispatch-dtype", "NCCL moves f32 rows; use f32 with --transport nccl");
         }
         if self.member.joins() && self.router_id.as_ref().is_some_and(|i| i.is_empty() || i.contains('/')) {
             return bad("--router-id", "must be a non-empty id without '/'");
         }
         Ok(())
+    }
+}
+
+/// `cuda:N` (or `cuda`) to the device ordinal.
+fn parse_cuda(s: &str) -> Result<usize, String> {
+    match s.parse::<expertmesh_gpu::DeviceSpec>()? {
+        expertmesh_gpu::DeviceSpec::Cuda(n) => Ok(n),
+        expertmesh_gpu::DeviceSpec::Cpu => Err("NCCL needs a GPU: cuda:N".into()),
     }
 }

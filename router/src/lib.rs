@@ -33,6 +33,7 @@ use expertmesh_dataplane::executor::RemoteExecutor;
 use expertmesh_dataplane::executor::health::HedgePolicy;
 use expertmesh_dataplane::grpc_transport::GrpcTransport;
 use expertmesh_dataplane::metrics::DispatchMetrics;
+use expertmesh_dataplane::nccl_transport::{NcclBootstrap, NcclTransport};
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_dataplane::tcp_transport::TcpTransport;
 use expertmesh_dataplane::transport::Transport;
@@ -133,6 +134,7 @@ async fn experts(
                 .with_tls(internal_tls),
         ),
         TransportArg::Tcp => Arc::new(TcpTransport::new(p.nodes.clone(), timeout, dtype).with_metrics(metrics.clone())),
+        TransportArg::Nccl => nccl_transport(cfg, &p, timeout, &metrics)?,
     };
     let hedging = HedgePolicy {
         multiple: cfg.hedge_multiple,
@@ -141,6 +143,25 @@ async fn experts(
     };
     let ex = Arc::new(RemoteExecutor::new(Arc::new(p), t.clone()).with_metrics(metrics).with_hedging(hedging));
     Ok(Experts { executor: ex.clone(), remote: Some((ex, t)) })
+}
+
+/// `--transport nccl`: the staging GPU is opened (and NCCL checked) at
+/// start, so a router without either exits naming the flag.
+fn nccl_transport(
+    cfg: &Config,
+    p: &Placement,
+    timeout: Duration,
+    metrics: &Arc<DispatchMetrics>,
+) -> Result<Arc<dyn Transport>, RouterError> {
+    let id = cfg.router_id.clone().unwrap_or_else(|| "router".into());
+    let bad =
+        |e: expertmesh_dataplane::DataPlaneError| RouterError::Config { flag: "--nccl-device", message: e.to_string() };
+    let rt = tokio::runtime::Handle::current();
+    let bootstrap = NcclBootstrap::open(&id, rt, cfg.nccl_device, timeout).map_err(bad)?;
+    tracing::info!(device = bootstrap.device(), router = %id, "dispatch rows go over NCCL");
+    let tcp = || Arc::new(TcpTransport::new(p.nodes.clone(), timeout, Dtype::F32).with_metrics(metrics.clone()));
+    let t = NcclTransport::new(&id, p.nodes.clone(), timeout, tcp(), tcp(), Arc::new(bootstrap)).map_err(bad)?;
+    Ok(Arc::new(t))
 }
 
 /// The dense model, loaded off the async runtime.

@@ -258,19 +258,26 @@ impl NcclLink {
         }
         let d_send = ptr(grow(&stream, &mut self.send, sched.send_len)?, &stream);
         let d_recv = ptr(grow(&stream, &mut self.recv, sched.recv_len)?, &stream);
-        // SAFETY: sized by the schedule; synchronised before the host reads.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(d_send, &ps.as_slice()?[..sched.send_len], stream.cu_stream())
-        }?;
+        // One direction is empty on an expert node (it receives, computes,
+        // then sends): no zero-length copies.
+        if sched.send_len > 0 {
+            // SAFETY: sized by the schedule; synchronised before the host reads.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(d_send, &ps.as_slice()?[..sched.send_len], stream.cu_stream())
+            }?;
+        }
         self.comm.exchange(&sched, d_send, d_recv, deadline)?;
         let pr = pinned(&ctx, &mut self.pinned_recv, sched.recv_len, 0)?;
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut pr.as_mut_slice()?[..sched.recv_len],
-                d_recv,
-                stream.cu_stream(),
-            )
-        }?;
+        if sched.recv_len > 0 {
+            // SAFETY: as above.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut pr.as_mut_slice()?[..sched.recv_len],
+                    d_recv,
+                    stream.cu_stream(),
+                )
+            }?;
+        }
         stream.synchronize()?;
         let host = pr.as_slice()?;
         Ok((0..recv_rows.len())

@@ -11,9 +11,11 @@
 //! - [`comm`]: the communicator itself over cudarc's raw NCCL bindings,
 //!   created non-blocking so that its setup has a deadline too, and
 //!   [`comm::NcclLink`], which stages host rows through device buffers.
+//! - [`peer`]: the expert node's communicators, one per router.
 
 pub mod comm;
 pub mod fault;
+pub mod peer;
 pub mod schedule;
 
 /// The id a router creates and sends to its nodes out of band (in the
