@@ -200,6 +200,23 @@ def check_render(name, values_file):
         args = coord[0]["spec"]["template"]["spec"]["containers"][0]["args"]
         check(f"--redundant-experts={redundant}" in args, f"{name}: redundantExperts {redundant!r} reaches the coordinator")
     routers = component(docs, "Deployment", "router")
+    nccl = v["router"]["transport"] == "nccl"
+    for r in routers:
+        spec = r["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        limits = c["resources"].get("limits", {})
+        check(f"--transport={v['router']['transport']}" in c["args"], f"{name}: router.transport reaches the router")
+        if nccl:
+            check(limits.get("nvidia.com/gpu") == 1 and c["image"].endswith("-cuda"), f"{name}: an NCCL router has a GPU and the CUDA image")
+            check("--nccl-device=cuda:0" in c["args"], f"{name}: an NCCL router stages through its GPU")
+            check(any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])), f"{name}: GPU toleration on NCCL routers")
+            check(gpu and not mtls, f"{name}: NCCL only with GPU nodes and without internal TLS")
+            if v["networkPolicy"]["enabled"]:
+                np = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-expert-node")]
+                open_rule = any("ports" not in r for p in np for r in p["spec"]["ingress"])
+                check(open_rule, f"{name}: routers reach expert nodes on NCCL's ephemeral ports")
+        else:
+            check("nvidia.com/gpu" not in limits, f"{name}: no GPU on a router without NCCL")
     if routers and "DeepSeek-V3" in v["model"]["path"]:
         mem = routers[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
         check(mem.endswith("Gi") and int(mem[:-2]) >= 40, f"{name}: a DeepSeek-V3 router needs ~40 GiB (limit {mem})")
@@ -259,6 +276,18 @@ def check_dockerfiles():
             check("target/release/expertmesh-gpu-check" in text, f"{f}: ships the GPU check")
 
 
+def check_refused(name, values, words):
+    """A values file the chart must refuse, saying why."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(values, f)
+    r = subprocess.run(renderer()(["-f", f.name]), capture_output=True, text=True)
+    os.unlink(f.name)
+    check(r.returncode != 0 and words in r.stderr, f"{name}: refused ({words!r}): rc {r.returncode} {r.stderr[-300:]}")
+
+
+check_refused("nccl without GPU nodes", {"router": {"transport": "nccl"}}, "needs GPU expert nodes")
+mtls = {"enabled": True, "certManager": {"enabled": True}}
+check_refused("tcp under internal TLS", {"router": {"transport": "tcp"}, "internalTls": mtls}, "plaintext")
 check_render("default", None)
 for f in sorted(os.listdir(os.path.join(CHART, "ci"))):
     check_render(f"ci/{f}", os.path.join(CHART, "ci", f))
