@@ -27,6 +27,11 @@ pub struct DispatchMetrics {
     pub hedged: IntCounterVec,
     /// Nodes that missed a deadline and have not answered a probe since.
     pub suspected_nodes: IntGauge,
+    /// `--transport nccl`: layers by the way their rows went (`nccl`, or
+    /// `tcp` while no communicator was usable, for hedges, and after a
+    /// fault), and communicators aborted after a failed exchange.
+    pub nccl_layers: IntCounterVec,
+    pub nccl_aborts: prometheus::IntCounter,
     /// One `expert_tokens` series per expert, or one per layer (`expert="all"`).
     pub per_expert: bool,
     /// Decayed per-layer, per-node token load behind `balancedness`.
@@ -71,9 +76,20 @@ impl DispatchMetrics {
                 "expertmesh_dispatch_suspected_nodes",
                 "Expert nodes that missed a dispatch deadline and have not answered a probe since",
             )?,
+            nccl_layers: IntCounterVec::new(
+                Opts::new("expertmesh_dispatch_nccl_layers_total", "Layers under --transport nccl, by route"),
+                &["route"],
+            )?,
+            nccl_aborts: prometheus::IntCounter::new(
+                "expertmesh_dispatch_nccl_aborts_total",
+                "NCCL communicators aborted after an exchange failed or ran past its deadline",
+            )?,
             per_expert,
             window: Mutex::new(HashMap::new()),
         };
+        for route in ["nccl", "tcp"] {
+            m.nccl_layers.with_label_values(&[route]);
+        }
         registry.register(Box::new(m.expert_tokens.clone()))?;
         registry.register(Box::new(m.node_tokens.clone()))?;
         registry.register(Box::new(m.bytes.clone()))?;
@@ -81,6 +97,8 @@ impl DispatchMetrics {
         registry.register(Box::new(m.balancedness.clone()))?;
         registry.register(Box::new(m.hedged.clone()))?;
         registry.register(Box::new(m.suspected_nodes.clone()))?;
+        registry.register(Box::new(m.nccl_layers.clone()))?;
+        registry.register(Box::new(m.nccl_aborts.clone()))?;
         Ok(m)
     }
 

@@ -22,6 +22,7 @@
 //! `NcclInit` call to every node while the router joins as rank 0).
 
 use crate::error::{DataPlaneError, Result};
+use crate::metrics::DispatchMetrics;
 use crate::placement::NodeId;
 use crate::transport::{NodeBatch, Replies, Transport, reply};
 use expertmesh_gpu::nccl::comm::{Communicator, NcclLink, new_id};
@@ -137,7 +138,10 @@ impl Bootstrap for NcclBootstrap {
                 })
             })
             .collect();
-        let joined = Communicator::init(self.device.stream.clone(), 0, world, &id, self.timeout).map_err(nccl_error);
+        // Each communicator on a stream of its own, so the next one never
+        // queues behind kernels of one stuck on a dead peer.
+        let stream = self.device.ctx.new_stream().map_err(|e| nccl_error(e.into()))?;
+        let joined = Communicator::init(stream, 0, world, &id, self.timeout).map_err(nccl_error);
         let mut failed = None;
         for c in calls {
             let r = self.rt.block_on(c).map_err(|e| DataPlaneError::Compute(e.to_string())).and_then(|r| r);
@@ -251,6 +255,7 @@ struct Layer {
 }
 
 pub struct NcclTransport {
+    metrics: Option<Arc<DispatchMetrics>>,
     shared: Arc<Shared>,
     headers: Arc<dyn Headers>,
     fallback: Arc<dyn Transport>,
@@ -267,6 +272,7 @@ impl NcclTransport {
         headers: Arc<dyn Headers>,
         fallback: Arc<dyn Transport>,
         bootstrap: Arc<dyn Bootstrap>,
+        metrics: Option<Arc<DispatchMetrics>>,
     ) -> Result<Self> {
         let timings = Timings { build: timeout + Duration::from_secs(5), ..Timings::default() };
         let (machine, first) = FaultMachine::new(SystemClock, timings, addrs.keys().cloned());
@@ -274,6 +280,7 @@ impl NcclTransport {
         let shared = Arc::new(Shared { state: Mutex::new(state), bootstrap, busy: AtomicBool::new(false) });
         let (tx, rx) = mpsc::sync_channel::<Layer>(1);
         let worker = Exchanger {
+            metrics: metrics.clone(),
             router_id: router_id.to_string(),
             timeout,
             headers: headers.clone(),
@@ -291,7 +298,7 @@ impl NcclTransport {
         let s = Arc::downgrade(&shared);
         spawn("nccl-faults", Box::new(move || poll_faults(&s)))?;
         shared.perform(vec![first]);
-        Ok(NcclTransport { shared, headers, fallback, layers: tx })
+        Ok(NcclTransport { metrics, shared, headers, fallback, layers: tx })
     }
 
     /// The layer's communicator, if NCCL can carry it now: every node in
@@ -317,6 +324,7 @@ fn poll_faults(shared: &Weak<Shared>) {
 
 /// The thread that runs one layer's group at a time.
 struct Exchanger {
+    metrics: Option<Arc<DispatchMetrics>>,
     router_id: String,
     timeout: Duration,
     headers: Arc<dyn Headers>,
@@ -327,9 +335,16 @@ impl Exchanger {
     fn run(&self, shared: &Weak<Shared>, layers: mpsc::Receiver<Layer>) {
         for l in layers {
             let failed = self.exchange(&l);
+            if failed.is_ok() {
+                count(&self.metrics, "nccl");
+            }
             let Some(s) = shared.upgrade() else { return };
             if let Err(e) = failed {
                 tracing::warn!(step = l.step, layer = l.layer, epoch = l.epoch, error = %e, "NCCL exchange failed; the layer goes over TCP");
+                if let Some(m) = &self.metrics {
+                    m.nccl_aborts.inc();
+                }
+                count(&self.metrics, "tcp");
                 let actions = s.lock().machine.exchange_failed(l.epoch, &e.to_string(), &[]);
                 s.perform(actions);
                 self.fallback.send(l.step, l.layer, l.hidden, &l.batches, l.first_tag, &l.replies);
@@ -379,14 +394,36 @@ impl Exchanger {
     }
 }
 
+/// One layer under `--transport nccl`, by the way it went.
+fn count(metrics: &Option<Arc<DispatchMetrics>>, route: &str) {
+    if let Some(m) = metrics {
+        m.nccl_layers.with_label_values(&[route]).inc();
+    }
+}
+
+impl NcclTransport {
+    fn over_tcp(
+        &self,
+        step: u64,
+        layer: usize,
+        hidden: usize,
+        batches: &[NodeBatch],
+        first_tag: usize,
+        replies: &Replies,
+    ) {
+        count(&self.metrics, "tcp");
+        self.fallback.send(step, layer, hidden, batches, first_tag, replies);
+    }
+}
+
 impl Transport for NcclTransport {
     fn send(&self, step: u64, layer: usize, hidden: usize, batches: &[NodeBatch], first_tag: usize, replies: &Replies) {
         let Some((epoch, comm)) = self.route(batches) else {
-            return self.fallback.send(step, layer, hidden, batches, first_tag, replies);
+            return self.over_tcp(step, layer, hidden, batches, first_tag, replies);
         };
         if self.shared.busy.swap(true, Ordering::AcqRel) {
             // A hedge while the layer's group is in flight.
-            return self.fallback.send(step, layer, hidden, batches, first_tag, replies);
+            return self.over_tcp(step, layer, hidden, batches, first_tag, replies);
         }
         let l =
             Layer { step, layer, hidden, batches: batches.to_vec(), first_tag, replies: replies.clone(), epoch, comm };
@@ -395,7 +432,7 @@ impl Transport for NcclTransport {
             let l = match e {
                 mpsc::TrySendError::Full(l) | mpsc::TrySendError::Disconnected(l) => l,
             };
-            self.fallback.send(step, layer, hidden, &l.batches, first_tag, replies);
+            self.over_tcp(step, layer, hidden, &l.batches, first_tag, replies);
         }
     }
 

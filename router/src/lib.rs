@@ -160,7 +160,8 @@ fn nccl_transport(
     let bootstrap = NcclBootstrap::open(&id, rt, cfg.nccl_device, timeout).map_err(bad)?;
     tracing::info!(device = bootstrap.device(), router = %id, "dispatch rows go over NCCL");
     let tcp = || Arc::new(TcpTransport::new(p.nodes.clone(), timeout, Dtype::F32).with_metrics(metrics.clone()));
-    let t = NcclTransport::new(&id, p.nodes.clone(), timeout, tcp(), tcp(), Arc::new(bootstrap)).map_err(bad)?;
+    let t = NcclTransport::new(&id, p.nodes.clone(), timeout, tcp(), tcp(), Arc::new(bootstrap), Some(metrics.clone()))
+        .map_err(bad)?;
     Ok(Arc::new(t))
 }
 

@@ -105,6 +105,7 @@ fn addrs(n: usize) -> BTreeMap<NodeId, String> {
 
 fn setup(nodes: usize) -> (NcclTransport, Arc<Sim>, Arc<Counting>) {
     let sim = Arc::new(Sim::default());
+    let metrics = Arc::new(DispatchMetrics::register(&prometheus::Registry::new(), true).unwrap());
     let fallback = Arc::new(Counting(InProcess::default(), AtomicUsize::new(0)));
     for n in addrs(4).keys() {
         fallback.0.add(n, experts());
@@ -116,6 +117,7 @@ fn setup(nodes: usize) -> (NcclTransport, Arc<Sim>, Arc<Counting>) {
         Arc::new(SimHeaders(sim.clone())),
         fallback.clone(),
         Arc::new(SimBootstrap(sim.clone())),
+        Some(metrics.clone()),
     )
     .unwrap();
     (t, sim, fallback)
@@ -168,6 +170,9 @@ fn once_built_a_layer_is_one_group_and_matches_the_fallback() {
     assert!(out.iter().all(|r| r.len() == 3 * H));
     assert_eq!(sim.exchanges.load(Ordering::SeqCst), 1);
     assert_eq!(fallback.1.load(Ordering::SeqCst), 0, "nothing went over TCP");
+    let m = t.metrics.as_ref().unwrap();
+    assert_eq!(m.nccl_layers.with_label_values(&["nccl"]).get(), 1);
+    assert_eq!(m.nccl_layers.with_label_values(&["tcp"]).get(), 0);
 }
 
 #[test]
@@ -192,6 +197,8 @@ fn a_hung_group_aborts_falls_back_within_the_deadline_and_rebuilds() {
     assert_eq!(out, want(&fallback, &b));
     assert!(took < Duration::from_millis(300 + 500), "bounded by the deadline: {took:?}");
     assert_eq!(fallback.1.load(Ordering::SeqCst), 2, "the layer was re-sent over TCP");
+    let m = t.metrics.as_ref().unwrap();
+    assert_eq!((m.nccl_aborts.get(), m.nccl_layers.with_label_values(&["tcp"]).get()), (1, 1));
     // Aborted, then rebuilt after the backoff.
     assert!(!ready(&t));
     sim.hang.store(false, Ordering::SeqCst);

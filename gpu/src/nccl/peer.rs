@@ -40,7 +40,7 @@ pub struct PeerComms {
 }
 
 impl PeerComms {
-    /// NCCL on `cuda:ordinal` (its own stream beside the expert bank's).
+    /// NCCL on `cuda:ordinal` (streams of its own beside the expert bank's).
     pub fn open(ordinal: usize) -> Result<Self> {
         crate::libs::require(&[crate::libs::Lib::Nccl])?;
         Ok(PeerComms { device: Device::open(ordinal)?, links: Mutex::new(HashMap::new()) })
@@ -66,7 +66,9 @@ impl PeerComms {
             return Err(GpuError::Nccl("rank 0 is the router's".into()));
         }
         let id = super::id_from_bytes(id)?;
-        let comm = Communicator::init(self.device.stream.clone(), rank, world, &id, deadline)?;
+        // A stream of its own: kernels of an older communicator stuck on a
+        // dead peer (until its deadline aborts it) must not hold this one up.
+        let comm = Communicator::init(self.device.ctx.new_stream()?, rank, world, &id, deadline)?;
         let link = PeerLink { epoch, deadline, link: NcclLink::new(comm) };
         let old = self.lock().insert(router.to_string(), Arc::new(Mutex::new(link)));
         if let Some(old) = old {
