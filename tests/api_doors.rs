@@ -153,7 +153,7 @@ fn a_corrupt_tokenizer_stops_the_router_at_start_and_a_missing_one_leaves_token_
     let model = dir.0.join("model");
     demo_checkpoint(&model);
     std::fs::write(model.join("tokenizer.json"), b"{\"version\": \"1.0\", \"model\": ").unwrap();
-    let out = std::process::Command::new(common::bin("router"))
+    let out = common::command("router")
         .args(["--model", model.to_str().unwrap(), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .output()
         .unwrap();

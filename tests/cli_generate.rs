@@ -5,8 +5,12 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The binary held to transformers' float32 tokens (the default precision
+/// follows the checkpoint: bf16 activations for bf16 weights).
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
+    c.env("EXPERTMESH_PRECISION", "f32");
+    c
 }
 
 fn fixtures() -> PathBuf {

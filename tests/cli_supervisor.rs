@@ -10,7 +10,7 @@ mod common;
 mod reflection;
 use common::{Traffic, Up, fixture, http_get, up_with};
 use serde_json::Value;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const CASE: &str = "deepseek_v3_qnull";
@@ -33,7 +33,7 @@ fn node<'a>(s: &'a Value, id: &str) -> &'a Value {
 }
 
 fn status(u: &Up) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let out = common::command("expertmesh")
         .args(["status", "--json", "--etcd", u.state["etcd"]["url"].as_str().unwrap(), "--cluster", "local"])
         .output()
         .unwrap();
@@ -99,11 +99,7 @@ fn a_stopped_node_costs_no_request_and_serves_again_once_continued() {
     );
     let bench = std::thread::spawn(move || {
         let args = ["bench", "--router", &grpc, "--concurrency", "8", "--duration", "10", "--prompt-tokens", "16"];
-        Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-            .args(args)
-            .args(["--max-tokens", "16", "--json"])
-            .output()
-            .unwrap()
+        common::command("expertmesh").args(args).args(["--max-tokens", "16", "--json"]).output().unwrap()
     });
     wait(Duration::from_secs(30), "traffic flowing", || metric(&http, "expertmesh_generation_tokens_total") > 50.0);
     let pid = node(&u.state, "en-1")["pid"].as_u64().unwrap();

@@ -7,7 +7,7 @@ use std::path::Path;
 
 mod common;
 use common::{Up, fixture, up_with};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn alive(pid: u64) -> bool {
@@ -45,7 +45,7 @@ fn up_serves_generate_and_bench_and_ctrl_c_cleans_up() {
     assert_eq!(u.state["expert_nodes"].as_array().unwrap().len(), 3);
     assert_eq!(u.state["coordinators"].as_array().unwrap().len(), 1);
     // The cluster as etcd sees it: a leader, three ready nodes, full coverage.
-    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let out = common::command("expertmesh")
         .args(["status", "--json", "--etcd", u.state["etcd"]["url"].as_str().unwrap(), "--cluster", "local"])
         .output()
         .unwrap();
@@ -64,7 +64,7 @@ fn up_serves_generate_and_bench_and_ctrl_c_cleans_up() {
     )
     .unwrap();
     let ids: Vec<String> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let out = common::command("expertmesh")
         .args([
             "generate",
             "--router",
@@ -81,7 +81,7 @@ fn up_serves_generate_and_bench_and_ctrl_c_cleans_up() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(g["token_ids"], r["greedy_ids"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let out = common::command("expertmesh")
         .args([
             "bench",
             "--router",
@@ -128,7 +128,7 @@ fn kill_9_of_up_takes_the_children_along() {
 
 #[test]
 fn bench_model_runs_the_engine_in_process() {
-    let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let out = common::command("expertmesh")
         .args(["bench", "--model", fixture("qwen3_moe").to_str().unwrap(), "--concurrency", "4", "--requests", "8"])
         .args(["--prompt-tokens", "6", "--max-tokens", "5", "--json"])
         .output()
@@ -141,8 +141,7 @@ fn bench_model_runs_the_engine_in_process() {
 
 /// Runs the CLI, returning (success, stdout, stderr).
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_expertmesh")).args(args).env_remove("EXPERTMESH_API_KEY").output().unwrap();
+    let out = common::command("expertmesh").args(args).env_remove("EXPERTMESH_API_KEY").output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

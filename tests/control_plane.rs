@@ -12,11 +12,10 @@ use expertmesh_cluster::store::{ClusterStore, Etcd};
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_proto::v1::InfoRequest;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Procs, Traffic, bin, field, fixture, http_get, spawn};
+use common::{Procs, Traffic, field, fixture, http_get, spawn};
 
 const CASE: &str = "deepseek_v3_qnull";
 const TTL: &str = "2";
@@ -55,7 +54,7 @@ impl Cluster {
     }
 
     fn node(&mut self, id: &str) -> String {
-        let mut cmd = Command::new(bin("expert-node"));
+        let mut cmd = common::command("expert-node");
         cmd.args(self.common_args()).args([
             "--listen",
             "127.0.0.1:0",
@@ -72,7 +71,7 @@ impl Cluster {
     }
 
     fn coordinator(&mut self, id: &str, min_replicas: usize) {
-        let mut cmd = Command::new(bin("coordinator"));
+        let mut cmd = common::command("coordinator");
         cmd.args(self.common_args()).args(["--id", id, "--min-replicas", &min_replicas.to_string()]);
         cmd.args(["--metrics", "127.0.0.1:0"]);
         let (child, line) = spawn(cmd);
@@ -95,7 +94,7 @@ impl Cluster {
 
     /// Starts a router (its metrics under the name "router"); returns (grpc, http).
     fn router_started(&mut self) -> (String, String) {
-        let mut cmd = Command::new(bin("router"));
+        let mut cmd = common::command("router");
         cmd.args(self.common_args()).args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1"]);
         let (child, line) = spawn(cmd);
         let (grpc, http) = (field(&line, "grpc="), field(&line, "http="));
@@ -137,7 +136,7 @@ impl Cluster {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("expertmesh"))
+        common::command("expertmesh")
             .args(args)
             .args(["--etcd", &self.etcd.url(), "--cluster", "test"])
             .output()

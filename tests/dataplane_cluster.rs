@@ -251,7 +251,7 @@ fn a_gpu_node_without_a_gpu_exits_naming_what_is_missing() {
     if expertmesh_gpu::libs::Lib::Driver.present() {
         return; // a CUDA machine: tools/gpu_check.sh runs the device there.
     }
-    let mut cmd = std::process::Command::new(common::bin("expert-node"));
+    let mut cmd = common::command("expert-node");
     cmd.args(["--model", fixture("deepseek_v3_qnull").to_str().unwrap(), "--listen", "127.0.0.1:0"])
         .args(["--device", "cuda:0"])
         .stdout(std::process::Stdio::piped())
@@ -266,7 +266,7 @@ fn a_gpu_node_without_a_gpu_exits_naming_what_is_missing() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(30), "it must not hang");
     // A malformed device is a flag error too.
-    let out = std::process::Command::new(common::bin("expert-node"))
+    let out = common::command("expert-node")
         .args(["--model", fixture("deepseek_v3_qnull").to_str().unwrap(), "--device", "gpu0"])
         .output()
         .unwrap();
@@ -343,7 +343,7 @@ fn an_nccl_router_without_a_gpu_exits_naming_what_is_missing() {
     let dir = common::scratch("nccl-router");
     let placement = dir.0.join("placement.json");
     std::fs::write(&placement, p.to_json()).unwrap();
-    let out = std::process::Command::new(common::bin("router"))
+    let out = common::command("router")
         .args(["--model", model.to_str().unwrap(), "--placement", placement.to_str().unwrap()])
         .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--transport", "nccl"])
         .output()

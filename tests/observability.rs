@@ -126,8 +126,7 @@ fn prometheus_scrapes_the_cluster_and_every_dashboard_query_has_data() {
             let load = ["--concurrency", "4", "--requests", "8", "--prompt-tokens", "8", "--max-tokens", "8", "--json"];
             while !stop.load(Ordering::Relaxed) {
                 for api in [vec!["--url", url.as_str(), "--api", "openai"], vec!["--router", grpc.as_str()]] {
-                    let out =
-                        Command::new(env!("CARGO_BIN_EXE_expertmesh")).arg("bench").args(&api).args(load).output();
+                    let out = common::command("expertmesh").arg("bench").args(&api).args(load).output();
                     assert!(out.is_ok_and(|o| o.status.success()), "bench {api:?} failed");
                 }
             }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 mod common;
-use common::{Procs, bin, demo_checkpoint, http_get, http_post, python, router, runtime, scratch};
+use common::{Procs, demo_checkpoint, http_get, http_post, python, router, runtime, scratch};
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 const KEY: (&str, &str) = ("Authorization", "Bearer key-2");
@@ -22,7 +22,7 @@ fn the_openai_client_works_and_errors_have_their_statuses() {
     // What offline generation produces, for the exactness check.
     let prompt = [5u32, 17, 33, 8, 61];
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let out = Command::new(bin("expertmesh"))
+    let out = common::command("expertmesh")
         .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &ids.join(",")])
         .args(["--max-tokens", "10", "--ignore-eos", "--json"])
         .output()

@@ -11,11 +11,10 @@ use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
 use expertmesh_proto::v1::{FinishReason, GenerateRequest, SamplingParams, TokenIds};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{Procs, bin, field, fixture, http_get, reference, runtime, spawn, start_nodes};
+use common::{Procs, field, fixture, http_get, reference, runtime, spawn, start_nodes};
 
 /// Router + nodes; the router's gRPC and HTTP addresses.
 struct Cluster {
@@ -44,7 +43,7 @@ fn cluster(model: &Path, nodes: usize, replicas: usize, extra: &[&str]) -> Clust
     std::fs::create_dir_all(&dir).unwrap();
     let pfile = dir.join("placement.json");
     std::fs::write(&pfile, serde_json::to_string(&placement).unwrap()).unwrap();
-    let mut cmd = Command::new(bin("router"));
+    let mut cmd = common::command("router");
     cmd.args(["--model", model.to_str().unwrap(), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .args(["--placement", pfile.to_str().unwrap(), "--threads", "1"])
         .args(extra);

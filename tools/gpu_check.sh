@@ -107,13 +107,15 @@ fi
 # It runs in a pipeline's subshell, so it stops its own processes.
 cluster() {
   local model=$1 own=() rc=0
-  "$bin/expert-node" --model "$model" --listen 127.0.0.1:0 --device "$device" > "$work/node.out" 2>>"$log.stderr" &
+  # f32 activations wherever the choice exists (the CPU router; the GPU node is bf16 regardless).
+  "$bin/expert-node" --model "$model" --listen 127.0.0.1:0 --device "$device" --precision f32 \
+      > "$work/node.out" 2>>"$log.stderr" &
   own+=($!)
   for _ in $(seq 600); do grep -q "grpc=" "$work/node.out" && break; sleep 0.1; done
   local addr; addr=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/node.out" | head -1)
   [ -n "$addr" ] || { echo '{"check":"cluster","error":"the GPU node did not start"}'; kill "${own[@]}"; return 1; }
   "$bin/expertmesh-gpu-check" placement --model "$model" --addr "$addr" > "$work/placement.json"
-  "$bin/router" --model "$model" --placement "$work/placement.json" --transport tcp \
+  "$bin/router" --model "$model" --placement "$work/placement.json" --transport tcp --precision f32 \
       --grpc 127.0.0.1:0 --http 127.0.0.1:0 > "$work/router.out" 2>>"$log.stderr" &
   own+=($!)
   for _ in $(seq 600); do grep -q "http=" "$work/router.out" && break; sleep 0.1; done

@@ -32,6 +32,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
+/// A command for a workspace binary, with `EXPERTMESH_PRECISION=f32`: the
+/// default follows the checkpoint (bf16 activations for bf16 weights),
+/// while the tests hold every binary to transformers' float32 tokens. A
+/// test that wants another precision passes `--precision`, which wins.
+pub fn command(name: &str) -> Command {
+    let mut c = Command::new(bin(name));
+    c.env("EXPERTMESH_PRECISION", "f32");
+    c
+}
+
 /// A workspace binary. `cargo test --workspace` builds every binary before
 /// running tests, and they all land in the same directory.
 pub fn bin(name: &str) -> PathBuf {
@@ -88,7 +98,7 @@ pub fn start_nodes(model: &Path, n: usize, replicas: usize) -> (Procs, Placement
     let mut metrics = BTreeMap::new();
     for (id, _) in &ids {
         let spec: Vec<String> = p.experts_of(id).iter().map(|(l, e)| format!("{l}:{e}")).collect();
-        let mut cmd = Command::new(bin("expert-node"));
+        let mut cmd = command("expert-node");
         cmd.args(["--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--node-id", id]).args([
             "--experts",
             &spec.join(","),
@@ -149,7 +159,7 @@ pub fn http_post(addr: &str, path: &str, body: &[u8], headers: &[(&str, &str)]) 
 /// Writes a small random checkpoint with a tokenizer and chat template (the
 /// demo preset) into `dir`.
 pub fn demo_checkpoint(dir: &Path) {
-    let out = Command::new(bin("expertmesh")).args(["gen-model", "--out", dir.to_str().unwrap()]).output().unwrap();
+    let out = command("expertmesh").args(["gen-model", "--out", dir.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "gen-model: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -183,7 +193,7 @@ pub fn scratch(tag: &str) -> Scratch {
 
 /// Starts a router with local experts; returns (grpc, http).
 pub fn router(procs: &mut Procs, model: &Path, extra: &[&str]) -> (String, String) {
-    let mut cmd = Command::new(bin("router"));
+    let mut cmd = command("router");
     cmd.args(["--model", model.to_str().unwrap(), "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1"])
         .args(extra);
     let (child, line) = spawn(cmd);
@@ -214,7 +224,7 @@ impl Drop for Up {
 pub fn up_with(model: &Path, tag: &str, extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Up {
     let state_file = std::env::temp_dir().join(format!("em-up-{tag}-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&state_file);
-    let child = Command::new(bin("expertmesh"))
+    let child = command("expertmesh")
         .args(["up", "--model", model.to_str().unwrap(), "--expert-nodes", "3", "--replicas", "2"])
         .args(["--grpc-port", "0", "--http-port", "0", "--threads-per-node", "1"])
         .args(["--state-file", state_file.to_str().unwrap()])
