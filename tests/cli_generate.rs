@@ -5,8 +5,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The binary held to transformers' float32 tokens (the default precision
-/// follows the checkpoint: bf16 activations for bf16 weights).
+/// The binary, held to transformers' float32 tokens explicitly.
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
     c.env("EXPERTMESH_PRECISION", "f32");

@@ -60,7 +60,7 @@ pub struct Config {
     pub device: DeviceSpec,
     /// Activations in expert products (see `expertmesh generate --help`).
     /// On `--device cuda:N` they are always bf16 (f32 accumulation).
-    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "bf16")]
+    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
     pub precision: Precision,
     /// Serve Prometheus `/metrics` on this address (port 0 picks one).
     #[arg(long, env = "EXPERTMESH_METRICS")]

@@ -130,11 +130,9 @@ struct GenerateArgs {
     /// Print one JSON line instead of text.
     #[arg(long, env = "EXPERTMESH_JSON")]
     json: bool,
-    /// Activations in products with bf16 weights: bf16 (the default: fast,
-    /// what torch does in bfloat16; f32 weights always compute in f32, so
-    /// the default follows the checkpoint) or f32 (exact against
-    /// transformers in float32).
-    #[arg(long, value_enum, default_value = "bf16", env = "EXPERTMESH_PRECISION")]
+    /// Activations in bf16 matrix products: f32 (exact against transformers
+    /// in float32) or bf16 (faster; what torch does in bfloat16).
+    #[arg(long, value_enum, default_value = "f32", env = "EXPERTMESH_PRECISION")]
     precision: Precision,
 }
 

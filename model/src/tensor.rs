@@ -3,10 +3,8 @@
 //! Weights stay in the dtype the checkpoint gives (bf16 halves memory traffic,
 //! which is what decode is bound by); F16 and FP8 are widened to f32 on load
 //! because this CPU has no fast path for them and widening is exact.
-//! Activations are f32 in storage; with bf16 weights a product rounds them
-//! to bf16 by default ([`Precision`]), or keeps them f32 (`--precision f32`:
-//! the same numbers transformers gets when it runs in float32). Every
-//! product accumulates in f32.
+//! Activations are always f32, so every product is bf16/f32 × f32 with f32
+//! accumulation: the same numbers transformers gets when it runs in float32.
 
 use crate::kernels::packed;
 
@@ -37,16 +35,13 @@ pub struct Matrix {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Precision {
     /// f32 activations: equals transformers' float32 computation up to
-    /// summation order (the golden tests pass it and hold it to 2e-4).
+    /// summation order (the default; the golden tests hold it to 2e-4).
+    #[default]
     F32,
     /// Activations rounded to bf16 at each bf16 matrix product, which lets
     /// the CPU's bf16 dot-product instructions run at twice the f32 rate.
     /// This is what torch does when a model runs in bfloat16; outputs and
-    /// everything else stay f32. Gates are always f32. The default of every
-    /// command: it only touches bf16 weights, so it follows the checkpoint
-    /// (vLLM's `dtype=auto`): bf16 checkpoints get bf16 activations, f32
-    /// ones stay f32.
-    #[default]
+    /// everything else stay f32. Gates are always f32.
     Bf16,
 }
 

@@ -92,9 +92,7 @@ pub struct Config {
     /// one half's attention overlaps the other half's expert dispatch.
     #[arg(long, env = "EXPERTMESH_MICRO_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub micro_batches: u8,
-    /// Activations in products with bf16 weights (see `expertmesh generate
-    /// --help`): bf16 by default, f32 for transformers' float32 exactly.
-    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "bf16")]
+    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
     pub precision: Precision,
     /// etcd, cluster and lease: register this router and follow the
     /// coordinator's placement instead of a `--placement` file.
