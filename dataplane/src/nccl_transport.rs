@@ -162,7 +162,6 @@ impl Bootstrap for NcclBootstrap {
 #[derive(Clone)]
 struct Built {
     ranks: HashMap<NodeId, usize>,
-    world: usize,
     link: Arc<Mutex<Box<dyn Collective>>>,
 }
 
@@ -222,8 +221,7 @@ impl Shared {
                             "NCCL communicator built"
                         );
                         let ranks = addrs.iter().enumerate().map(|(i, (n, _))| (n.clone(), i + 1)).collect();
-                        let world = addrs.len() + 1;
-                        st.built.insert(epoch, Built { ranks, world, link: Arc::new(Mutex::new(link)) });
+                        st.built.insert(epoch, Built { ranks, link: Arc::new(Mutex::new(link)) });
                         st.machine.built(epoch)
                     }
                     Err(e) => {
@@ -361,7 +359,9 @@ impl Exchanger {
         let (tx, rx) = mpsc::channel();
         self.headers.send_headers(l.step, l.layer, l.hidden, &l.batches, &marker, &tx);
         drop(tx);
-        let (mut sends, mut recv_rows) = (vec![Vec::new(); l.comm.world], vec![0; l.comm.world]);
+        // The router (rank 0) and every member.
+        let world = l.comm.ranks.len() + 1;
+        let (mut sends, mut recv_rows) = (vec![Vec::new(); world], vec![0; world]);
         for b in &l.batches {
             let r = l.comm.ranks[&b.node];
             sends[r] = b.rows.to_vec();
