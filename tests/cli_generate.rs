@@ -172,9 +172,11 @@ fn bad_input_fails_cleanly() {
 
 /// Peak resident memory of offline generation on a generated bf16
 /// checkpoint: the weights once (packed), not the file mapping beside them.
-/// Bound: 1.1 × the checkpoint's bytes + 256 MiB of fixed overhead (the
+/// Bound: 1.1 × the loaded weights' bytes + 256 MiB of fixed overhead (the
 /// binary's pages, the tokenizer, threads, a 4-token KV cache). Before the
 /// loader released each tensor's pages it was ~2.1× the checkpoint.
+/// Quantized, the loaded bytes are the checkpoint's × 1.0625/2 (int8) or
+/// × 0.5625/2 (int4): the source is never held beside the codes.
 #[test]
 fn offline_generation_holds_the_weights_once() {
     let dir = TempDir::new("rss");
@@ -192,21 +194,33 @@ fn offline_generation_holds_the_weights_once() {
         .map(|e| e.metadata().unwrap().len())
         .sum();
     assert!(weights > 200 << 20, "a checkpoint large enough to tell: {weights} bytes");
-    // Reaped by wait4 below, which also reports the child's own peak memory.
-    #[allow(clippy::zombie_processes)]
-    let child = bin()
-        .args(["generate", "--model", d, "--prompt-ids", "1,2,3,4", "--max-tokens", "2", "--threads", "1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
-    // SAFETY: waits for our own child, writing into locals.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32);
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "generate failed: {status}");
-    let peak = usage.ru_maxrss as u64 * 1024;
-    let bound = weights + weights / 10 + (256 << 20);
-    eprintln!("peak resident {peak} bytes for {weights} bytes of weights ({:.2}x)", peak as f64 / weights as f64);
-    assert!(peak <= bound, "peak resident {peak} > {bound} (weights {weights})");
+    let all = ["--quantize-targets", "routed,shared,dense"];
+    for (flags, per_2_bytes) in [
+        (vec![], 2.0),
+        ([&["--quantize", "int8"][..], &all].concat(), 1.0625),
+        ([&["--quantize", "int4"][..], &all].concat(), 0.5625),
+    ] {
+        let loaded = (weights as f64 * per_2_bytes / 2.0) as u64;
+        // Reaped by wait4 below, which also reports the child's own peak memory.
+        #[allow(clippy::zombie_processes)]
+        let child = bin()
+            .args(["generate", "--model", d, "--prompt-ids", "1,2,3,4", "--max-tokens", "2", "--threads", "1"])
+            .args(&flags)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+        // SAFETY: waits for our own child, writing into locals.
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        assert_eq!(pid, child.id() as i32);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "generate {flags:?} failed: {status}");
+        let peak = usage.ru_maxrss as u64 * 1024;
+        let bound = loaded + loaded / 10 + (256 << 20);
+        eprintln!(
+            "{flags:?}: peak resident {peak} bytes for {loaded} bytes of weights ({:.2}x the checkpoint)",
+            peak as f64 / weights as f64
+        );
+        assert!(peak <= bound, "{flags:?}: peak resident {peak} > {bound} (weights {loaded})");
+    }
 }

@@ -5,7 +5,9 @@
 //! /health, /ready and /metrics.
 
 use expertmesh_model::generate::{SamplingParams as ModelSampling, generate as offline_generate};
+use expertmesh_model::kernels::quant::QuantFormat;
 use expertmesh_model::model::Model;
+use expertmesh_model::options::{QuantTarget, WeightArgs};
 use expertmesh_model::tensor::Precision;
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
@@ -14,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::{Procs, field, fixture, http_get, reference, runtime, spawn, start_nodes};
+use common::{Procs, field, fixture, http_get, reference, runtime, spawn, start_nodes_with};
 
 /// Router + nodes; the router's gRPC and HTTP addresses.
 struct Cluster {
@@ -33,8 +35,13 @@ impl Drop for TempDir {
 }
 
 fn cluster(model: &Path, nodes: usize, replicas: usize, extra: &[&str]) -> Cluster {
+    cluster_with(model, nodes, replicas, &[], extra)
+}
+
+/// [`cluster`], with flags for the nodes (`node_extra`) and the router.
+fn cluster_with(model: &Path, nodes: usize, replicas: usize, node_extra: &[&str], extra: &[&str]) -> Cluster {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let (mut procs, placement, node_metrics) = start_nodes(model, nodes, replicas);
+    let (mut procs, placement, node_metrics) = start_nodes_with(model, nodes, replicas, node_extra);
     let dir = std::env::temp_dir().join(format!(
         "em-router-{}-{}",
         std::process::id(),
@@ -95,6 +102,34 @@ fn router_cluster_matches_transformers_and_serves_health_and_metrics() {
         assert_eq!(code, 200);
         assert!(body.contains(&format!("expertmesh_generation_tokens_total {}", want.len())), "{body}");
         assert!(body.contains("expertmesh_request_success_total{finish_reason=\"length\"} 1"), "{body}");
+    }
+}
+
+/// Expert nodes started with `--quantize` serve what the same quantized
+/// model computes in one process: the same greedy tokens and logprobs
+/// (within 1e-4: only the combine order differs), which in turn differ from
+/// the unquantized model's by more than 10× that, so quantization really ran on the nodes.
+#[test]
+fn quantized_experts_on_nodes_match_the_same_quantized_model_offline() {
+    let rt = runtime();
+    for (case, flag, format) in
+        [("deepseek_v3_yarn_bf16", "int8", QuantFormat::Int8), ("qwen3_moe", "int4", QuantFormat::Int4)]
+    {
+        let model = fixture(case);
+        let c = cluster_with(&model, 2, 1, &["--quantize", flag], &[]);
+        let (prompt, _) = reference(case);
+        let run = |opts: WeightArgs| {
+            let m = Model::load(&model, opts, &mut |_, _| {}).unwrap();
+            offline_generate(&m, &prompt, 8, ModelSampling::default(), true, |_, _| {}).unwrap()
+        };
+        let offline = run(WeightArgs::quantized(format, &[QuantTarget::Routed]));
+        let exact = run(WeightArgs::default());
+        let (toks, lps, _) = rt.block_on(generate(&c.grpc, request(prompt.clone(), 8))).unwrap();
+        assert_eq!(toks, offline.token_ids, "{case} {flag}");
+        let worst = lps.iter().zip(&offline.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{case} {flag}: logprobs differ by {worst}");
+        let moved = exact.logprobs.iter().zip(&offline.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(moved > 1e-3, "{case} {flag}: quantization moved the logprobs by only {moved}");
     }
 }
 

@@ -20,7 +20,7 @@ use expertmesh_gpu::DeviceSpec;
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::{load_expert, load_experts_into};
 use expertmesh_model::moe::{ExpertBank, LocalExperts};
-use expertmesh_model::tensor::Precision;
+use expertmesh_model::options::WeightArgs;
 use expertmesh_model::weights::WeightStore;
 use expertmesh_plumbing::internal_tls::{InternalTls, InternalTlsArgs, server_builder};
 use expertmesh_plumbing::listen::Listeners;
@@ -58,10 +58,12 @@ pub struct Config {
     /// missing.
     #[arg(long, env = "EXPERTMESH_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceSpec,
-    /// Activations in expert products (see `expertmesh generate --help`).
-    /// On `--device cuda:N` they are always bf16 (f32 accumulation).
-    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
-    pub precision: Precision,
+    /// Precision and quantization of the experts (`--quantize` counts in
+    /// the bytes the node reports, so it holds 2x or 4x the experts). On
+    /// `--device cuda:N` activations are always bf16 (f32 accumulation) and
+    /// `--quantize` is refused.
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// Serve Prometheus `/metrics` on this address (port 0 picks one).
     #[arg(long, env = "EXPERTMESH_METRICS")]
     pub metrics: Option<SocketAddr>,
@@ -231,9 +233,9 @@ async fn load_shard(
 ) -> Result<Shard, NodeError> {
     let spec = cfg.experts.clone().unwrap_or_else(|| if cfg.member.joins() { String::new() } else { "all".into() });
     let wanted = spec::parse(&spec, model_cfg).map_err(|m| NodeError::Config { flag: "--experts", message: m })?;
-    let (dir, mc, precision) = (cfg.model.clone(), model_cfg.clone(), cfg.precision);
+    let (dir, mc, weights) = (cfg.model.clone(), model_cfg.clone(), cfg.weights.clone());
     let (store, experts) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
-        let store = WeightStore::for_model(&dir, &mc, precision)?;
+        let store = WeightStore::for_model(&dir, &mc, weights)?;
         load_experts_into(&mc, &store, |l, e| wanted.contains(&(l, e)), &mut |_, _| {}, experts.as_mut())?;
         Ok((store, experts))
     })
@@ -356,6 +358,9 @@ fn validate(cfg: &Config) -> Result<(), NodeError> {
     let bad = |flag, message: &str| Err(NodeError::Config { flag, message: message.to_string() });
     if cfg.threads == Some(0) {
         return bad("--threads", "must be at least 1");
+    }
+    if cfg.weights.quantize.is_some() && matches!(cfg.device, DeviceSpec::Cuda(_)) {
+        return bad("--quantize", "experts on a GPU are bf16; quantized GPU kernels are not built yet");
     }
     if let Err((flag, message)) = cfg.member.validate() {
         return bad(flag, &message);

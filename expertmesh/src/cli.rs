@@ -7,7 +7,7 @@ use expertmesh_model::config::Arch;
 use expertmesh_model::generate::{SamplingParams, generate};
 use expertmesh_model::genmodel::{GenDtype, GenSpec, generate_checkpoint};
 use expertmesh_model::model::Model;
-use expertmesh_model::tensor::Precision;
+use expertmesh_model::options::WeightArgs;
 use expertmesh_model::tokenizer::{ChatMessage, IncrementalDecoder, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -130,10 +130,9 @@ struct GenerateArgs {
     /// Print one JSON line instead of text.
     #[arg(long, env = "EXPERTMESH_JSON")]
     json: bool,
-    /// Activations in bf16 matrix products: f32 (exact against transformers
-    /// in float32) or bf16 (faster; what torch does in bfloat16).
-    #[arg(long, value_enum, default_value = "f32", env = "EXPERTMESH_PRECISION")]
-    precision: Precision,
+    /// Precision and quantization of the weights.
+    #[command(flatten)]
+    weights: WeightArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -231,7 +230,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Loads a model, with a progress bar on stderr unless `quiet`.
-fn load_model(dir: &Path, precision: Precision, quiet: bool) -> Result<Model> {
+fn load_model(dir: &Path, weights: &WeightArgs, quiet: bool) -> Result<Model> {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -243,7 +242,7 @@ fn load_model(dir: &Path, precision: Precision, quiet: bool) -> Result<Model> {
         b.set_message(dir.display().to_string());
         b
     };
-    let m = Model::load(dir, precision, &mut |done, total| {
+    let m = Model::load(dir, weights.clone(), &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
@@ -257,7 +256,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     params.validate().context("--temperature/--top-p")?;
     let t0 = Instant::now();
     let dir = a.model.clone().context("--model is required")?;
-    let model = load_model(&dir, a.precision, a.json)?;
+    let model = load_model(&dir, &a.weights, a.json)?;
     let tok = TextTokenizer::open(&dir)?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_ids = match (&a.prompt_ids, &a.prompt) {

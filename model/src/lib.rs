@@ -9,12 +9,14 @@
 pub mod attention;
 pub mod cache;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod genmodel;
 pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod ops;
+pub mod options;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

@@ -7,6 +7,7 @@ use crate::error::{ModelError, Result};
 use crate::kernels::matmul;
 use crate::moe::{ExpertBank, ExpertExecutor, Gate, LocalExperts, Mlp, MlpBias, RoutedBatch};
 use crate::ops::{Rope, rms_norm};
+use crate::options::{QuantTarget, WeightArgs};
 use crate::tensor::{MatView, Matrix, Precision};
 use crate::weights::WeightStore;
 use std::path::Path;
@@ -61,7 +62,13 @@ pub fn expert_tensor_names(cfg: &ModelConfig, layer: usize, expert: usize) -> [S
     }
 }
 
-fn mlp(ws: &WeightStore, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<Mlp> {
+fn mlp(
+    ws: &WeightStore,
+    prefix: &str,
+    names: [&str; 3],
+    (hidden, inter): (usize, usize),
+    target: QuantTarget,
+) -> Result<Mlp> {
     let [g, u, d] = names.map(|n| format!("{prefix}{n}.weight"));
     let bias = match ws.opt_vector(&format!("{prefix}{}.bias", names[0]), inter)? {
         Some(gb) => {
@@ -71,12 +78,13 @@ fn mlp(ws: &WeightStore, prefix: &str, names: [&str; 3], hidden: usize, inter: u
         }
         None => None,
     };
-    Ok(Mlp::new(ws.matrix(&g, inter, hidden)?, ws.matrix(&u, inter, hidden)?, ws.matrix(&d, hidden, inter)?, bias))
+    let (g, u, d) = (ws.matrix(&g, inter, hidden)?, ws.matrix(&u, inter, hidden)?, ws.matrix(&d, hidden, inter)?);
+    Ok(Mlp::with_quant(g, u, d, bias, ws.quant_for(target)))
 }
 
 fn linear(ws: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
     Ok(Linear {
-        w: ws.matrix(&format!("{name}.weight"), out, inp)?.packed(),
+        w: ws.matrix(&format!("{name}.weight"), out, inp)?.prepared(ws.quant_for(QuantTarget::Dense)),
         b: ws.opt_vector(&format!("{name}.bias"), out)?,
     })
 }
@@ -118,14 +126,15 @@ pub fn load_experts_into(
 pub fn load_expert(cfg: &ModelConfig, ws: &WeightStore, layer: usize, expert: usize) -> Result<Mlp> {
     let (h, inter) = (cfg.hidden_size, cfg.moe.moe_intermediate_size);
     let [g, u, d] = expert_tensor_names(cfg, layer, expert);
-    Ok(Mlp::new(ws.matrix(&g, inter, h)?, ws.matrix(&u, inter, h)?, ws.matrix(&d, h, inter)?, None))
+    let (g, u, d) = (ws.matrix(&g, inter, h)?, ws.matrix(&u, inter, h)?, ws.matrix(&d, h, inter)?);
+    Ok(Mlp::with_quant(g, u, d, None, ws.quant_for(QuantTarget::Routed)))
 }
 
 impl Model {
     /// Loads config, dense weights and all routed experts into one process.
-    pub fn load(dir: &Path, precision: Precision, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+    pub fn load(dir: &Path, opts: impl Into<WeightArgs>, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
         let cfg = ModelConfig::from_dir(dir)?;
-        let ws = WeightStore::for_model(dir, &cfg, precision)?;
+        let ws = WeightStore::for_model(dir, &cfg, opts)?;
         let experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
         Model::load_dense(cfg, &ws, Arc::new(experts), progress)
     }
@@ -194,8 +203,8 @@ impl Model {
                     ws,
                     &format!("{p}mlp."),
                     ["gate_proj", "up_proj", "down_proj"],
-                    h,
-                    cfg.intermediate_size,
+                    (h, cfg.intermediate_size),
+                    QuantTarget::Dense,
                 )?),
                 FfnKind::Moe => {
                     let m = if cfg.arch == Arch::Mixtral { "block_sparse_moe" } else { "mlp" };
@@ -213,8 +222,8 @@ impl Model {
                             ws,
                             &format!("{p}mlp.shared_experts."),
                             ["gate_proj", "up_proj", "down_proj"],
-                            h,
-                            cfg.moe.moe_intermediate_size * n,
+                            (h, cfg.moe.moe_intermediate_size * n),
+                            QuantTarget::Shared,
                         )?),
                     };
                     Ffn::Moe { gate, shared }
@@ -229,11 +238,12 @@ impl Model {
             progress(i + 1, cfg.num_layers);
         }
         // Packed: it doubles as the LM head when the embeddings are tied.
-        let embed = ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?.packed();
+        let dense = ws.quant_for(QuantTarget::Dense);
+        let embed = ws.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?.prepared(dense);
         let lm_head = if cfg.tie_word_embeddings && !ws.contains("lm_head.weight") {
             None
         } else {
-            Some(ws.matrix("lm_head.weight", cfg.vocab_size, h)?.packed())
+            Some(ws.matrix("lm_head.weight", cfg.vocab_size, h)?.prepared(dense))
         };
         Ok(Model {
             norm: ws.vector("model.norm.weight", h)?,

@@ -3,6 +3,7 @@
 
 use crate::config::{MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::{ModelError, Result};
+use crate::kernels::quant::QuantFormat;
 use crate::kernels::{axpy, matmul};
 use crate::ops::{softmax, swiglu};
 use crate::tensor::{MatView, Matrix, Storage};
@@ -57,7 +58,19 @@ pub struct MlpBias {
 
 impl Mlp {
     pub fn new(gate: Matrix, up: Matrix, down: Matrix, bias: Option<MlpBias>) -> Self {
-        Mlp { gate_up: vstack(gate, up).packed(), down: down.packed(), bias }
+        Mlp::with_quant(gate, up, down, bias, None)
+    }
+
+    /// As [`new`](Mlp::new), the weights quantized as `quant` = (format,
+    /// group) says (`None`: packed bf16, or f32 as loaded).
+    pub fn with_quant(
+        gate: Matrix,
+        up: Matrix,
+        down: Matrix,
+        bias: Option<MlpBias>,
+        quant: Option<(QuantFormat, usize)>,
+    ) -> Self {
+        Mlp { gate_up: vstack(gate, up).prepared(quant), down: down.prepared(quant), bias }
     }
 
     pub fn inter(&self) -> usize {

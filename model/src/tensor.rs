@@ -2,11 +2,15 @@
 //!
 //! Weights stay in the dtype the checkpoint gives (bf16 halves memory traffic,
 //! which is what decode is bound by); F16 and FP8 are widened to f32 on load
-//! because this CPU has no fast path for them and widening is exact.
-//! Activations are always f32, so every product is bf16/f32 × f32 with f32
-//! accumulation: the same numbers transformers gets when it runs in float32.
+//! because this CPU has no fast path for them and widening is exact. With
+//! `--quantize`, matrices become group-quantized int8/int4 codes
+//! (`kernels::quant`) as they are loaded. Activations are f32 at every
+//! interface; products with bf16 weights use them as f32 (transformers'
+//! float32 numbers) or rounded to bf16, products with quantized weights
+//! quantize them to int8.
 
 use crate::kernels::packed;
+use crate::kernels::quant::{QuantFormat, QuantMatrix};
 
 /// Storage of a row-major matrix.
 #[derive(Debug, Clone)]
@@ -16,6 +20,8 @@ pub enum Storage {
     Bf16(Vec<u16>),
     /// bf16 in the kernels' packed layout (`kernels::packed`).
     Bf16Packed(Vec<u16>),
+    /// Group-quantized codes and scales (`kernels::quant`).
+    Quant(QuantMatrix),
 }
 
 /// A 2-D row-major weight matrix `[rows, cols]` (`nn.Linear` layout: one row per
@@ -58,6 +64,9 @@ pub enum MatView<'a> {
         k: usize,
         bf16_act: bool,
     },
+    /// Group-quantized weights; activations are quantized to int8 per
+    /// product whatever the precision mode.
+    Quant(&'a QuantMatrix),
 }
 
 impl Matrix {
@@ -68,8 +77,13 @@ impl Matrix {
                 Storage::F32(v) => v.len(),
                 Storage::Bf16(v) => v.len(),
                 Storage::Bf16Packed(v) => v.len() / (2 * packed::pairs(cols)) / packed::BLOCK * packed::BLOCK * cols,
+                Storage::Quant(q) => q.rows().next_multiple_of(packed::BLOCK) * q.cols(),
             },
-            rows.next_multiple_of(if matches!(data, Storage::Bf16Packed(_)) { packed::BLOCK } else { 1 }) * cols
+            rows.next_multiple_of(if matches!(data, Storage::Bf16Packed(_) | Storage::Quant(_)) {
+                packed::BLOCK
+            } else {
+                1
+            }) * cols
         );
         Matrix { rows, cols, data, bf16_act: false }
     }
@@ -79,6 +93,7 @@ impl Matrix {
         match &self.data {
             Storage::F32(v) => v.len() * 4,
             Storage::Bf16(v) | Storage::Bf16Packed(v) => v.len() * 2,
+            Storage::Quant(q) => q.size_bytes(),
         }
     }
 
@@ -97,7 +112,7 @@ impl Matrix {
         let data = match &self.data {
             Storage::F32(v) => Storage::F32(v[a..b].to_vec()),
             Storage::Bf16(v) => Storage::Bf16(v[a..b].to_vec()),
-            Storage::Bf16Packed(_) => Storage::F32(self.to_f32()[a..b].to_vec()),
+            Storage::Bf16Packed(_) | Storage::Quant(_) => Storage::F32(self.to_f32()[a..b].to_vec()),
         };
         Matrix { rows: r1 - r0, cols: self.cols, data, bf16_act: self.bf16_act }
     }
@@ -109,6 +124,32 @@ impl Matrix {
             Storage::Bf16(v) => Matrix { data: Storage::Bf16Packed(packed::pack(&v, self.rows, self.cols)), ..self },
             _ => self,
         }
+    }
+
+    /// [`packed`](Matrix::packed), or quantized in `quant` = (format, group)
+    /// when given (from f32 or bf16 rows; the source is dropped).
+    pub fn prepared(self, quant: Option<(QuantFormat, usize)>) -> Matrix {
+        let Some((format, group)) = quant else { return self.packed() };
+        let (rows, cols) = (self.rows, self.cols);
+        let q = match &self.data {
+            Storage::F32(v) => QuantMatrix::quantize(format, rows, cols, group, |r, buf| {
+                buf.copy_from_slice(&v[r * cols..(r + 1) * cols])
+            }),
+            Storage::Bf16(v) => QuantMatrix::quantize(format, rows, cols, group, |r, buf| {
+                for (d, &s) in buf.iter_mut().zip(&v[r * cols..(r + 1) * cols]) {
+                    *d = bf16_to_f32(s);
+                }
+            }),
+            Storage::Bf16Packed(_) | Storage::Quant(_) => {
+                let view = self.view();
+                QuantMatrix::quantize(format, rows, cols, group, |r, buf| {
+                    for (c, d) in buf.iter_mut().enumerate() {
+                        *d = view.get(r * cols + c);
+                    }
+                })
+            }
+        };
+        Matrix { rows, cols, data: Storage::Quant(q), bf16_act: false }
     }
 
     /// A bf16 matrix from raw bf16 bits.
@@ -135,6 +176,7 @@ impl Matrix {
             Storage::F32(v) => MatView::F32(v),
             Storage::Bf16(v) => MatView::Bf16(v),
             Storage::Bf16Packed(v) => MatView::Packed { w: v, rows: self.rows, k: self.cols, bf16_act: self.bf16_act },
+            Storage::Quant(q) => MatView::Quant(q),
         }
     }
 
@@ -143,7 +185,7 @@ impl Matrix {
         match &self.data {
             Storage::F32(v) => v.clone(),
             Storage::Bf16(v) => v.iter().map(|&b| bf16_to_f32(b)).collect(),
-            Storage::Bf16Packed(_) => {
+            Storage::Bf16Packed(_) | Storage::Quant(_) => {
                 let view = self.view();
                 (0..self.rows * self.cols).map(|i| view.get(i)).collect()
             }
@@ -157,6 +199,7 @@ impl MatView<'_> {
             MatView::F32(v) => v.len(),
             MatView::Bf16(v) => v.len(),
             MatView::Packed { rows, k, .. } => rows * k,
+            MatView::Quant(q) => q.rows() * q.cols(),
         }
     }
 
@@ -171,6 +214,7 @@ impl MatView<'_> {
             MatView::F32(v) => v[i],
             MatView::Bf16(v) => bf16_to_f32(v[i]),
             MatView::Packed { w, k, .. } => bf16_to_f32(w[packed::index(i / k, i % k, packed::pairs(*k))]),
+            MatView::Quant(q) => q.get(i / q.cols(), i % q.cols()),
         }
     }
 }

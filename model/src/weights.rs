@@ -5,7 +5,9 @@
 //! truncated or corrupt file is an error naming the file, never a panic.
 
 use crate::error::{ModelError, Result};
-use crate::tensor::{Matrix, Precision, Storage};
+use crate::kernels::quant::QuantFormat;
+use crate::options::{QuantTarget, WeightArgs};
+use crate::tensor::{Matrix, Storage};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata};
@@ -26,7 +28,7 @@ pub struct WeightStore {
     shards: Vec<Shard>,
     by_name: HashMap<String, usize>,
     fp8_block: Option<(usize, usize)>,
-    precision: Precision,
+    opts: WeightArgs,
 }
 
 impl WeightStore {
@@ -65,20 +67,21 @@ impl WeightStore {
             }
             shards.push(Shard { path, mmap, data_start: 8 + header_len, meta });
         }
-        Ok(WeightStore { shards, by_name, fp8_block, precision: Precision::F32 })
+        Ok(WeightStore { shards, by_name, fp8_block, opts: WeightArgs::default() })
     }
 
     /// The checkpoint in `dir` for the model `cfg` describes, its matrices
-    /// loaded in `precision` mode.
-    pub fn for_model(dir: &Path, cfg: &crate::config::ModelConfig, precision: Precision) -> Result<Self> {
+    /// loaded as `opts` says (a [`Precision`](crate::tensor::Precision)
+    /// alone means unquantized).
+    pub fn for_model(dir: &Path, cfg: &crate::config::ModelConfig, opts: impl Into<WeightArgs>) -> Result<Self> {
         let mut ws = Self::open(dir, cfg.fp8_block)?;
-        ws.set_precision(precision);
+        ws.opts = opts.into();
         Ok(ws)
     }
 
-    /// Precision mode of the matrices loaded from now on.
-    pub fn set_precision(&mut self, p: Precision) {
-        self.precision = p;
+    /// `(format, group)` for weights of kind `target` under `--quantize`.
+    pub fn quant_for(&self, target: QuantTarget) -> Option<(QuantFormat, usize)> {
+        self.opts.quant_for(target)
     }
 
     /// The stored dtype of a tensor, lower-case (`"bf16"`, `"f32"`, …).
@@ -117,7 +120,7 @@ impl WeightStore {
             self.release(&format!("{name}_scale_inv"));
         }
         let mut m = Matrix::new(rows, cols, storage);
-        m.set_precision(self.precision);
+        m.set_precision(self.opts.precision);
         Ok(m)
     }
 

@@ -5,7 +5,7 @@ use crate::RouterError;
 use crate::generation::auth::ApiKey;
 use clap::{Parser, ValueEnum};
 use expertmesh_cluster::args::MemberArgs;
-use expertmesh_model::tensor::Precision;
+use expertmesh_model::options::WeightArgs;
 use expertmesh_plumbing::internal_tls::InternalTlsArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -92,8 +92,10 @@ pub struct Config {
     /// one half's attention overlaps the other half's expert dispatch.
     #[arg(long, env = "EXPERTMESH_MICRO_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub micro_batches: u8,
-    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
-    pub precision: Precision,
+    /// Precision and quantization of the weights (dense, and the routed
+    /// experts when they run in this process).
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// etcd, cluster and lease: register this router and follow the
     /// coordinator's placement instead of a `--placement` file.
     #[command(flatten)]

@@ -112,9 +112,9 @@ async fn experts(
     metrics: Arc<DispatchMetrics>,
 ) -> Result<Experts, RouterError> {
     let Some(p) = initial_placement(cfg, model_cfg)? else {
-        let (dir, mc, precision) = (cfg.model.clone(), model_cfg.clone(), cfg.precision);
+        let (dir, mc, weights) = (cfg.model.clone(), model_cfg.clone(), cfg.weights.clone());
         let local = tokio::task::spawn_blocking(move || -> Result<_, RouterError> {
-            let ws = WeightStore::for_model(&dir, &mc, precision)?;
+            let ws = WeightStore::for_model(&dir, &mc, weights)?;
             Ok(load_experts(&mc, &ws, |_, _| true, &mut |_, _| {})?)
         })
         .await
@@ -171,9 +171,9 @@ async fn load_model(
     model_cfg: &ModelConfig,
     executor: Arc<dyn ExpertExecutor>,
 ) -> Result<Model, RouterError> {
-    let (dir, mc, precision) = (cfg.model.clone(), model_cfg.clone(), cfg.precision);
+    let (dir, mc, weights) = (cfg.model.clone(), model_cfg.clone(), cfg.weights.clone());
     tokio::task::spawn_blocking(move || -> Result<Model, RouterError> {
-        let ws = WeightStore::for_model(&dir, &mc, precision)?;
+        let ws = WeightStore::for_model(&dir, &mc, weights)?;
         Ok(Model::load_dense(mc, &ws, executor, &mut |_, _| {})?)
     })
     .await

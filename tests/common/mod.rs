@@ -92,6 +92,16 @@ pub fn spawn(mut cmd: Command) -> (Child, String) {
 /// replicas per expert; returns them, the placement with real addresses, and
 /// each node's metrics address.
 pub fn start_nodes(model: &Path, n: usize, replicas: usize) -> (Procs, Placement, BTreeMap<String, String>) {
+    start_nodes_with(model, n, replicas, &[])
+}
+
+/// [`start_nodes`], each node given `extra` flags too.
+pub fn start_nodes_with(
+    model: &Path,
+    n: usize,
+    replicas: usize,
+    extra: &[&str],
+) -> (Procs, Placement, BTreeMap<String, String>) {
     let cfg = ModelConfig::from_dir(model).unwrap();
     let ids: Vec<(String, String)> = (0..n).map(|i| (format!("en-{i}"), String::new())).collect();
     let mut p = Placement::round_robin(&cfg, &ids, replicas).unwrap();
@@ -108,6 +118,7 @@ pub fn start_nodes(model: &Path, n: usize, replicas: usize) -> (Procs, Placement
             "--metrics",
             "127.0.0.1:0",
         ]);
+        cmd.args(extra);
         let (child, line) = spawn(cmd);
         let addr = field(&line, "grpc=");
         metrics.insert(id.clone(), field(&line, "metrics="));

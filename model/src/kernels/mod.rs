@@ -10,6 +10,9 @@
 //! them with torch on the same shapes.
 
 pub mod packed;
+pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_simd;
 
 use crate::tensor::MatView;
 use rayon::prelude::*;
@@ -36,6 +39,13 @@ pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, 
             par_columns(n, 2 * packed::BLOCK, t * n * k_dim, |j0, j1| {
                 // SAFETY: `par_columns` hands out disjoint column ranges.
                 unsafe { packed::block(&acts, t, w, n, k_dim, j0, j1, out_ptr.get()) }
+            });
+        }
+        MatView::Quant(q) => {
+            let acts = quant::prepare(x, t, k_dim, q);
+            par_columns(n, 2 * quant::BLOCK, t * n * k_dim, |j0, j1| {
+                // SAFETY: `par_columns` hands out disjoint column ranges.
+                unsafe { quant::block(&acts, t, q, j0, j1, out_ptr.get()) }
             });
         }
         MatView::F32(ws) => par_columns(n, ROWS, t * n * k_dim, |j0, j1| {
@@ -183,6 +193,13 @@ mod avx512 {
     pub fn bf16_dot_available() -> bool {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
         *AVAILABLE.get_or_init(|| available() && is_x86_feature_detected!("avx512bf16"))
+    }
+
+    pub fn vnni_available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            available() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw")
+        })
     }
 
     /// # Safety

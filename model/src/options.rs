@@ -1,0 +1,101 @@
+//! How weights are loaded and multiplied: the flags every command that runs
+//! the model shares (`generate`, `bench --model`, the router, expert nodes),
+//! declared once here and flattened into each command.
+
+use crate::kernels::quant::{GROUPS, QuantFormat};
+use crate::tensor::Precision;
+
+/// Which weights `--quantize` turns into integer codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantTarget {
+    /// The routed experts (almost all of an MoE model's bytes).
+    Routed,
+    /// The shared experts.
+    Shared,
+    /// Everything else that is multiplied whole: attention projections,
+    /// dense MLP layers, the embeddings and the LM head. The gates and MLA's
+    /// absorbed `kv_b` stay as they are.
+    Dense,
+}
+
+/// Weight loading options.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct WeightArgs {
+    /// Activations in products with bf16 weights: `f32` (exact against
+    /// transformers in float32) or `bf16` (what torch does in bfloat16;
+    /// uses AVX512-BF16 where the CPU has it). Gates always run in f32;
+    /// quantized weights always take int8 activations.
+    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
+    pub precision: Precision,
+    /// Quantize weights at load (from bf16, f32, f16 or FP8 checkpoints):
+    /// `int8` (1.06 bytes per weight) or `int4` (0.56), symmetric codes
+    /// with one f16 scale per `--quantize-group` columns; activations are
+    /// quantized to int8 per token with the same groups. See
+    /// `--quantize-targets` for which weights.
+    #[arg(long, value_enum, env = "EXPERTMESH_QUANTIZE")]
+    pub quantize: Option<QuantFormat>,
+    /// Columns per quantization group: 32 (llama.cpp's Q8_0/Q4_0), 64, 128
+    /// or 256 (fewer scales, less accuracy).
+    #[arg(long, env = "EXPERTMESH_QUANTIZE_GROUP", default_value_t = 32, value_parser = parse_group)]
+    pub quantize_group: usize,
+    /// Weights `--quantize` applies to, comma-separated: `routed`,
+    /// `shared`, `dense`.
+    #[arg(long, value_enum, value_delimiter = ',', env = "EXPERTMESH_QUANTIZE_TARGETS", default_value = "routed")]
+    pub quantize_targets: Vec<QuantTarget>,
+}
+
+fn parse_group(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(g) if GROUPS.contains(&g) => Ok(g),
+        _ => Err(format!("must be one of {GROUPS:?}")),
+    }
+}
+
+impl Default for WeightArgs {
+    fn default() -> Self {
+        WeightArgs::from(Precision::F32)
+    }
+}
+
+impl From<Precision> for WeightArgs {
+    fn from(precision: Precision) -> Self {
+        WeightArgs { precision, quantize: None, quantize_group: 32, quantize_targets: vec![QuantTarget::Routed] }
+    }
+}
+
+impl WeightArgs {
+    /// `(format, group)` for weights of kind `target`, if they are quantized.
+    pub fn quant_for(&self, target: QuantTarget) -> Option<(QuantFormat, usize)> {
+        let f = self.quantize?;
+        self.quantize_targets.contains(&target).then_some((f, self.quantize_group))
+    }
+
+    /// Quantized in `format` with the default group, for `targets`.
+    pub fn quantized(format: QuantFormat, targets: &[QuantTarget]) -> Self {
+        WeightArgs { quantize: Some(format), quantize_targets: targets.to_vec(), ..WeightArgs::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        w: WeightArgs,
+    }
+
+    #[test]
+    fn flags_parse_and_bad_groups_name_the_flag() {
+        let c = Cli::try_parse_from(["x", "--quantize", "int4", "--quantize-targets", "routed,dense"]).unwrap();
+        assert_eq!(c.w.quant_for(QuantTarget::Dense), Some((QuantFormat::Int4, 32)));
+        assert_eq!(c.w.quant_for(QuantTarget::Shared), None);
+        let c = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(c.w, WeightArgs::default());
+        assert_eq!(c.w.quant_for(QuantTarget::Routed), None);
+        let err = Cli::try_parse_from(["x", "--quantize", "int8", "--quantize-group", "48"]).err().unwrap();
+        assert!(err.to_string().contains("--quantize-group"), "{err}");
+    }
+}
