@@ -1,14 +1,15 @@
 //! Weight matrices in their storage dtype.
 //!
 //! Weights stay in the dtype the checkpoint gives (bf16 halves memory traffic,
-//! which is what decode is bound by); F16 and FP8 are widened to f32 on load
-//! because this CPU has no fast path for them and widening is exact. With
+//! which is what decode is bound by, and FP8 stays as bytes with its block
+//! scales, decoded in the kernel); F16 is widened to f32 on load. With
 //! `--quantize`, matrices become group-quantized int8/int4 codes
 //! (`kernels::quant`) as they are loaded. Activations are f32 at every
 //! interface; products with bf16 weights use them as f32 (transformers'
 //! float32 numbers) or rounded to bf16, products with quantized weights
 //! quantize them to int8.
 
+use crate::kernels::fp8::Fp8Matrix;
 use crate::kernels::packed;
 use crate::kernels::quant::{QuantFormat, QuantMatrix};
 
@@ -22,6 +23,9 @@ pub enum Storage {
     Bf16Packed(Vec<u16>),
     /// Group-quantized codes and scales (`kernels::quant`).
     Quant(QuantMatrix),
+    /// FP8 e4m3 bytes and block scales as the checkpoint has them
+    /// (`kernels::fp8`).
+    Fp8(Fp8Matrix),
 }
 
 /// A 2-D row-major weight matrix `[rows, cols]` (`nn.Linear` layout: one row per
@@ -67,6 +71,8 @@ pub enum MatView<'a> {
     /// Group-quantized weights; activations are quantized to int8 per
     /// product whatever the precision mode.
     Quant(&'a QuantMatrix),
+    /// FP8 weights; activations stay f32 whatever the precision mode.
+    Fp8(&'a Fp8Matrix),
 }
 
 impl Matrix {
@@ -78,8 +84,9 @@ impl Matrix {
                 Storage::Bf16(v) => v.len(),
                 Storage::Bf16Packed(v) => v.len() / (2 * packed::pairs(cols)) / packed::BLOCK * packed::BLOCK * cols,
                 Storage::Quant(q) => q.rows().next_multiple_of(packed::BLOCK) * q.cols(),
+                Storage::Fp8(f) => f.rows().next_multiple_of(packed::BLOCK) * f.cols(),
             },
-            rows.next_multiple_of(if matches!(data, Storage::Bf16Packed(_) | Storage::Quant(_)) {
+            rows.next_multiple_of(if matches!(data, Storage::Bf16Packed(_) | Storage::Quant(_) | Storage::Fp8(_)) {
                 packed::BLOCK
             } else {
                 1
@@ -94,6 +101,7 @@ impl Matrix {
             Storage::F32(v) => v.len() * 4,
             Storage::Bf16(v) | Storage::Bf16Packed(v) => v.len() * 2,
             Storage::Quant(q) => q.size_bytes(),
+            Storage::Fp8(f) => f.size_bytes(),
         }
     }
 
@@ -112,7 +120,7 @@ impl Matrix {
         let data = match &self.data {
             Storage::F32(v) => Storage::F32(v[a..b].to_vec()),
             Storage::Bf16(v) => Storage::Bf16(v[a..b].to_vec()),
-            Storage::Bf16Packed(_) | Storage::Quant(_) => Storage::F32(self.to_f32()[a..b].to_vec()),
+            Storage::Bf16Packed(_) | Storage::Quant(_) | Storage::Fp8(_) => Storage::F32(self.to_f32()[a..b].to_vec()),
         };
         Matrix { rows: r1 - r0, cols: self.cols, data, bf16_act: self.bf16_act }
     }
@@ -140,7 +148,7 @@ impl Matrix {
                     *d = bf16_to_f32(s);
                 }
             }),
-            Storage::Bf16Packed(_) | Storage::Quant(_) => {
+            Storage::Bf16Packed(_) | Storage::Quant(_) | Storage::Fp8(_) => {
                 let view = self.view();
                 QuantMatrix::quantize(format, rows, cols, group, |r, buf| {
                     for (c, d) in buf.iter_mut().enumerate() {
@@ -177,6 +185,7 @@ impl Matrix {
             Storage::Bf16(v) => MatView::Bf16(v),
             Storage::Bf16Packed(v) => MatView::Packed { w: v, rows: self.rows, k: self.cols, bf16_act: self.bf16_act },
             Storage::Quant(q) => MatView::Quant(q),
+            Storage::Fp8(f) => MatView::Fp8(f),
         }
     }
 
@@ -185,7 +194,7 @@ impl Matrix {
         match &self.data {
             Storage::F32(v) => v.clone(),
             Storage::Bf16(v) => v.iter().map(|&b| bf16_to_f32(b)).collect(),
-            Storage::Bf16Packed(_) | Storage::Quant(_) => {
+            Storage::Bf16Packed(_) | Storage::Quant(_) | Storage::Fp8(_) => {
                 let view = self.view();
                 (0..self.rows * self.cols).map(|i| view.get(i)).collect()
             }
@@ -200,6 +209,7 @@ impl MatView<'_> {
             MatView::Bf16(v) => v.len(),
             MatView::Packed { rows, k, .. } => rows * k,
             MatView::Quant(q) => q.rows() * q.cols(),
+            MatView::Fp8(f) => f.rows() * f.cols(),
         }
     }
 
@@ -215,6 +225,7 @@ impl MatView<'_> {
             MatView::Bf16(v) => bf16_to_f32(v[i]),
             MatView::Packed { w, k, .. } => bf16_to_f32(w[packed::index(i / k, i % k, packed::pairs(*k))]),
             MatView::Quant(q) => q.get(i / q.cols(), i % q.cols()),
+            MatView::Fp8(f) => f.get(i / f.cols(), i % f.cols()),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! truncated or corrupt file is an error naming the file, never a panic.
 
 use crate::error::{ModelError, Result};
+use crate::kernels::fp8::Fp8Matrix;
 use crate::kernels::quant::QuantFormat;
 use crate::options::{QuantTarget, WeightArgs};
 use crate::tensor::{Matrix, Storage};
@@ -105,14 +106,15 @@ impl WeightStore {
         Ok((info.dtype, &info.shape, bytes))
     }
 
-    /// A `[rows, cols]` matrix. bf16 stays bf16; F32, F16 and FP8 (with its
-    /// `<name>_scale_inv` block scales) become f32.
+    /// A `[rows, cols]` matrix. bf16 stays bf16, FP8 stays bytes with its
+    /// `<name>_scale_inv` block scales (`kernels::fp8`); F32 and F16 become
+    /// f32.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let (dtype, shape, bytes) = self.raw(name)?;
         check_shape(name, shape, &[rows, cols])?;
         let storage = match dtype {
             Dtype::BF16 => Storage::Bf16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
-            Dtype::F8_E4M3 => Storage::F32(self.dequant_fp8(name, rows, cols, bytes)?),
+            Dtype::F8_E4M3 => self.fp8(name, rows, cols, bytes)?,
             _ => Storage::F32(to_f32(name, dtype, bytes)?),
         };
         self.release(name);
@@ -164,7 +166,9 @@ impl WeightStore {
         if self.contains(name) { self.vector(name, len).map(Some) } else { Ok(None) }
     }
 
-    fn dequant_fp8(&self, name: &str, rows: usize, cols: usize, bytes: &[u8]) -> Result<Vec<f32>> {
+    /// An FP8 matrix kept as bytes with its block scales, or widened to f32
+    /// when its blocks are not whole 16-row blocks (`kernels::fp8`).
+    fn fp8(&self, name: &str, rows: usize, cols: usize, bytes: &[u8]) -> Result<Storage> {
         let (br, bc) = self.fp8_block.ok_or_else(|| {
             ModelError::Weights(format!("tensor {name} is float8_e4m3fn but config.json has no quantization_config"))
         })?;
@@ -173,15 +177,23 @@ impl WeightStore {
         let (sd, sshape, sbytes) = self.raw(&scale_name)?;
         check_shape(&scale_name, sshape, &[sr, sc])?;
         let scales = to_f32(&scale_name, sd, sbytes)?;
-        let lut = fp8_e4m3_table();
-        let mut out = Vec::with_capacity(rows * cols);
-        for r in 0..rows {
-            for c in 0..cols {
-                out.push(lut[bytes[r * cols + c] as usize] * scales[(r / br) * sc + c / bc]);
-            }
-        }
-        Ok(out)
+        Ok(match Fp8Matrix::from_checkpoint(bytes, &scales, rows, cols, (br, bc)) {
+            Some(f) => Storage::Fp8(f),
+            None => Storage::F32(dequant_fp8(bytes, &scales, rows, cols, (br, bc))),
+        })
     }
+}
+
+/// FP8 bytes times their block scales, as f32.
+fn dequant_fp8(bytes: &[u8], scales: &[f32], rows: usize, cols: usize, (br, bc): (usize, usize)) -> Vec<f32> {
+    let (sc, lut) = (cols.div_ceil(bc), fp8_e4m3_table());
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            out.push(lut[bytes[r * cols + c] as usize] * scales[(r / br) * sc + c / bc]);
+        }
+    }
+    out
 }
 
 /// The system's page size (4 KiB where it cannot be read).

@@ -86,9 +86,23 @@ fn deepseek_v3_qnull() {
     check("deepseek_v3_qnull");
 }
 
+/// DeepSeek's FP8 layout, kept as e4m3 bytes and block scales and decoded
+/// in the kernels: held to the same 1e-5 as transformers' product with the
+/// weights dequantized to float32. The expert and projection matrices must
+/// really be FP8 in memory (1 byte a weight), not widened.
 #[test]
 fn deepseek_v3_fp8() {
     check("deepseek_v3_fp8");
+    use expertmesh_model::tensor::MatView;
+    let dir = fixtures().join("deepseek_v3_fp8");
+    let cfg = expertmesh_model::config::ModelConfig::from_dir(&dir).unwrap();
+    let ws = expertmesh_model::weights::WeightStore::for_model(&dir, &cfg, Precision::F32).unwrap();
+    let layer = cfg.moe_layers().next().unwrap();
+    let e = expertmesh_model::model::load_expert(&cfg, &ws, layer, 0).unwrap();
+    for m in [&e.gate_up, &e.down] {
+        assert!(matches!(m.view(), MatView::Fp8(_)), "an FP8 expert matrix was widened");
+        assert!(m.size_bytes() < 2 * m.rows().next_multiple_of(16) * m.cols(), "{} bytes", m.size_bytes());
+    }
 }
 
 #[test]

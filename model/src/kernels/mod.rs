@@ -9,6 +9,7 @@
 //! run time; portable loops cover other CPUs. `docs/benchmarks.md` compares
 //! them with torch on the same shapes.
 
+pub mod fp8;
 pub mod packed;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
@@ -41,6 +42,10 @@ pub fn matmul_into(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize, 
                 unsafe { packed::block(&acts, t, w, n, k_dim, j0, j1, out_ptr.get()) }
             });
         }
+        MatView::Fp8(f) => par_columns(n, fp8::BLOCK, t * n * k_dim, |j0, j1| {
+            // SAFETY: `par_columns` hands out disjoint column ranges.
+            unsafe { fp8::block(x, t, f, j0, j1, out_ptr.get()) }
+        }),
         MatView::Quant(q) => {
             let acts = quant::prepare(x, t, k_dim, q);
             par_columns(n, 2 * quant::BLOCK, t * n * k_dim, |j0, j1| {
