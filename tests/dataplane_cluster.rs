@@ -353,3 +353,35 @@ fn an_nccl_router_without_a_gpu_exits_naming_what_is_missing() {
     assert!(err.contains("--nccl-device") && err.contains("libcuda"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `--quantize` counts in a node's capacity: a shard whose bf16 experts
+/// exceed `--capacity-bytes` is refused at start naming the flag, and fits
+/// once quantized to int8 (about half the bytes); the node then serves.
+/// On a GPU, where no integer kernels exist, `--quantize` is refused.
+#[test]
+fn quantized_experts_fit_a_capacity_the_bf16_ones_exceed() {
+    let model = fixture("deepseek_v3_yarn_bf16");
+    let cfg = ModelConfig::from_dir(&model).unwrap();
+    let ws = WeightStore::for_model(&model, &cfg, Precision::F32).unwrap();
+    let bf16 = expertmesh_model::model::load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {}).unwrap();
+    let capacity = (bf16.size_bytes() as f64 * 0.6) as u64;
+    let node = |extra: &[&str]| {
+        let mut c = common::command("expert-node");
+        c.args(["--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--experts", "all"])
+            .args(["--capacity-bytes", &capacity.to_string()])
+            .args(extra);
+        c
+    };
+    let out = node(&[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--capacity-bytes"), "{err}");
+    let (mut child, line) = common::spawn(node(&["--quantize", "int8"]));
+    assert!(line.contains("grpc=127.0.0.1:"), "the int8 node serves: {line:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = node(&["--quantize", "int4", "--device", "cuda:0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--quantize"), "{err}");
+}
