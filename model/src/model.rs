@@ -209,7 +209,7 @@ impl Model {
                 FfnKind::Moe => {
                     let m = if cfg.arch == Arch::Mixtral { "block_sparse_moe" } else { "mlp" };
                     // Routing runs in f32 whatever the precision mode, as in transformers.
-                    let mut weight = ws.matrix(&format!("{p}{m}.gate.weight"), cfg.moe.n_routed_experts, h)?;
+                    let mut weight = ws.gate_matrix(&format!("{p}{m}.gate.weight"), cfg.moe.n_routed_experts, h)?;
                     weight.set_precision(Precision::F32);
                     let gate = Gate {
                         weight,

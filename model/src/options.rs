@@ -42,6 +42,11 @@ pub struct WeightArgs {
     /// `shared`, `dense`.
     #[arg(long, value_enum, value_delimiter = ',', env = "EXPERTMESH_QUANTIZE_TARGETS", default_value = "routed")]
     pub quantize_targets: Vec<QuantTarget>,
+    /// Round f32 and F16 weight matrices to bf16 as they are loaded: half
+    /// an f32 checkpoint's memory and the bf16 kernels (gates stay f32;
+    /// bf16, FP8 and quantized weights are unaffected).
+    #[arg(long, env = "EXPERTMESH_LOAD_BF16")]
+    pub load_bf16: bool,
 }
 
 fn parse_group(s: &str) -> Result<usize, String> {
@@ -59,7 +64,13 @@ impl Default for WeightArgs {
 
 impl From<Precision> for WeightArgs {
     fn from(precision: Precision) -> Self {
-        WeightArgs { precision, quantize: None, quantize_group: 32, quantize_targets: vec![QuantTarget::Routed] }
+        WeightArgs {
+            precision,
+            quantize: None,
+            quantize_group: 32,
+            quantize_targets: vec![QuantTarget::Routed],
+            load_bf16: false,
+        }
     }
 }
 

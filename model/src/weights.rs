@@ -109,12 +109,26 @@ impl WeightStore {
     /// A `[rows, cols]` matrix. bf16 stays bf16, FP8 stays bytes with its
     /// `<name>_scale_inv` block scales (`kernels::fp8`); F32 and F16 become
     /// f32.
+    /// With `--load-bf16`, f32 and F16 matrices are rounded to bf16.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        self.matrix_as(name, rows, cols, self.opts.load_bf16)
+    }
+
+    /// A gate's matrix: as [`matrix`](Self::matrix), never rounded to bf16
+    /// (routing is computed in f32 from the stored weights).
+    pub fn gate_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        self.matrix_as(name, rows, cols, false)
+    }
+
+    fn matrix_as(&self, name: &str, rows: usize, cols: usize, to_bf16: bool) -> Result<Matrix> {
         let (dtype, shape, bytes) = self.raw(name)?;
         check_shape(name, shape, &[rows, cols])?;
         let storage = match dtype {
             Dtype::BF16 => Storage::Bf16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
             Dtype::F8_E4M3 => self.fp8(name, rows, cols, bytes)?,
+            _ if to_bf16 => {
+                Storage::Bf16(to_f32(name, dtype, bytes)?.into_iter().map(crate::tensor::f32_to_bf16).collect())
+            }
             _ => Storage::F32(to_f32(name, dtype, bytes)?),
         };
         self.release(name);
