@@ -7,9 +7,10 @@
 //! greedy token, mean and max KL(reference ‖ quantized), and how many tokens
 //! a free-running 32-token greedy generation keeps identical.
 
-use expertmesh_model::eval::{Agreement, argmax};
+use expertmesh_model::eval::Agreement;
 use expertmesh_model::kernels::quant::QuantFormat;
 use expertmesh_model::model::{Logits, Model, SeqChunk};
+use expertmesh_model::moe::top_k_indices;
 use expertmesh_model::options::{QuantTarget, WeightArgs};
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -27,7 +28,7 @@ fn greedy(m: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let l = m.forward(&mut [SeqChunk { tokens: &next, cache: &mut c }], Logits::Last).expect("step").remove(0);
-        let t = argmax(&l) as u32;
+        let t = top_k_indices(&l, 1)[0] as u32;
         out.push(t);
         next = vec![t];
     }

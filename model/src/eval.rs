@@ -3,6 +3,7 @@
 //! the golden tests), measured as llama.cpp's `perplexity --kl-divergence`
 //! reports it.
 
+use crate::moe::top_k_indices;
 use crate::ops::log_sum_exp;
 
 /// Agreement of `positions` next-token distributions with the reference.
@@ -26,8 +27,9 @@ impl Agreement {
         let mut a = Agreement::default();
         for (r, o) in reference.chunks_exact(vocab).zip(other.chunks_exact(vocab)) {
             let (lr, lo) = (log_sum_exp(r), log_sum_exp(o));
-            let best = argmax(r);
-            a.top1_same += usize::from(argmax(o) == best);
+            // The greedy sampler's own choice (NaN-safe, first of equals).
+            let best = top_k_indices(r, 1)[0];
+            a.top1_same += usize::from(top_k_indices(o, 1)[0] == best);
             let d = ((r[best] as f64 - lr) - (o[best] as f64 - lo)).abs();
             a.mean_abs_dlogprob += d;
             a.max_abs_dlogprob = a.max_abs_dlogprob.max(d);
@@ -54,17 +56,6 @@ impl Agreement {
     pub fn top1_rate(&self) -> f64 {
         if self.positions == 0 { 1.0 } else { self.top1_same as f64 / self.positions as f64 }
     }
-}
-
-/// Index of the largest value (the first of equals).
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 #[cfg(test)]

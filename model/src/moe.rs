@@ -107,14 +107,12 @@ pub fn add_bias(x: &mut [f32], bias: &[f32]) {
 fn vstack(a: Matrix, b: Matrix) -> Matrix {
     let (rows, cols) = (a.rows() + b.rows(), a.cols());
     debug_assert_eq!(a.cols(), b.cols());
-    let data = match (a.view(), b.view()) {
-        (MatView::Bf16(x), MatView::Bf16(y)) => Storage::Bf16([x, y].concat()),
-        (MatView::Fp8(x), MatView::Fp8(y)) => match crate::kernels::fp8::Fp8Matrix::vstack(x, y) {
-            Some(f) => Storage::Fp8(f),
-            None => Storage::F32([a.to_f32(), b.to_f32()].concat()),
-        },
-        _ => Storage::F32([a.to_f32(), b.to_f32()].concat()),
+    let same = match (a.view(), b.view()) {
+        (MatView::Bf16(x), MatView::Bf16(y)) => Some(Storage::Bf16([x, y].concat())),
+        (MatView::Fp8(x), MatView::Fp8(y)) => crate::kernels::fp8::Fp8Matrix::vstack(x, y).map(Storage::Fp8),
+        _ => None,
     };
+    let data = same.unwrap_or_else(|| Storage::F32([a.to_f32(), b.to_f32()].concat()));
     let mut m = Matrix::new(rows, cols, data);
     m.set_precision(a.precision());
     m

@@ -142,28 +142,21 @@ mod simd {
     /// AVX-512F available; otherwise as [`super::block`].
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn block(x: &[f32], t: usize, w: &Fp8Matrix, j0: usize, j1: usize, out: *mut f32) {
-        let mut j = j0;
-        while j < j1 {
-            let mut ti = 0;
-            while ti < t {
-                let tb = (t - ti).min(TB);
-                // SAFETY: block j/16 and tokens ti..ti+tb are in range.
-                unsafe {
-                    match tb {
-                        1 => tile::<1>(x, w, j, ti, out),
-                        2 => tile::<2>(x, w, j, ti, out),
-                        3 => tile::<3>(x, w, j, ti, out),
-                        4 => tile::<4>(x, w, j, ti, out),
-                        5 => tile::<5>(x, w, j, ti, out),
-                        6 => tile::<6>(x, w, j, ti, out),
-                        7 => tile::<7>(x, w, j, ti, out),
-                        _ => tile::<8>(x, w, j, ti, out),
-                    }
+        crate::kernels::tiles(j0, j1, t, false, TB, |j, _, ti, tb| {
+            // SAFETY: block j/16 and tokens ti..ti+tb are in range.
+            unsafe {
+                match tb {
+                    1 => tile::<1>(x, w, j, ti, out),
+                    2 => tile::<2>(x, w, j, ti, out),
+                    3 => tile::<3>(x, w, j, ti, out),
+                    4 => tile::<4>(x, w, j, ti, out),
+                    5 => tile::<5>(x, w, j, ti, out),
+                    6 => tile::<6>(x, w, j, ti, out),
+                    7 => tile::<7>(x, w, j, ti, out),
+                    _ => tile::<8>(x, w, j, ti, out),
                 }
-                ti += tb;
             }
-            j += BLOCK;
-        }
+        });
     }
 
     /// 16 e4m3 bytes → 16 f32 values divided by 2⁸.

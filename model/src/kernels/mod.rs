@@ -73,6 +73,32 @@ pub(crate) fn avx512_enabled() -> bool {
     false
 }
 
+/// Walks the register tiles of output columns `j0..j1` (16-row blocks, two
+/// at a time where two fit and `pair` is set) and of tokens `0..t` (up to
+/// `tb` at a time), calling `f(j, blocks, ti, tokens)`: the loop the
+/// packed-bf16, quantized and FP8 micro-kernels share.
+#[inline(always)]
+pub(crate) fn tiles(
+    j0: usize,
+    j1: usize,
+    t: usize,
+    pair: bool,
+    tb: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
+    let mut j = j0;
+    while j < j1 {
+        let nb = if pair && j + 2 * packed::BLOCK <= j1 { 2 } else { 1 };
+        let mut ti = 0;
+        while ti < t {
+            let n = (t - ti).min(tb);
+            f(j, nb, ti, n);
+            ti += n;
+        }
+        j += nb * packed::BLOCK;
+    }
+}
+
 /// Allocating form of [`matmul_into`].
 pub fn matmul(x: &[f32], t: usize, w: MatView<'_>, n: usize, k_dim: usize) -> Vec<f32> {
     let mut out = vec![0.0; t * n];

@@ -115,32 +115,24 @@ mod simd {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn block(x: &PackedAct, t: usize, w: &[u16], n: usize, k: usize, j0: usize, j1: usize, out: *mut f32) {
         let kp = pairs(k);
-        let mut j = j0;
-        while j < j1 {
-            let nb = if j + 2 * BLOCK <= j1 { 2 } else { 1 };
-            let mut ti = 0;
-            while ti < t {
-                let tb = (t - ti).min(TB);
-                // SAFETY: blocks j.. and tokens ti..ti+tb are in range; the
-                // caller owns columns j0..j1.
-                unsafe {
-                    macro_rules! go {
-                        ($($b:literal)*) => {
-                            match (x, nb, tb) {
-                                $((PackedAct::F32(v), 2, $b) => tile_f32::<2, $b>(v, w, n, kp, j, ti, out),
-                                  (PackedAct::F32(v), _, $b) => tile_f32::<1, $b>(v, w, n, kp, j, ti, out),
-                                  (PackedAct::Bf16(v), 2, $b) => tile_bf16::<2, $b>(v, w, n, kp, j, ti, out),
-                                  (PackedAct::Bf16(v), _, $b) => tile_bf16::<1, $b>(v, w, n, kp, j, ti, out),)*
-                                _ => unreachable!("tb is in 1..=TB"),
-                            }
-                        };
-                    }
-                    go!(1 2 3 4 5 6 7 8);
+        crate::kernels::tiles(j0, j1, t, true, TB, |j, nb, ti, tb| {
+            // SAFETY: blocks j.. and tokens ti..ti+tb are in range; the
+            // caller owns columns j0..j1.
+            unsafe {
+                macro_rules! go {
+                    ($($b:literal)*) => {
+                        match (x, nb, tb) {
+                            $((PackedAct::F32(v), 2, $b) => tile_f32::<2, $b>(v, w, n, kp, j, ti, out),
+                              (PackedAct::F32(v), _, $b) => tile_f32::<1, $b>(v, w, n, kp, j, ti, out),
+                              (PackedAct::Bf16(v), 2, $b) => tile_bf16::<2, $b>(v, w, n, kp, j, ti, out),
+                              (PackedAct::Bf16(v), _, $b) => tile_bf16::<1, $b>(v, w, n, kp, j, ti, out),)*
+                            _ => unreachable!("tb is in 1..=TB"),
+                        }
+                    };
                 }
-                ti += tb;
+                go!(1 2 3 4 5 6 7 8);
             }
-            j += nb * BLOCK;
-        }
+        });
     }
 
     /// Stores 16 lanes at output columns `j..j+16`, masking past `n`.

@@ -87,7 +87,7 @@ impl QuantMatrix {
         assert!(GROUPS.contains(&group), "quantization group {group}");
         let groups = cols.div_ceil(group);
         let blocks = rows.div_ceil(BLOCK);
-        let block_bytes = groups * group * BLOCK * 8 / bits_divisor(format);
+        let block_bytes = block_bytes(format, groups, group);
         let mut data = vec![0u8; blocks * block_bytes];
         let mut scales = vec![0u16; blocks * groups * BLOCK];
         data.par_chunks_mut(block_bytes).zip(scales.par_chunks_mut(groups * BLOCK)).enumerate().for_each(
@@ -132,8 +132,9 @@ impl QuantMatrix {
         self.data.len() + 2 * self.scales.len()
     }
 
-    fn block_bytes(&self) -> usize {
-        self.groups * self.group * BLOCK * 8 / bits_divisor(self.format)
+    /// Bytes of codes per 16-row block.
+    pub(crate) fn block_bytes(&self) -> usize {
+        block_bytes(self.format, self.groups, self.group)
     }
 
     /// The signed code of `(r, c)`.
@@ -158,12 +159,14 @@ impl QuantMatrix {
     }
 }
 
-/// 8 / bits per code.
-fn bits_divisor(f: QuantFormat) -> usize {
-    match f {
-        QuantFormat::Int8 => 8,
-        QuantFormat::Int4 => 16,
-    }
+/// Bytes of codes per 16-row block of `groups` groups of `group` columns.
+fn block_bytes(f: QuantFormat, groups: usize, group: usize) -> usize {
+    let row = groups * group;
+    BLOCK
+        * match f {
+            QuantFormat::Int8 => row,
+            QuantFormat::Int4 => row / 2,
+        }
 }
 
 /// Byte offset inside a block, and bit shift, of row `r`'s column `c` of
@@ -246,12 +249,12 @@ pub fn prepare(x: &[f32], t: usize, k: usize, w: &QuantMatrix) -> QuantAct {
             start[g] = -zero * sum;
         }
     };
-    let rows = act.q.chunks_mut(kpad).zip(act.d.chunks_mut(groups)).zip(act.start.chunks_mut(groups)).zip(x.chunks(k));
     if t * k >= 1 << 16 {
-        let rows: Vec<_> = rows.collect();
-        rows.into_par_iter().for_each(row);
+        let rows = act.q.par_chunks_mut(kpad).zip(act.d.par_chunks_mut(groups)).zip(act.start.par_chunks_mut(groups));
+        rows.zip(x.par_chunks(k)).for_each(row);
     } else {
-        rows.for_each(row);
+        let rows = act.q.chunks_mut(kpad).zip(act.d.chunks_mut(groups)).zip(act.start.chunks_mut(groups));
+        rows.zip(x.chunks(k)).for_each(row);
     }
     act
 }

@@ -15,32 +15,24 @@ const TB: usize = 4;
 /// AVX-512F and AVX512-VNNI available; otherwise as [`super::quant::block`].
 #[target_feature(enable = "avx512f,avx512vnni,avx512bw")]
 pub unsafe fn block(x: &QuantAct, t: usize, w: &QuantMatrix, j0: usize, j1: usize, out: *mut f32) {
-    let mut j = j0;
-    while j < j1 {
-        let nb = if j + 2 * BLOCK <= j1 { 2 } else { 1 };
-        let mut ti = 0;
-        while ti < t {
-            let tb = (t - ti).min(TB);
-            // SAFETY: blocks j.. and tokens ti..ti+tb are in range; the caller
-            // owns columns j0..j1.
-            unsafe {
-                macro_rules! go {
-                    ($($b:literal)*) => {
-                        match (w.format, nb, tb) {
-                            $((QuantFormat::Int8, 2, $b) => tile::<2, $b, false>(x, w, j, ti, out),
-                              (QuantFormat::Int8, _, $b) => tile::<1, $b, false>(x, w, j, ti, out),
-                              (QuantFormat::Int4, 2, $b) => tile::<2, $b, true>(x, w, j, ti, out),
-                              (QuantFormat::Int4, _, $b) => tile::<1, $b, true>(x, w, j, ti, out),)*
-                            _ => unreachable!("tb is in 1..=TB"),
-                        }
-                    };
-                }
-                go!(1 2 3 4);
+    super::tiles(j0, j1, t, true, TB, |j, nb, ti, tb| {
+        // SAFETY: blocks j.. and tokens ti..ti+tb are in range; the caller
+        // owns columns j0..j1.
+        unsafe {
+            macro_rules! go {
+                ($($b:literal)*) => {
+                    match (w.format, nb, tb) {
+                        $((QuantFormat::Int8, 2, $b) => tile::<2, $b, false>(x, w, j, ti, out),
+                          (QuantFormat::Int8, _, $b) => tile::<1, $b, false>(x, w, j, ti, out),
+                          (QuantFormat::Int4, 2, $b) => tile::<2, $b, true>(x, w, j, ti, out),
+                          (QuantFormat::Int4, _, $b) => tile::<1, $b, true>(x, w, j, ti, out),)*
+                        _ => unreachable!("tb is in 1..=TB"),
+                    }
+                };
             }
-            ti += tb;
+            go!(1 2 3 4);
         }
-        j += nb * BLOCK;
-    }
+    });
 }
 
 /// `NB` blocks of 16 rows from row `j`, `B` tokens from `ti`.
@@ -56,7 +48,7 @@ unsafe fn tile<const NB: usize, const B: usize, const INT4: bool>(
     out: *mut f32,
 ) {
     let (group, groups) = (w.group, w.groups);
-    let block_bytes = groups * group * BLOCK / if INT4 { 2 } else { 1 };
+    let block_bytes = w.block_bytes();
     let lines = group / if INT4 { 8 } else { 4 };
     let nibble = _mm512_set1_epi8(0x0f);
     let mut acc = [[_mm512_setzero_ps(); B]; NB];
