@@ -7,7 +7,7 @@
 use expertmesh_model::generate::{SamplingParams as ModelSampling, generate as offline_generate};
 use expertmesh_model::kernels::quant::QuantFormat;
 use expertmesh_model::model::Model;
-use expertmesh_model::options::{QuantTarget, WeightArgs};
+use expertmesh_model::options::{PrecisionChoice, QuantTarget, WeightArgs};
 use expertmesh_model::tensor::Precision;
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
@@ -122,8 +122,12 @@ fn quantized_experts_on_nodes_match_the_same_quantized_model_offline() {
             let m = Model::load(&model, opts, &mut |_, _| {}).unwrap();
             offline_generate(&m, &prompt, 8, ModelSampling::default(), true, |_, _| {}).unwrap()
         };
-        let offline = run(WeightArgs::quantized(format, &[QuantTarget::Routed]));
-        let exact = run(WeightArgs::default());
+        // The nodes run f32 activations (`common::command`), so does this.
+        let offline = run(WeightArgs {
+            precision: PrecisionChoice::F32,
+            ..WeightArgs::quantized(format, &[QuantTarget::Routed])
+        });
+        let exact = run(WeightArgs::from(PrecisionChoice::F32));
         let (toks, lps, _) = rt.block_on(generate(&c.grpc, request(prompt.clone(), 8))).unwrap();
         assert_eq!(toks, offline.token_ids, "{case} {flag}");
         let worst = lps.iter().zip(&offline.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

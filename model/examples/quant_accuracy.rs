@@ -11,7 +11,7 @@ use expertmesh_model::eval::Agreement;
 use expertmesh_model::kernels::quant::QuantFormat;
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use expertmesh_model::moe::top_k_indices;
-use expertmesh_model::options::{QuantTarget, WeightArgs};
+use expertmesh_model::options::{PrecisionChoice, QuantTarget, WeightArgs};
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(13)) % (vocab as u32 - 2) + 2).collect()
@@ -41,7 +41,8 @@ fn main() {
     let n: usize = args.next().map_or(256, |v| v.parse().expect("TOKENS"));
     let threads: usize = args.next().map_or(2, |v| v.parse().expect("THREADS"));
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("thread pool");
-    let reference = Model::load(&dir, WeightArgs::default(), &mut |_, _| {}).expect("load");
+    // f32 activations throughout, so that only the quantization differs.
+    let reference = Model::load(&dir, PrecisionChoice::F32, &mut |_, _| {}).expect("load");
     let vocab = reference.config().vocab_size;
     let toks = tokens(n, vocab);
     let want = logits(&reference, &toks);
@@ -57,7 +58,11 @@ fn main() {
         (QuantFormat::Int4, &routed[..], 128),
         (QuantFormat::Int4, &all[..], 32),
     ] {
-        let opts = WeightArgs { quantize_group: group, ..WeightArgs::quantized(format, targets) };
+        let opts = WeightArgs {
+            quantize_group: group,
+            precision: PrecisionChoice::F32,
+            ..WeightArgs::quantized(format, targets)
+        };
         let m = Model::load(&dir, opts, &mut |_, _| {}).expect("load");
         let a = Agreement::of(&want, &logits(&m, &toks), vocab);
         let got = greedy(&m, &toks[..8], 32);

@@ -4,6 +4,7 @@
 use crate::cache::{KvCache, LayerCache};
 use crate::config::{GqaConfig, MlaConfig};
 use crate::error::{ModelError, Result};
+use crate::kernels::quant::QuantFormat;
 use crate::kernels::{axpy, dot, matmul};
 use crate::moe::add_bias;
 use crate::ops::{Rope, rms_norm, softmax};
@@ -78,8 +79,9 @@ pub struct Mla {
     pub q: QProj,
     pub kv_a: Linear,
     pub kv_norm: Vec<f32>,
-    /// Per head `W_ukᵀ` (`[kv_lora_rank, qk_nope]`, f32): folds the key
-    /// up-projection into the query so scores are taken against the latent.
+    /// Per head `W_ukᵀ` (`[kv_lora_rank, qk_nope]`, in the checkpoint's
+    /// dtype or quantized): folds the key up-projection into the query so
+    /// scores are taken against the latent.
     pub w_uk_t: Vec<Matrix>,
     /// Per head `W_uv` (`[v_head_dim, kv_lora_rank]`): applied after
     /// attending over the latent, so the cache is never re-expanded.
@@ -100,25 +102,22 @@ impl Mla {
         o: Linear,
         eps: f32,
         scale: f32,
+        quant: Option<(QuantFormat, usize)>,
     ) -> Self {
-        let (dn, dv, r) = (cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
-        let full = kv_b.to_f32();
+        let (dn, dv) = (cfg.qk_nope_head_dim, cfg.v_head_dim);
+        // Both halves are multiplied whole, so they take the dense layers'
+        // layout: packed bf16, or quantized under `--quantize-targets dense`
+        // (as llama.cpp quantizes `attn_kv_b`).
         let w_uk_t = (0..cfg.num_heads)
             .map(|h| {
                 let base = h * (dn + dv);
-                let mut t = vec![0f32; r * dn];
-                for d in 0..dn {
-                    for c in 0..r {
-                        t[c * dn + d] = full[(base + d) * r + c];
-                    }
-                }
-                Matrix::from_f32(r, dn, t)
+                kv_b.slice_rows(base, base + dn).transposed().prepared(quant)
             })
             .collect();
         let w_uv = (0..cfg.num_heads)
             .map(|h| {
                 let base = h * (dn + dv) + dn;
-                kv_b.slice_rows(base, base + dv).packed()
+                kv_b.slice_rows(base, base + dv).prepared(quant)
             })
             .collect();
         Mla { cfg, q, kv_a, kv_norm, w_uk_t, w_uv, o, eps, scale }

@@ -173,7 +173,17 @@ impl Model {
                         m.kv_lora_rank,
                     )?;
                     let o = linear(ws, &format!("{a}o_proj"), h, nh * m.v_head_dim)?;
-                    Attention::Mla(Box::new(Mla::new(m.clone(), q, kv_a, kv_norm, kv_b, o, eps, scale)))
+                    Attention::Mla(Box::new(Mla::new(
+                        m.clone(),
+                        q,
+                        kv_a,
+                        kv_norm,
+                        kv_b,
+                        o,
+                        eps,
+                        scale,
+                        ws.quant_for(QuantTarget::Dense),
+                    )))
                 }
                 AttentionConfig::Gqa(g) => {
                     let (qd, kvd) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);

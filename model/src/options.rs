@@ -13,20 +13,59 @@ pub enum QuantTarget {
     /// The shared experts.
     Shared,
     /// Everything else that is multiplied whole: attention projections,
-    /// dense MLP layers, the embeddings and the LM head. The gates and MLA's
-    /// absorbed `kv_b` stay as they are.
+    /// dense MLP layers (MLA's absorbed `kv_b` halves among them), the
+    /// embeddings and the LM head. The gates stay as they are.
     Dense,
+}
+
+/// Activations for products with bf16 weights, as asked for by
+/// `--precision`; [`resolve`](Self::resolve) turns it into the mode the
+/// kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PrecisionChoice {
+    /// Follow the checkpoint, as vLLM's `dtype=auto` does: bf16 activations
+    /// against bf16 weights where the CPU's bf16 dot products beat f32
+    /// FMAs, f32 elsewhere. f32, F16 and FP8 weights take f32 activations
+    /// in every mode, so an f32 checkpoint stays exact.
+    #[default]
+    Auto,
+    /// f32 activations: exact against transformers in float32.
+    F32,
+    /// bf16 activations: what torch does in bfloat16.
+    Bf16,
+}
+
+impl PrecisionChoice {
+    /// The mode for bf16 weights on this CPU.
+    pub fn resolve(self) -> Precision {
+        match self {
+            PrecisionChoice::Auto if crate::kernels::bf16_dot_is_fast() => Precision::Bf16,
+            PrecisionChoice::Auto | PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+impl From<Precision> for PrecisionChoice {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => PrecisionChoice::F32,
+            Precision::Bf16 => PrecisionChoice::Bf16,
+        }
+    }
 }
 
 /// Weight loading options.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct WeightArgs {
-    /// Activations in products with bf16 weights: `f32` (exact against
-    /// transformers in float32) or `bf16` (what torch does in bfloat16;
-    /// uses AVX512-BF16 where the CPU has it). Gates always run in f32;
-    /// quantized weights always take int8 activations.
-    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "f32")]
-    pub precision: Precision,
+    /// Activations in products with bf16 weights: `auto` (the default:
+    /// bf16 where the CPU's bf16 dot products are faster, which is AMD Zen
+    /// 4 and later; f32 elsewhere), `f32` (exact against transformers in
+    /// float32) or `bf16` (what torch does in bfloat16; AVX512-BF16 where
+    /// the CPU has it). f32, F16 and FP8 weights and the gates always run
+    /// in f32; quantized weights always take int8 activations.
+    #[arg(long, value_enum, env = "EXPERTMESH_PRECISION", default_value = "auto")]
+    pub precision: PrecisionChoice,
     /// Quantize weights at load (from bf16, f32, f16 or FP8 checkpoints):
     /// `int8` (1.06 bytes per weight) or `int4` (0.56), symmetric codes
     /// with one f16 scale per `--quantize-group` columns; activations are
@@ -58,12 +97,18 @@ fn parse_group(s: &str) -> Result<usize, String> {
 
 impl Default for WeightArgs {
     fn default() -> Self {
-        WeightArgs::from(Precision::F32)
+        WeightArgs::from(PrecisionChoice::Auto)
     }
 }
 
 impl From<Precision> for WeightArgs {
     fn from(precision: Precision) -> Self {
+        WeightArgs::from(PrecisionChoice::from(precision))
+    }
+}
+
+impl From<PrecisionChoice> for WeightArgs {
+    fn from(precision: PrecisionChoice) -> Self {
         WeightArgs {
             precision,
             quantize: None,
@@ -105,6 +150,9 @@ mod tests {
         assert_eq!(c.w.quant_for(QuantTarget::Shared), None);
         let c = Cli::try_parse_from(["x"]).unwrap();
         assert_eq!(c.w, WeightArgs::default());
+        assert_eq!(c.w.precision, PrecisionChoice::Auto);
+        let c = Cli::try_parse_from(["x", "--precision", "f32"]).unwrap();
+        assert_eq!(c.w.precision.resolve(), Precision::F32);
         assert_eq!(c.w.quant_for(QuantTarget::Routed), None);
         let err = Cli::try_parse_from(["x", "--quantize", "int8", "--quantize-group", "48"]).err().unwrap();
         assert!(err.to_string().contains("--quantize-group"), "{err}");

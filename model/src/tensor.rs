@@ -189,7 +189,21 @@ impl Matrix {
         }
     }
 
-    /// The whole matrix widened to f32 (used to precompute absorbed weights).
+    /// The transpose (`cols × rows`) with the same precision: bf16 stays
+    /// bf16 (moving bits is exact), other dtypes become f32.
+    pub fn transposed(&self) -> Matrix {
+        fn t<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+            (0..cols).flat_map(|c| (0..rows).map(move |r| v[r * cols + c])).collect()
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let data = match &self.data {
+            Storage::Bf16(v) => Storage::Bf16(t(v, rows, cols)),
+            _ => Storage::F32(t(&self.to_f32(), rows, cols)),
+        };
+        Matrix { rows: cols, cols: rows, data, bf16_act: self.bf16_act }
+    }
+
+    /// The whole matrix widened to f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             Storage::F32(v) => v.clone(),
@@ -239,4 +253,22 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 #[inline]
 pub fn f32_to_bf16(f: f32) -> u16 {
     half::bf16::from_f32(f).to_bits()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposing_keeps_bf16_bits_and_the_precision() {
+        let bits: Vec<u16> = (0..6).map(|i| f32_to_bf16(i as f32 * 1.5 - 2.0)).collect();
+        let mut m = Matrix::from_bf16(2, 3, bits.clone());
+        m.set_precision(Precision::Bf16);
+        let t = m.transposed();
+        assert_eq!((t.rows(), t.cols(), t.precision()), (3, 2, Precision::Bf16));
+        assert!(matches!(&t.data, Storage::Bf16(v) if *v == vec![bits[0], bits[3], bits[1], bits[4], bits[2], bits[5]]));
+        let f = Matrix::from_f32(2, 3, (0..6).map(|i| i as f32).collect()).transposed();
+        assert_eq!(f.to_f32(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert_eq!(f.transposed().to_f32(), (0..6).map(|i| i as f32).collect::<Vec<_>>());
+    }
 }

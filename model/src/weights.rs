@@ -77,6 +77,11 @@ impl WeightStore {
     pub fn for_model(dir: &Path, cfg: &crate::config::ModelConfig, opts: impl Into<WeightArgs>) -> Result<Self> {
         let mut ws = Self::open(dir, cfg.fp8_block)?;
         ws.opts = opts.into();
+        tracing::info!(
+            precision = ?ws.opts.precision,
+            bf16_weights_activations = ?ws.opts.precision.resolve(),
+            "activation precision for bf16 weights"
+        );
         Ok(ws)
     }
 
@@ -136,7 +141,7 @@ impl WeightStore {
             self.release(&format!("{name}_scale_inv"));
         }
         let mut m = Matrix::new(rows, cols, storage);
-        m.set_precision(self.opts.precision);
+        m.set_precision(self.opts.precision.resolve());
         Ok(m)
     }
 

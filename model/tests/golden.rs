@@ -256,9 +256,14 @@ fn quantized_experts_stay_close_to_the_unquantized_model() {
             let mut c = m.new_cache();
             (m.forward(&mut [SeqChunk { tokens: &toks, cache: &mut c }], Logits::All).unwrap().remove(0), v as usize)
         };
-        let (want, vocab) = run(WeightArgs::default());
+        // f32 activations on both sides, so that only the quantization differs.
+        let (want, vocab) = run(WeightArgs::from(Precision::F32));
         for (format, top1, kl) in [(QuantFormat::Int8, 0.95, 4e-3), (QuantFormat::Int4, 0.65, 6e-2)] {
-            let (got, _) = run(WeightArgs::quantized(format, &[QuantTarget::Routed]));
+            let opts = WeightArgs {
+                precision: Precision::F32.into(),
+                ..WeightArgs::quantized(format, &[QuantTarget::Routed])
+            };
+            let (got, _) = run(opts);
             let a = Agreement::of(&want, &got, vocab);
             eprintln!("{case} {format:?}: {a:?}");
             assert!(a.top1_rate() >= top1 && a.mean_kl <= kl, "{case} {format:?}: {a:?}");
@@ -277,7 +282,8 @@ fn f32_checkpoints_can_be_held_in_bf16() {
     let case = "qwen3_moe";
     let dir = fixtures().join(case);
     let r: Reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let m = Model::load(&dir, WeightArgs { load_bf16: true, ..WeightArgs::default() }, &mut |_, _| {}).unwrap();
+    let m =
+        Model::load(&dir, WeightArgs { load_bf16: true, ..WeightArgs::from(Precision::F32) }, &mut |_, _| {}).unwrap();
     let mut cache = m.new_cache();
     let out = m.forward(&mut [SeqChunk { tokens: &r.prompt_ids, cache: &mut cache }], Logits::All).unwrap();
     let v = m.config().vocab_size;
@@ -290,7 +296,7 @@ fn f32_checkpoints_can_be_held_in_bf16() {
     eprintln!("--load-bf16: max |Δlogit| {worst:.2e}");
     assert!(worst < 3e-2 && worst > 0.0, "max |Δlogit| = {worst}");
     let cfg = m.config().clone();
-    let opts = WeightArgs { load_bf16: true, ..WeightArgs::default() };
+    let opts = WeightArgs { load_bf16: true, ..WeightArgs::from(Precision::F32) };
     let ws = expertmesh_model::weights::WeightStore::for_model(&dir, &cfg, opts).unwrap();
     let f32s = expertmesh_model::weights::WeightStore::for_model(&dir, &cfg, Precision::F32).unwrap();
     let layer = cfg.moe_layers().next().unwrap();

@@ -33,10 +33,9 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A command for a workspace binary, with `EXPERTMESH_PRECISION=f32`: the
-/// tests hold every binary to transformers' float32 tokens whatever the
-/// default precision is (a bf16 default was measured and not adopted: see
-/// docs/benchmarks.md). A test that wants another precision passes
-/// `--precision`, which wins.
+/// tests hold every binary to transformers' float32 tokens, while the
+/// default (`auto`) gives bf16 activations on some CPUs. A test that wants
+/// another precision passes `--precision`, which wins.
 pub fn command(name: &str) -> Command {
     let mut c = Command::new(bin(name));
     c.env("EXPERTMESH_PRECISION", "f32");

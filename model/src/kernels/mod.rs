@@ -73,6 +73,33 @@ pub(crate) fn avx512_enabled() -> bool {
     false
 }
 
+/// Whether bf16 activations make bf16 products faster on this CPU, which
+/// `--precision auto` asks. They need AVX512-BF16, and they pay only where
+/// `vdpbf16ps` (32 multiply-adds) issues at the rate of an f32 FMA (16):
+/// AMD Zen 4 and later, where bf16 activations measured 1.8× the expert
+/// FFN's f32 rate at 256 tokens. Intel cores issue it on one port against
+/// two for FMAs, and there the same kernels measured 0.5× at 64–256 tokens
+/// and 1.02–1.05× at one (docs/benchmarks.md), so the rule is the vendor.
+pub fn bf16_dot_is_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx512::bf16_dot_available() && cpu_vendor() == *b"AuthenticAMD";
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The CPUID vendor string (leaf 0: EBX, EDX, ECX).
+#[cfg(target_arch = "x86_64")]
+fn cpu_vendor() -> [u8; 12] {
+    // SAFETY: CPUID leaf 0 exists on every x86_64 CPU.
+    #[allow(unused_unsafe)]
+    let r = unsafe { std::arch::x86_64::__cpuid(0) };
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    v
+}
+
 /// Walks the register tiles of output columns `j0..j1` (16-row blocks, two
 /// at a time where two fit and `pair` is set) and of tokens `0..t` (up to
 /// `tb` at a time), calling `f(j, blocks, ti, tokens)`: the loop the
