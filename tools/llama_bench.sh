@@ -2,7 +2,8 @@
 # ExpertMesh against llama.cpp, side by side in one run, on one checkpoint
 # and the same threads: decode at batch 1 (128 tokens), prompt processing at
 # 64 and 512 tokens, and peak resident memory, at bf16, 8-bit (Q8_0) and
-# 4-bit (Q4_0, and Q4_K_M for reference). Prints a markdown table.
+# 4-bit (Q4_0, and Q4_K_M for reference). Prints a markdown table, then
+# the bandwidth ceiling of batch-1 decode at bf16 and what each engine reaches.
 #
 #   tools/llama_bench.sh [MODEL_DIR] [THREADS]
 #
@@ -64,6 +65,7 @@ sys.exit(r.returncode)' "$@"; }
 for f in bf16 int8 int4; do
   rss "$out/em_$f.json" target/release/examples/quant_bench "$model" "$threads" "$f" > "$out/em_$f.rss"
 done
+target/release/examples/quant_bench - "$threads" read > "$out/read.json"
 # --repack 0: with the CPU's repacked weight buffers (the default) this
 # version aborts on the deepseek2 graph before the first token
 # (GGML_ASSERT(*cur_backend_id != -1) in ggml_backend_sched_split_graph).
@@ -94,5 +96,24 @@ for f, qs in [("bf16", ["bf16"]), ("int8", ["Q8_0"]), ("int4", ["Q4_0", "Q4_K_M"
         r = [e[i] / l[i] for i in range(3)] + [e[3] / l[3]]
         print(f"| {f} | llama.cpp {q} | {l[0]:.1f} | {l[1]:.1f} | {l[2]:.1f} | {gb(l[3])} | "
               f"{r[0]:.2f}× | {r[1]:.2f}× | {r[2]:.2f}× | {r[3]:.2f}× |")
+# Batch-1 decode reads every dense weight and k of n routed experts per
+# token (one embedding row): against the machine's read rate, that bounds
+# what any engine can reach at bf16.
+import struct
+cfg = json.load(open(f"{model}/config.json"))
+n = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts")
+k = cfg["num_experts_per_tok"]
+with open(f"{model}/model.safetensors", "rb") as fh:
+    hdr = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+hdr.pop("__metadata__", None)
+size = lambda t: t["data_offsets"][1] - t["data_offsets"][0]
+routed = sum(size(t) for name, t in hdr.items() if ".mlp.experts." in name)
+embed = sum(size(t) for name, t in hdr.items() if "embed_tokens" in name)
+per_token = sum(size(t) for t in hdr.values()) - routed - embed + routed * k / n
+read = json.load(open(f"{d}/read.json"))["read_gb_s"]
+e, l = em("bf16")[0], ll("bf16")[0]
+print(f"\nbf16 decode reads {per_token / 1e6:.1f} MB per token; {threads} threads stream-read {read:.1f} GB/s, "
+      f"a ceiling of {read * 1e9 / per_token:.0f} tok/s. ExpertMesh {e * per_token / 1e9:.1f} GB/s "
+      f"({e * per_token / 1e9 / read:.0%} of it), llama.cpp {l * per_token / 1e9:.1f} GB/s ({l * per_token / 1e9 / read:.0%}).")
 PY
 rm -rf "$out"

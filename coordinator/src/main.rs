@@ -4,11 +4,8 @@ use clap::Parser;
 use expertmesh_coordinator::{Bound, Config, run};
 use expertmesh_plumbing::process;
 
-// Dispatch-sized buffers come and go constantly; see docs/benchmarks.md.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
+    process::tune_allocator().map_err(anyhow::Error::msg)?;
     let cfg = Config::parse();
     process::init_tracing(&cfg.log);
     process::runtime()?.block_on(async {

@@ -92,6 +92,8 @@ impl CodecTransport {
 }
 
 fn main() {
+    // The shipped binaries' allocator settings (their batch buffers are reused).
+    expertmesh_plumbing::process::tune_allocator().expect("allocator");
     let mut args = std::env::args().skip(1);
     let model = std::path::PathBuf::from(args.next().expect("usage: transport_bench MODEL_DIR FIXTURES_DIR"));
     let fixtures = std::path::PathBuf::from(args.next().expect("FIXTURES_DIR"));

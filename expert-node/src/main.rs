@@ -4,14 +4,8 @@ use clap::Parser;
 use expertmesh_expert_node::{Bound, Config, run};
 use expertmesh_plumbing::process;
 
-// Dispatch batches are megabyte buffers allocated and freed at every MoE
-// layer; glibc serves those with fresh mmaps (page faults and zeroing each
-// time), mimalloc reuses them (docs/benchmarks.md: 4 MiB round trip 12-14 ms
-// -> 5-7 ms).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
+    process::tune_allocator().map_err(anyhow::Error::msg)?;
     let cfg = Config::parse();
     process::init_tracing(&cfg.log);
     process::set_compute_threads(cfg.threads).map_err(anyhow::Error::msg)?;

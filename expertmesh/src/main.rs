@@ -10,11 +10,11 @@ mod up;
 
 use clap::Parser;
 
-// The CLI embeds a router (bench --model) and moves dispatch-sized buffers.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
+    if let Err(e) = expertmesh_plumbing::process::tune_allocator() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     // reqwest is built without a TLS provider of its own; ring is the one
     // tonic uses too. An error means one is installed already, which is fine.
     if tokio_rustls::rustls::crypto::ring::default_provider().install_default().is_err() {

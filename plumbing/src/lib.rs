@@ -9,8 +9,9 @@
 //!   exposition and a `/metrics` server.
 //! - [`internal_tls`]: mutual TLS between the cluster's processes.
 //!
-//! Nothing here knows about models or etcd. The process allocator is the
-//! binaries' choice (each `main.rs` sets mimalloc), not this library's.
+//! Nothing here knows about models or etcd. Each binary's `main.rs` calls
+//! [`process::tune_allocator`] first: glibc's allocator with one arena and
+//! high mmap/trim thresholds.
 
 pub mod internal_tls;
 pub mod listen;

@@ -4,13 +4,8 @@ use clap::Parser;
 use expertmesh_plumbing::process;
 use expertmesh_router::{Bound, Config, run};
 
-// Dispatch batches are megabyte buffers allocated and freed at every MoE
-// layer; mimalloc reuses them where glibc maps fresh pages each time
-// (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
+    process::tune_allocator().map_err(anyhow::Error::msg)?;
     let cfg = Config::parse();
     process::init_tracing(&cfg.log);
     process::set_compute_threads(cfg.threads).map_err(anyhow::Error::msg)?;
