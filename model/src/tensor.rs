@@ -266,7 +266,9 @@ mod tests {
         m.set_precision(Precision::Bf16);
         let t = m.transposed();
         assert_eq!((t.rows(), t.cols(), t.precision()), (3, 2, Precision::Bf16));
-        assert!(matches!(&t.data, Storage::Bf16(v) if *v == vec![bits[0], bits[3], bits[1], bits[4], bits[2], bits[5]]));
+        assert!(
+            matches!(&t.data, Storage::Bf16(v) if *v == vec![bits[0], bits[3], bits[1], bits[4], bits[2], bits[5]])
+        );
         let f = Matrix::from_f32(2, 3, (0..6).map(|i| i as f32).collect()).transposed();
         assert_eq!(f.to_f32(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         assert_eq!(f.transposed().to_f32(), (0..6).map(|i| i as f32).collect::<Vec<_>>());
