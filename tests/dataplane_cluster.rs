@@ -24,7 +24,8 @@ use common::{fixture, http_get, reference, runtime, start_nodes as start};
 
 fn cluster_model(model: &Path, p: &Placement, rt: &tokio::runtime::Runtime, timeout: Duration) -> Model {
     let cfg = ModelConfig::from_dir(model).unwrap();
-    let ws = WeightStore::open(model, cfg.fp8_block).unwrap();
+    // f32 activations, as the nodes run (`common::command`).
+    let ws = WeightStore::for_model(model, &cfg, Precision::F32).unwrap();
     let transport = GrpcTransport::new(rt.handle().clone(), p.nodes.clone(), timeout, Dtype::F32);
     let exec = RemoteExecutor::new(Arc::new(p.clone()), Arc::new(transport));
     Model::load_dense(cfg, &ws, Arc::new(exec), &mut |_, _| {}).unwrap()
@@ -216,7 +217,7 @@ fn framed_tcp_links_are_exact_and_garbage_on_one_harms_no_other() {
     let model = fixture("deepseek_v3_yarn_bf16");
     let (_nodes, p, _) = start(&model, 2, 2);
     let cfg = ModelConfig::from_dir(&model).unwrap();
-    let ws = WeightStore::open(&model, cfg.fp8_block).unwrap();
+    let ws = WeightStore::for_model(&model, &cfg, Precision::F32).unwrap();
     let tcp = TcpTransport::new(p.nodes.clone(), Duration::from_secs(10), Dtype::F32);
     let m =
         Model::load_dense(cfg, &ws, Arc::new(RemoteExecutor::new(Arc::new(p.clone()), Arc::new(tcp))), &mut |_, _| {})

@@ -20,6 +20,7 @@ use expertmesh_dataplane::transport::{InProcess, NodeBatch, Replies, Transport, 
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::generate::{SamplingParams, generate};
 use expertmesh_model::model::{Model, load_experts};
+use expertmesh_model::tensor::Precision;
 use expertmesh_model::weights::WeightStore;
 use expertmesh_proto::v1::Dtype;
 use std::io::{Read, Write};
@@ -187,7 +188,7 @@ fn main() {
             r["prompt_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
         let run = |dtype: Dtype| {
             let cfg = ModelConfig::from_dir(&dir).expect("config");
-            let ws = WeightStore::open(&dir, cfg.fp8_block).expect("weights");
+            let ws = WeightStore::for_model(&dir, &cfg, Precision::F32).expect("weights");
             let inner = InProcess::default();
             inner.add("n", Arc::new(load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {}).expect("experts")));
             let p = expertmesh_dataplane::placement::Placement::round_robin(&cfg, &[("n".into(), String::new())], 1)
