@@ -38,6 +38,9 @@ def perturb(model, seed):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                # transformers zero-initialises biases: an ignored one would not show.
+                p.copy_((torch.rand(p.shape, generator=g) - 0.5) * 0.4)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_((torch.rand(b.shape, generator=g) - 0.5) * 0.2)
@@ -101,7 +104,7 @@ def build(case, root):
     path = os.path.join(root, name)
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(opts["seed"])
-    cfg = cls_cfg(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, **kw)
+    cfg = cls_cfg(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, **{"tie_word_embeddings": False, **kw})
     cfg._attn_implementation = "eager"
     model = cls_model(cfg)
     perturb(model, opts["seed"])
@@ -112,7 +115,9 @@ def build(case, root):
         c = json.load(open(os.path.join(path, "config.json")))
         rp = c.pop("rope_parameters")
         c["rope_theta"] = rp.pop("rope_theta")
-        rp["type"] = rp.pop("rope_type")
+        # DeepSeek's files say "type"; Llama 3's say "rope_type".
+        if opts["legacy_rope"] != "rope_type":
+            rp["type"] = rp.pop("rope_type")
         c["rope_scaling"] = rp
         json.dump(c, open(os.path.join(path, "config.json"), "w"), indent=2)
     ref_path = path
@@ -151,7 +156,8 @@ def build(case, root):
 
 def cases():
     from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                              MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                              LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
     ds = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8,
               qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=1, initializer_range=0.1,
@@ -188,6 +194,22 @@ def cases():
               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, initializer_range=0.1,
               max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
          dict(seed=7)),
+        # R1-Distill-Qwen-1.5B's shape in small: q/k/v biases, GQA, tied embeddings.
+        ("qwen2_tied_bf16", Qwen2Config, Qwen2ForCausalLM,
+         dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.1,
+              max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+         dict(seed=8, dtype=torch.bfloat16)),
+        # R1-Distill-Llama's: Llama 3 RoPE scaling in the published spelling
+        # (original context 32 so every band of the scaling is exercised),
+        # GQA, an untied head. The prompt runs past the original context.
+        ("llama3", LlamaConfig, LlamaForCausalLM,
+         dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, initializer_range=0.1, max_position_embeddings=128,
+              rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 32}),
+         dict(seed=9, legacy_rope="rope_type", prompt_len=40)),
     ]
 
 

@@ -15,7 +15,8 @@ import tempfile
 
 import torch
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/expertmesh"
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 12
@@ -47,6 +48,16 @@ CASES = [
      dict(vocab_size=300, hidden_size=96, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
           num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, sliding_window=8,
           initializer_range=0.08, max_position_embeddings=128), torch.float32, 15),
+    ("qwen2 dense untied, sharded, bf16", Qwen2Config, Qwen2ForCausalLM,
+     dict(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+          num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.08, max_position_embeddings=128,
+          rope_parameters={"rope_type": "default", "rope_theta": 1e6}), torch.bfloat16, 16),
+    ("llama dense llama3 rope, attention_bias, mlp_bias", LlamaConfig, LlamaForCausalLM,
+     dict(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+          num_key_value_heads=3, head_dim=16, attention_bias=True, mlp_bias=True, initializer_range=0.08,
+          max_position_embeddings=128, tie_word_embeddings=True,
+          rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 4.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 2.0, "original_max_position_embeddings": 16}), torch.float32, 17),
 ]
 
 
@@ -84,7 +95,8 @@ def main():
             prompt = [int(x) for x in torch.randint(2, kw["vocab_size"], (20,))]
             toks, lps = greedy(ref, prompt)
             out = subprocess.run([BIN, "generate", "--model", d, "--prompt-ids", ",".join(map(str, prompt)),
-                                  "--max-tokens", str(N), "--ignore-eos", "--json"], capture_output=True, text=True)
+                                  "--max-tokens", str(N), "--ignore-eos", "--json",
+                                  "--precision", "f32"], capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"FAIL {name}: {out.stderr.strip()}")
                 bad += 1

@@ -141,6 +141,10 @@ enum ArchArg {
     DeepseekV2,
     Qwen3Moe,
     Mixtral,
+    /// Dense, as DeepSeek-R1-Distill-Qwen (q/k/v biases, tied embeddings).
+    Qwen2,
+    /// Dense, as DeepSeek-R1-Distill-Llama (Llama 3 RoPE scaling).
+    Llama,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -313,6 +317,8 @@ fn cmd_gen_model(a: GenModelArgs) -> Result<()> {
         ArchArg::DeepseekV2 => Arch::DeepseekV2,
         ArchArg::Qwen3Moe => Arch::Qwen3Moe,
         ArchArg::Mixtral => Arch::Mixtral,
+        ArchArg::Qwen2 => Arch::Qwen2,
+        ArchArg::Llama => Arch::Llama,
     };
     let mut s = GenSpec::demo(arch);
     if let Preset::Bench = a.preset {

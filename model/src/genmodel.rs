@@ -170,6 +170,19 @@ fn config_json(s: &GenSpec, vocab: usize) -> Value {
             "num_local_experts": s.n_experts, "num_experts_per_tok": s.experts_per_tok,
             "intermediate_size": s.moe_intermediate_size, "rope_theta": 1000000.0,
         }),
+        // Qwen2's head width is always hidden / heads (it has no head_dim field).
+        Arch::Qwen2 => json!({
+            "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": s.num_kv_heads,
+            "tie_word_embeddings": true, "use_sliding_window": false, "rope_theta": 10000.0,
+        }),
+        // R1-Distill-Llama's RoPE, with the original context a quarter of the
+        // generated one so the scaling matters.
+        Arch::Llama => json!({
+            "architectures": ["LlamaForCausalLM"], "num_key_value_heads": s.num_kv_heads, "head_dim": s.head_dim,
+            "rope_theta": 500000.0, "attention_bias": false, "mlp_bias": false,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": (s.max_position_embeddings / 4).max(1)},
+        }),
     };
     if let (Value::Object(a), Value::Object(b)) = (&mut c, extra) {
         a.extend(b);
@@ -205,10 +218,14 @@ fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
             ));
             t.push((format!("{a}o_proj.weight"), vec![h, s.num_heads * s.v_head_dim]));
         } else {
-            let (qd, kvd) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
-            t.push((format!("{a}q_proj.weight"), vec![qd, h]));
-            t.push((format!("{a}k_proj.weight"), vec![kvd, h]));
-            t.push((format!("{a}v_proj.weight"), vec![kvd, h]));
+            let head_dim = if s.arch == Arch::Qwen2 { h / s.num_heads } else { s.head_dim };
+            let (qd, kvd) = (s.num_heads * head_dim, s.num_kv_heads * head_dim);
+            for (n, d) in [("q", qd), ("k", kvd), ("v", kvd)] {
+                t.push((format!("{a}{n}_proj.weight"), vec![d, h]));
+                if s.arch == Arch::Qwen2 {
+                    t.push((format!("{a}{n}_proj.bias"), vec![d]));
+                }
+            }
             t.push((format!("{a}o_proj.weight"), vec![h, qd]));
             if s.arch == Arch::Qwen3Moe {
                 t.push((format!("{a}q_norm.weight"), vec![s.head_dim]));
@@ -220,7 +237,7 @@ fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
             t.push((format!("{pre}{}.weight", names[1]), vec![inter, h]));
             t.push((format!("{pre}{}.weight", names[2]), vec![h, inter]));
         };
-        let dense = l < s.first_k_dense && s.arch != Arch::Mixtral;
+        let dense = !s.arch.is_moe() || (l < s.first_k_dense && s.arch != Arch::Mixtral);
         let swiglu = ["gate_proj", "up_proj", "down_proj"];
         if dense {
             mlp(&mut t, &format!("{p}mlp."), swiglu, s.intermediate_size);
@@ -243,7 +260,9 @@ fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
         }
     }
     t.push(("model.norm.weight".into(), vec![h]));
-    t.push(("lm_head.weight".into(), vec![vocab, h]));
+    if s.arch != Arch::Qwen2 {
+        t.push(("lm_head.weight".into(), vec![vocab, h]));
+    }
     t
 }
 
@@ -257,7 +276,7 @@ fn write_weights(s: &GenSpec, vocab: usize, out: &Path) -> Result<()> {
     for (name, shape) in tensor_shapes(s, vocab) {
         let n: usize = shape.iter().product();
         let is_norm = name.ends_with("norm.weight");
-        let is_bias = name.ends_with("correction_bias");
+        let is_bias = name.ends_with("bias");
         let vals = (0..n).map(|_| {
             if is_norm {
                 1.0 + rng.random_range(-0.1..0.1f32)
@@ -268,7 +287,7 @@ fn write_weights(s: &GenSpec, vocab: usize, out: &Path) -> Result<()> {
             }
         });
         // Gates and correction biases stay f32, as transformers keeps them.
-        let keep_f32 = s.dtype == GenDtype::F32 || is_bias || name.ends_with("gate.weight");
+        let keep_f32 = s.dtype == GenDtype::F32 || name.ends_with("correction_bias") || name.ends_with("gate.weight");
         let (dtype, bytes): (Dtype, Vec<u8>) = if keep_f32 {
             (Dtype::F32, vals.flat_map(f32::to_le_bytes).collect())
         } else {
@@ -299,7 +318,7 @@ mod tests {
 
     #[test]
     fn every_arch_generates_loads_and_runs() {
-        for arch in [Arch::DeepseekV3, Arch::DeepseekV2, Arch::Qwen3Moe, Arch::Mixtral] {
+        for arch in [Arch::DeepseekV3, Arch::DeepseekV2, Arch::Qwen3Moe, Arch::Mixtral, Arch::Qwen2, Arch::Llama] {
             let dir = std::env::temp_dir().join(format!("em-gen-{}-{}", arch.name(), std::process::id()));
             let mut spec = GenSpec::demo(arch);
             spec.hidden_size = 64;

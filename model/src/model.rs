@@ -89,6 +89,63 @@ fn linear(ws: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear
     })
 }
 
+/// Layer attention weights under the prefix `a` (`model.layers.N.self_attn.`).
+fn attention(ws: &WeightStore, cfg: &ModelConfig, a: &str) -> Result<Attention> {
+    let (h, eps, scale) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.attention_scale());
+    Ok(match &cfg.attention {
+        AttentionConfig::Mla(m) => {
+            let nh = m.num_heads;
+            let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
+            let q = match m.q_lora_rank {
+                None => QProj::Direct(linear(ws, &format!("{a}q_proj"), nh * qd, h)?),
+                Some(r) => QProj::Lora {
+                    a: linear(ws, &format!("{a}q_a_proj"), r, h)?,
+                    norm: ws.vector(&format!("{a}q_a_layernorm.weight"), r)?,
+                    b: linear(ws, &format!("{a}q_b_proj"), nh * qd, r)?,
+                },
+            };
+            let kv_a = linear(ws, &format!("{a}kv_a_proj_with_mqa"), m.kv_lora_rank + m.qk_rope_head_dim, h)?;
+            let kv_norm = ws.vector(&format!("{a}kv_a_layernorm.weight"), m.kv_lora_rank)?;
+            let kv_b =
+                ws.matrix(&format!("{a}kv_b_proj.weight"), nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)?;
+            let o = linear(ws, &format!("{a}o_proj"), h, nh * m.v_head_dim)?;
+            let quant = ws.quant_for(QuantTarget::Dense);
+            Attention::Mla(Box::new(Mla::new(m.clone(), q, kv_a, kv_norm, kv_b, o, eps, scale, quant)))
+        }
+        AttentionConfig::Gqa(g) => {
+            let (qd, kvd) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);
+            let (q_norm, k_norm) = if g.qk_norm {
+                (
+                    Some(ws.vector(&format!("{a}q_norm.weight"), g.head_dim)?),
+                    Some(ws.vector(&format!("{a}k_norm.weight"), g.head_dim)?),
+                )
+            } else {
+                (None, None)
+            };
+            // A config with attention biases (Qwen2 always) and a file
+            // without them would otherwise load and compute wrong logits.
+            let proj = |n: &str, out: usize| -> Result<Linear> {
+                let l = linear(ws, &format!("{a}{n}_proj"), out, h)?;
+                match (&l.b, g.attention_bias) {
+                    (None, true) => Err(ModelError::MissingTensor(format!("{a}{n}_proj.bias"))),
+                    _ => Ok(l),
+                }
+            };
+            Attention::Gqa(Box::new(Gqa {
+                cfg: g.clone(),
+                q: proj("q", qd)?,
+                k: proj("k", kvd)?,
+                v: proj("v", kvd)?,
+                o: linear(ws, &format!("{a}o_proj"), h, qd)?,
+                q_norm,
+                k_norm,
+                eps,
+                scale,
+            }))
+        }
+    })
+}
+
 /// Loads the routed experts accepted by `want(layer, expert)`.
 pub fn load_experts(
     cfg: &ModelConfig,
@@ -147,67 +204,11 @@ impl Model {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Model> {
         let h = cfg.hidden_size;
-        let eps = cfg.rms_norm_eps;
-        let scale = cfg.attention_scale();
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}.");
             let a = format!("{p}self_attn.");
-            let attn = match &cfg.attention {
-                AttentionConfig::Mla(m) => {
-                    let nh = m.num_heads;
-                    let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
-                    let q = match m.q_lora_rank {
-                        None => QProj::Direct(linear(ws, &format!("{a}q_proj"), nh * qd, h)?),
-                        Some(r) => QProj::Lora {
-                            a: linear(ws, &format!("{a}q_a_proj"), r, h)?,
-                            norm: ws.vector(&format!("{a}q_a_layernorm.weight"), r)?,
-                            b: linear(ws, &format!("{a}q_b_proj"), nh * qd, r)?,
-                        },
-                    };
-                    let kv_a = linear(ws, &format!("{a}kv_a_proj_with_mqa"), m.kv_lora_rank + m.qk_rope_head_dim, h)?;
-                    let kv_norm = ws.vector(&format!("{a}kv_a_layernorm.weight"), m.kv_lora_rank)?;
-                    let kv_b = ws.matrix(
-                        &format!("{a}kv_b_proj.weight"),
-                        nh * (m.qk_nope_head_dim + m.v_head_dim),
-                        m.kv_lora_rank,
-                    )?;
-                    let o = linear(ws, &format!("{a}o_proj"), h, nh * m.v_head_dim)?;
-                    Attention::Mla(Box::new(Mla::new(
-                        m.clone(),
-                        q,
-                        kv_a,
-                        kv_norm,
-                        kv_b,
-                        o,
-                        eps,
-                        scale,
-                        ws.quant_for(QuantTarget::Dense),
-                    )))
-                }
-                AttentionConfig::Gqa(g) => {
-                    let (qd, kvd) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);
-                    let (q_norm, k_norm) = if g.qk_norm {
-                        (
-                            Some(ws.vector(&format!("{a}q_norm.weight"), g.head_dim)?),
-                            Some(ws.vector(&format!("{a}k_norm.weight"), g.head_dim)?),
-                        )
-                    } else {
-                        (None, None)
-                    };
-                    Attention::Gqa(Box::new(Gqa {
-                        cfg: g.clone(),
-                        q: linear(ws, &format!("{a}q_proj"), qd, h)?,
-                        k: linear(ws, &format!("{a}k_proj"), kvd, h)?,
-                        v: linear(ws, &format!("{a}v_proj"), kvd, h)?,
-                        o: linear(ws, &format!("{a}o_proj"), h, qd)?,
-                        q_norm,
-                        k_norm,
-                        eps,
-                        scale,
-                    }))
-                }
-            };
+            let attn = attention(ws, &cfg, &a)?;
             let ffn = match cfg.layer_ffn[i] {
                 FfnKind::Dense => Ffn::Dense(mlp(
                     ws,

@@ -140,6 +140,29 @@ impl Rope {
                     .collect();
                 (inv, *attention_factor as f32)
             }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                // In f64, then rounded once: transformers computes these in
+                // float32 from float32 inv_freq, which agrees to ~1 ulp.
+                let old = *original_max_position_embeddings as f64;
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                let inv = pos_freqs
+                    .iter()
+                    .map(|p| {
+                        let f = (1.0 / p) as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        };
+                        scaled as f32
+                    })
+                    .collect();
+                (inv, 1.0)
+            }
         };
         Rope { inv_freq, attention_factor, interleaved: cfg.interleaved }
     }
@@ -175,6 +198,27 @@ mod tests {
             a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
         };
         assert!((dot(5, 2) - dot(13, 10)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn llama3_rope_keeps_high_frequencies_and_divides_low_ones() {
+        let (dim, theta) = (16, 10000.0);
+        let plain = Rope::new(&RopeConfig { theta, dim, interleaved: false, scaling: RopeScaling::Default });
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32,
+        };
+        let r = Rope::new(&RopeConfig { theta, dim, interleaved: false, scaling });
+        // Wavelengths 2π·10000^(2i/16): 6.3 (< 32/4: kept), 19.9 (blended), ≥ 62.8 (> 32: divided by 8).
+        assert_eq!(r.inv_freq[0], plain.inv_freq[0]);
+        let (f, wl) = (plain.inv_freq[1] as f64, 2.0 * std::f64::consts::PI / plain.inv_freq[1] as f64);
+        let smooth = (32.0 / wl - 1.0) / 3.0;
+        assert!(((r.inv_freq[1] as f64) - ((1.0 - smooth) * f / 8.0 + smooth * f)).abs() < 1e-7);
+        for i in 2..8 {
+            assert!((r.inv_freq[i] - plain.inv_freq[i] / 8.0).abs() <= plain.inv_freq[i] * 1e-6, "{i}");
+        }
     }
 
     #[test]

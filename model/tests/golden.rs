@@ -125,6 +125,20 @@ fn mixtral() {
     check("mixtral");
 }
 
+/// Dense, R1-Distill-Qwen's shape: q/k/v biases, GQA, the LM head tied to
+/// the bf16 embeddings.
+#[test]
+fn qwen2_tied_bf16() {
+    check("qwen2_tied_bf16");
+}
+
+/// Dense, R1-Distill-Llama's shape: Llama 3 RoPE scaling (a 40-token prompt
+/// past the original context of 32), GQA, an untied head.
+#[test]
+fn llama3() {
+    check("llama3");
+}
+
 /// Sequences of different lengths decoded together in one forward step give
 /// the same logits as each alone.
 #[test]
