@@ -87,7 +87,7 @@ fn generate_json_matches_transformers_on_every_fixture() {
 #[test]
 fn gen_model_then_chat_generate_for_every_arch() {
     let tmp = TempDir::new("gen");
-    for arch in ["deepseek-v3", "deepseek-v2", "qwen3-moe", "mixtral"] {
+    for arch in ["deepseek-v3", "deepseek-v2", "qwen3-moe", "mixtral", "qwen2", "llama"] {
         let dir = tmp.0.join(arch);
         let d = dir.to_str().unwrap();
         let out = bin()

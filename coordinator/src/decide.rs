@@ -58,7 +58,10 @@ pub struct LeaderState {
 pub fn decide(v: &View, shape: &ModelShape, policy: &Policy, st: &mut LeaderState, now: Instant) -> Option<Trigger> {
     let ok = v.eligible();
     let Some(p) = &v.placement else {
-        return (ok.len() >= policy.min_replicas).then_some(Trigger::Initial);
+        // A dense model has nothing to place: its (empty) placement is due
+        // at once, so its routers serve without any expert node.
+        let enough = shape.moe_layers.is_empty() || ok.len() >= policy.min_replicas;
+        return enough.then_some(Trigger::Initial);
     };
     let in_plan: BTreeSet<&String> = p.nodes.keys().collect();
     if in_plan.iter().any(|n| v.drains.contains_key(*n) && v.nodes.contains_key(*n)) {
@@ -93,6 +96,11 @@ pub fn decide(v: &View, shape: &ModelShape, policy: &Policy, st: &mut LeaderStat
 pub fn plan_next(v: &View, shape: &ModelShape, policy: &Policy) -> Result<(Placement, usize), PlanError> {
     let ok = v.eligible();
     let order: Vec<String> = ok.keys().cloned().collect();
+    let version = v.placement.as_ref().map_or(0, |p| p.version) + 1;
+    let nodes = order.iter().map(|n| (n.clone(), ok[n].addr.clone())).collect();
+    if shape.moe_layers.is_empty() {
+        return Ok((Placement { version, nodes, layers: Default::default() }, 0));
+    }
     let slots: Vec<usize> =
         order.iter().map(|n| ok[n].slots_per_layer(shape.moe_layers.len(), shape.experts)).collect();
     let loads = v.total_load(shape);
@@ -111,11 +119,7 @@ pub fn plan_next(v: &View, shape: &ModelShape, policy: &Policy) -> Result<(Place
         .zip(&plan.layers)
         .map(|(l, experts)| (*l, experts.iter().map(|ns| ns.iter().map(|&i| order[i].clone()).collect()).collect()))
         .collect();
-    let next = Placement {
-        version: v.placement.as_ref().map_or(0, |p| p.version) + 1,
-        nodes: order.iter().map(|n| (n.clone(), ok[n].addr.clone())).collect(),
-        layers,
-    };
+    let next = Placement { version, nodes, layers };
     Ok((next, plan.moved))
 }
 

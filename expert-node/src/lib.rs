@@ -161,6 +161,16 @@ pub async fn run(
     // TLS material is checked before the (slow) expert load.
     let tls = InternalTls::load(&cfg.internal_tls)?;
     let model_cfg = ModelConfig::from_dir(&cfg.model)?;
+    if model_cfg.moe_layers().next().is_none() {
+        return Err(NodeError::Config {
+            flag: "--model",
+            message: format!(
+                "{} is a dense {} model: it has no routed experts to serve (its router runs it alone)",
+                cfg.model.display(),
+                model_cfg.arch.name()
+            ),
+        });
+    }
     let (bank, capacity_bytes) = open_bank(&cfg, &model_cfg)?;
     let node_metrics = Arc::new(
         metrics::NodeMetrics::new(cfg.per_expert_metrics).map_err(|e| NodeError::Load(format!("metrics: {e}")))?,

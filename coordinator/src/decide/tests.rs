@@ -135,3 +135,24 @@ fn joining_and_draining_nodes_are_not_eligible() {
     assert_eq!(v.eligible().keys().collect::<Vec<_>>(), ["ccc"]);
     assert!(plan_next(&v, &shape(), &policy(2)).is_err(), "two replicas need two nodes");
 }
+
+/// A dense model (no MoE layers) is placed at once, with no node at all,
+/// and its placement validates against the model.
+#[test]
+fn a_dense_model_is_placed_without_nodes() {
+    let dense = ModelShape { moe_layers: vec![], experts: 0, groups: 1 };
+    let pol = policy(2);
+    let mut v = view(&[]);
+    let mut st = LeaderState::default();
+    assert_eq!(decide(&v, &dense, &pol, &mut st, Instant::now()), Some(Trigger::Initial));
+    let (p, moved) = plan_next(&v, &dense, &pol).unwrap();
+    assert_eq!((p.version, moved, p.layers.len(), p.nodes.len()), (1, 0, 0, 0));
+    let cfg = expertmesh_spec::model_config::ModelConfig::from_json_str(
+        r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"num_hidden_layers":2,
+        "num_attention_heads":2,"intermediate_size":4}"#,
+    )
+    .unwrap();
+    p.validate(&cfg).unwrap();
+    v.placement = Some(p);
+    assert_eq!(decide(&v, &dense, &pol, &mut st, Instant::now()), None, "nothing more to do");
+}

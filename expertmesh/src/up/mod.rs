@@ -127,10 +127,22 @@ fn validate(a: &UpCmd) -> Result<()> {
 
 pub fn up(a: UpCmd, model: PathBuf, stop: &AtomicBool) -> Result<()> {
     validate(&a)?;
-    ModelConfig::from_dir(&model).with_context(|| format!("--model {}", model.display()))?;
+    let cfg = ModelConfig::from_dir(&model).with_context(|| format!("--model {}", model.display()))?;
+    let nodes = match cfg.moe_layers().count() {
+        0 => {
+            eprintln!(
+                "up: {} is a dense {} model (no MoE layers, no routed experts): no expert nodes are started, \
+                 the router serves it alone",
+                model.display(),
+                cfg.arch.name()
+            );
+            0
+        }
+        _ => a.expert_nodes,
+    };
     let run_dir = std::env::temp_dir().join(format!("expertmesh-up-{}", std::process::id()));
     std::fs::create_dir_all(run_dir.join("logs"))?;
-    let result = run(&a, &model, &run_dir, stop);
+    let result = run(&a, &model, nodes, &run_dir, stop);
     for f in [&a.state_file, &a.prometheus_targets].into_iter().flatten() {
         if let Err(e) = std::fs::remove_file(f)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -159,7 +171,7 @@ pub fn up(a: UpCmd, model: PathBuf, stop: &AtomicBool) -> Result<()> {
 
 /// The certificates (with `--tls`), etcd, then the processes; everything
 /// started is stopped on return, children first, etcd last.
-fn run(a: &UpCmd, model: &Path, run_dir: &Path, stop: &AtomicBool) -> Result<()> {
+fn run(a: &UpCmd, model: &Path, nodes: usize, run_dir: &Path, stop: &AtomicBool) -> Result<()> {
     let pki = if a.tls { Some(crate::certs::make(&run_dir.join("tls"))?) } else { None };
     let etcd_tls =
         pki.as_ref().map(|p| EtcdTls { ca: p.ca.clone(), cert: p.internal.cert.clone(), key: p.internal.key.clone() });
@@ -169,8 +181,8 @@ fn run(a: &UpCmd, model: &Path, run_dir: &Path, stop: &AtomicBool) -> Result<()>
         None => Some(EtcdServer::start_with(&run_dir.join("etcd"), etcd_tls).map_err(|e| anyhow::anyhow!("{e}"))?),
     };
     let etcd_url = a.etcd.clone().or_else(|| etcd.as_ref().map(EtcdServer::url)).unwrap_or_default();
-    let cluster =
-        Cluster { a, model, etcd_url: &etcd_url, etcd: etcd.as_ref(), pki: pki.as_ref(), logs: run_dir.join("logs") };
+    let logs = run_dir.join("logs");
+    let cluster = Cluster { a, model, nodes, etcd_url: &etcd_url, etcd: etcd.as_ref(), pki: pki.as_ref(), logs };
     let r = cluster.serve(stop);
     drop(etcd);
     r
@@ -185,6 +197,8 @@ fn file_args(pairs: &[(&str, &Path)]) -> Vec<String> {
 struct Cluster<'a> {
     a: &'a UpCmd,
     model: &'a Path,
+    /// Expert nodes to start: `--expert-nodes`, or none for a dense model.
+    nodes: usize,
     etcd_url: &'a str,
     etcd: Option<&'a EtcdServer>,
     pki: Option<&'a LocalPki>,
@@ -251,7 +265,7 @@ impl Cluster<'_> {
         ];
         let mut specs =
             vec![spec("coordinator-0", Kind::Coordinator, &coord_bin, coordinator.map(String::from).to_vec())];
-        for i in 0..self.a.expert_nodes {
+        for i in 0..self.nodes {
             let id = format!("en-{i}");
             let mut extra: Vec<String> =
                 ["--listen", "127.0.0.1:0", "--node-id", &id, "--metrics", "127.0.0.1:0"].map(String::from).to_vec();
