@@ -1,9 +1,9 @@
 //! Attention: MLA (DeepSeek) over the compressed latent cache with absorbed
 //! weights, and GQA (Qwen3-MoE, Mixtral).
 
-use crate::cache::{KvCache, LayerCache};
+use crate::cache::KvCache;
 use crate::config::{GqaConfig, MlaConfig};
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::kernels::quant::QuantFormat;
 use crate::kernels::{axpy, dot, matmul};
 use crate::moe::add_bias;
@@ -35,17 +35,16 @@ pub struct SeqSlice<'a> {
     pub len: usize,
 }
 
-/// Softmax attention of `rows` query rows over `ctx` cached keys, causal
-/// (row r sees keys `lo(r)..=pos(r)`). Values are `val_dim` wide at
-/// `val_stride` in `values`. Returns `[rows, val_dim]`.
-#[allow(clippy::too_many_arguments)]
-fn attend(
+/// Softmax attention of `rows` query rows over cached keys, causal (row r
+/// sees positions `lo(r)..hi(r)`). `key(t)` and `val(t)` give position t's
+/// key (`q_dim` wide) and value (`val_dim` wide), wherever its block is.
+/// Returns `[rows, val_dim]`.
+fn attend<'c>(
     q: &[f32],
     q_dim: usize,
     key_range: impl Fn(usize) -> (usize, usize) + Sync,
-    keys: &[f32],
-    values: &[f32],
-    val_stride: usize,
+    key: impl Fn(usize) -> &'c [f32] + Sync,
+    val: impl Fn(usize) -> &'c [f32] + Sync,
     val_dim: usize,
     scale: f32,
 ) -> Vec<f32> {
@@ -55,10 +54,10 @@ fn attend(
     let body = |(r, o): (usize, &mut [f32])| {
         let qr = &q[r * q_dim..(r + 1) * q_dim];
         let (lo, hi) = key_range(r);
-        let mut s: Vec<f32> = (lo..hi).map(|t| dot(qr, &keys[t * q_dim..(t + 1) * q_dim]) * scale).collect();
+        let mut s: Vec<f32> = (lo..hi).map(|t| dot(qr, key(t)) * scale).collect();
         softmax(&mut s);
         for (t, p) in (lo..hi).zip(&s) {
-            axpy(*p, &values[t * val_stride..t * val_stride + val_dim], o);
+            axpy(*p, val(t), o);
         }
     };
     if work > 1 << 16 {
@@ -177,12 +176,13 @@ impl Mla {
         let mut latent_out = vec![0f32; tokens * nh * r];
         for s in seqs.iter_mut() {
             let p0 = s.cache.len();
-            let LayerCache::Mla { latent, .. } = &mut s.cache.layers[layer] else {
-                return Err(ModelError::InvalidInput("KV cache does not belong to an MLA model".into()));
-            };
-            latent.extend_from_slice(&ckv[s.start * lat..(s.start + s.len) * lat]);
+            s.cache.write(layer, p0, &ckv[s.start * lat..(s.start + s.len) * lat])?;
             let rows = &qfull[s.start * nh * lat..(s.start + s.len) * nh * lat];
-            let o = attend(rows, lat, |row| (0, p0 + row / nh + 1), latent, latent, lat, r, self.scale);
+            // Keys are the whole latent row, values its first kv_lora_rank entries.
+            let cache = &*s.cache;
+            let key = |t| cache.row(layer, t);
+            let val = |t| &cache.row(layer, t)[..r];
+            let o = attend(rows, lat, |row| (0, p0 + row / nh + 1), key, val, r, self.scale);
             latent_out[s.start * nh * r..(s.start + s.len) * nh * r].copy_from_slice(&o);
         }
         // Absorbed output: per head, W_uv maps the attended latent to v_head_dim.
@@ -248,17 +248,19 @@ impl Gqa {
         }
         let mut heads = vec![0f32; tokens * nh * hd];
         let window = c.sliding_window.unwrap_or(usize::MAX);
+        let kvd = nkv * hd;
+        let mut kv_rows = Vec::new();
         for s in seqs.iter_mut() {
             let p0 = s.cache.len();
-            let LayerCache::Gqa { k: kc, v: vc, .. } = &mut s.cache.layers[layer] else {
-                return Err(ModelError::InvalidInput("KV cache does not belong to a GQA model".into()));
-            };
+            // Each position's row: its keys over all KV heads, then its values.
+            kv_rows.clear();
+            for t in s.start..s.start + s.len {
+                kv_rows.extend_from_slice(&k[t * kvd..(t + 1) * kvd]);
+                kv_rows.extend_from_slice(&v[t * kvd..(t + 1) * kvd]);
+            }
+            s.cache.write(layer, p0, &kv_rows)?;
+            let cache = &*s.cache;
             for g in 0..nkv {
-                for i in 0..s.len {
-                    let t = s.start + i;
-                    kc[g].extend_from_slice(&k[(t * nkv + g) * hd..(t * nkv + g + 1) * hd]);
-                    vc[g].extend_from_slice(&v[(t * nkv + g) * hd..(t * nkv + g + 1) * hd]);
-                }
                 // Rows: this sequence's tokens × the query heads of group g.
                 let mut rows = Vec::with_capacity(s.len * rep * hd);
                 for i in 0..s.len {
@@ -269,7 +271,9 @@ impl Gqa {
                     let pos = p0 + row / rep;
                     ((pos + 1).saturating_sub(window), pos + 1)
                 };
-                let o = attend(&rows, hd, range, &kc[g], &vc[g], hd, hd, self.scale);
+                let key = |t| &cache.row(layer, t)[g * hd..(g + 1) * hd];
+                let val = |t| &cache.row(layer, t)[kvd + g * hd..kvd + (g + 1) * hd];
+                let o = attend(&rows, hd, range, key, val, hd, self.scale);
                 for i in 0..s.len {
                     let t = s.start + i;
                     let dst = (t * nh + g * rep) * hd;

@@ -32,6 +32,9 @@ pub enum ModelError {
     Numerical(String),
     #[error("expert executor: {0}")]
     Executor(String),
+    /// The KV block pool has no free block (the engine preempts on it).
+    #[error("KV cache full: {0}")]
+    KvCacheFull(String),
     /// Experts the step needs have no reachable replica.
     #[error("unavailable: {0}")]
     Unavailable(String),

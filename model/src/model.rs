@@ -1,7 +1,7 @@
 //! The decoder: loading by architecture and the batched forward step.
 
 use crate::attention::{Attention, Gqa, Linear, Mla, QProj, SeqSlice};
-use crate::cache::KvCache;
+use crate::cache::{KvCache, KvPool, PoolConfig, row_width};
 use crate::config::{Arch, AttentionConfig, FfnKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kernels::matmul;
@@ -36,6 +36,8 @@ pub struct Model {
     lm_head: Option<Matrix>,
     rope: Rope,
     executor: Arc<dyn ExpertExecutor>,
+    /// Where every cache of this model takes its blocks.
+    pool: KvPool,
 }
 
 /// One sequence's new tokens in a forward step.
@@ -259,6 +261,7 @@ impl Model {
         Ok(Model {
             norm: ws.vector("model.norm.weight", h)?,
             rope: Rope::new(&cfg.rope),
+            pool: KvPool::new(PoolConfig::default(), cfg.num_layers, row_width(&cfg))?,
             cfg,
             embed,
             layers,
@@ -271,8 +274,26 @@ impl Model {
         &self.cfg
     }
 
+    /// An empty cache.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.cfg)
+        KvCache::new(&self.cfg, &self.pool)
+    }
+
+    /// A cache holding the longest cached prefix of `prompt` (with the
+    /// prefix cache on; else empty).
+    pub fn new_cache_for(&self, prompt: &[u32]) -> KvCache {
+        KvCache::with_prefix(&self.cfg, &self.pool, prompt)
+    }
+
+    /// Replaces the block pool (size, budget, prefix sharing); caches made
+    /// before keep the old one.
+    pub fn configure_kv_pool(&mut self, cfg: PoolConfig) -> Result<()> {
+        self.pool = KvPool::new(cfg, self.cfg.num_layers, row_width(&self.cfg))?;
+        Ok(())
+    }
+
+    pub fn kv_pool(&self) -> &KvPool {
+        &self.pool
     }
 
     /// Checks a chunk before any state changes, so a bad request in a batch is
@@ -312,6 +333,13 @@ impl Model {
             self.validate(s.tokens, s.cache.len())?;
         }
         let before: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
+        // Blocks first, so a full pool fails the step before any compute.
+        if let Some(e) = batch.iter_mut().find_map(|s| s.cache.reserve(s.tokens.len()).err()) {
+            for (s, len) in batch.iter_mut().zip(&before) {
+                s.cache.truncate(*len);
+            }
+            return Err(e);
+        }
         // Run the step on a pool worker: nested parallel loops then split by
         // work stealing instead of waking the pool for every matrix product.
         let out = rayon::scope(|_| self.forward_unchecked(batch, mode));
@@ -371,6 +399,7 @@ impl Model {
                 x.extend((0..h).map(|i| emb.get(base + i)));
             }
         }
+        let tokens_of: Vec<&[u32]> = batch.iter().map(|s| s.tokens).collect();
         let mut seqs = Vec::with_capacity(batch.len());
         let mut start = 0;
         for s in batch.iter_mut() {
@@ -411,8 +440,8 @@ impl Model {
             };
             x.iter_mut().zip(&y).for_each(|(v, d)| *v += d);
         }
-        for s in seqs.iter_mut() {
-            s.cache.advance(s.len);
+        for (s, t) in seqs.iter_mut().zip(&tokens_of) {
+            s.cache.advance(t);
         }
         // Final norm and LM head only on the rows whose logits are wanted.
         let rows: Vec<usize> = match mode {

@@ -320,3 +320,44 @@ fn f32_checkpoints_can_be_held_in_bf16() {
     );
     assert!(a.down.size_bytes() * 2 <= b.down.size_bytes() + 64, "{} vs {}", a.down.size_bytes(), b.down.size_bytes());
 }
+
+/// Automatic prefix caching: a prompt whose leading blocks another request
+/// left in the pool computes only its tail, with the logits of computing
+/// it all (MLA latents and GQA keys/values; blocks of 4 so these short
+/// prompts span several), and a different continuation of the same prefix
+/// is unaffected.
+#[test]
+fn prefix_cached_prompts_match_computing_them_whole() {
+    use expertmesh_model::cache::PoolConfig;
+    for case in ["deepseek_v3_yarn_bf16", "llama3", "qwen3_moe"] {
+        let (mut m, r) = load(case);
+        let v = m.config().vocab_size;
+        let cold = |m: &Model, p: &[u32]| {
+            let mut c = m.new_cache();
+            m.forward(&mut [SeqChunk { tokens: p, cache: &mut c }], Logits::All).unwrap().remove(0)
+        };
+        let p = r.prompt_ids.clone();
+        let want = cold(&m, &p);
+        m.configure_kv_pool(PoolConfig { block_tokens: 4, capacity_blocks: Some(64), prefix_cache: true }).unwrap();
+        let mut first = m.new_cache_for(&p);
+        assert_eq!(first.len(), 0, "{case}: nothing cached yet");
+        m.forward(&mut [SeqChunk { tokens: &p, cache: &mut first }], Logits::All).unwrap();
+        drop(first);
+        let mut q = p.clone();
+        q.push(3);
+        for prompt in [p.clone(), q] {
+            let mut c = m.new_cache_for(&prompt);
+            let reused = c.len();
+            assert!(reused >= 4 && reused < prompt.len(), "{case}: reused {reused} of {}", prompt.len());
+            let got = m.forward(&mut [SeqChunk { tokens: &prompt[reused..], cache: &mut c }], Logits::All).unwrap();
+            let whole = cold(&m, &prompt);
+            let tail = &whole[reused * v..];
+            assert!(max_diff(&got[0], tail) < 1e-6, "{case}: max |Δ| {}", max_diff(&got[0], tail));
+            if prompt.len() == p.len() {
+                assert!(max_diff(&got[0], &want[reused * v..]) < 1e-6);
+            }
+        }
+        let st = m.kv_pool().stats();
+        assert!(st.hit_tokens >= 8 && st.cached_blocks >= 1, "{case}: {st:?}");
+    }
+}

@@ -79,9 +79,16 @@ pub struct Config {
     /// Token budget of one forward step (decodes + prefill chunks).
     #[arg(long, env = "EXPERTMESH_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub max_batch_tokens: usize,
-    /// KV-cache memory for running requests, in bytes.
+    /// KV-cache memory, in bytes: the block pool that running requests and
+    /// the prefix cache share.
     #[arg(long, env = "EXPERTMESH_KV_CACHE_BYTES", default_value_t = 2 << 30)]
     pub kv_cache_bytes: usize,
+    /// Positions per KV block (a power of two).
+    #[arg(long, env = "EXPERTMESH_KV_BLOCK_TOKENS", default_value_t = expertmesh_model::cache::DEFAULT_BLOCK_TOKENS)]
+    pub kv_block_tokens: usize,
+    /// Do not reuse the KV blocks of prompt prefixes seen before.
+    #[arg(long, env = "EXPERTMESH_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
     /// Requests that may wait for admission; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "EXPERTMESH_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,

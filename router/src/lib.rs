@@ -37,6 +37,7 @@ use expertmesh_dataplane::nccl_transport::{NcclBootstrap, NcclTransport};
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_dataplane::tcp_transport::TcpTransport;
 use expertmesh_dataplane::transport::Transport;
+use expertmesh_model::cache::{KvCache, PoolConfig};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::{Model, load_experts};
 use expertmesh_model::moe::ExpertExecutor;
@@ -180,6 +181,21 @@ async fn load_model(
     .map_err(|e| RouterError::Internal(e.to_string()))?
 }
 
+/// The block pool: `--kv-cache-bytes` in blocks of `--kv-block-tokens`.
+fn kv_pool(cfg: &Config, model: &mut Model) -> Result<(), RouterError> {
+    let per_block = KvCache::bytes_per_token(model.config()) * cfg.kv_block_tokens;
+    let pool = PoolConfig {
+        block_tokens: cfg.kv_block_tokens,
+        capacity_blocks: Some(cfg.kv_cache_bytes / per_block.max(1)),
+        prefix_cache: !cfg.no_prefix_cache,
+    };
+    let flag = if cfg.kv_block_tokens.is_power_of_two() { "--kv-cache-bytes" } else { "--kv-block-tokens" };
+    model.configure_kv_pool(pool).map_err(|e| RouterError::Config { flag, message: e.to_string() })?;
+    tracing::info!(blocks = ?pool.capacity_blocks, block_tokens = pool.block_tokens, prefix_cache = pool.prefix_cache,
+                   "KV block pool");
+    Ok(())
+}
+
 /// Public TLS (`--tls-cert/--tls-key`): the HTTPS acceptor and tonic's identity.
 type PublicTls = Option<(tokio_rustls::TlsAcceptor, tonic::transport::Identity)>;
 
@@ -250,7 +266,8 @@ pub async fn run(
         true => Some(placement_follower::connect(cfg.member.etcd()).await?),
     };
     let experts = experts(&cfg, &model_cfg, internal_tls, dispatch_metrics).await?;
-    let model = load_model(&cfg, &model_cfg, experts.executor.clone()).await?;
+    let mut model = load_model(&cfg, &model_cfg, experts.executor.clone()).await?;
+    kv_pool(&cfg, &mut model)?;
     let (tx, rx) = mpsc::channel(cfg.max_queue);
     let placed = Arc::new(AtomicBool::new(etcd.is_none()));
     let engine = Engine {
@@ -258,7 +275,6 @@ pub async fn run(
         cfg: EngineConfig {
             max_num_seqs: cfg.max_num_seqs,
             max_batch_tokens: cfg.max_batch_tokens,
-            kv_cache_bytes: cfg.kv_cache_bytes,
             overlap: cfg.micro_batches == 2,
         },
         metrics: metrics.clone(),

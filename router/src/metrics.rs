@@ -4,6 +4,7 @@
 //! on a fresh cluster.
 
 use crate::generation::GenerationError;
+use expertmesh_model::cache::{KvPool, PoolStats};
 use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
@@ -21,6 +22,19 @@ pub struct Metrics {
     pub grpc_requests: IntCounterVec,
     pub kv_usage: Gauge,
     pub invalid_placements: IntCounter,
+    pub preemptions: IntCounter,
+    pub prefix: PrefixMetrics,
+}
+
+/// The prefix cache's series, copied from the pool's own counters.
+pub struct PrefixMetrics {
+    queried: IntCounter,
+    hits: IntCounter,
+    hit_ratio: Gauge,
+    blocks: IntGauge,
+    evictions: IntCounter,
+    /// The pool's counters when last copied (they only grow).
+    seen: std::sync::Mutex<PoolStats>,
 }
 
 /// The HTTP routes the router serves (`expertmesh_http_requests_total`'s
@@ -75,7 +89,31 @@ impl Metrics {
                 Opts::new("expertmesh_grpc_requests_total", "Public gRPC calls by method and status code"),
                 &["method", "code"],
             )?,
-            kv_usage: Gauge::new("expertmesh_kv_cache_usage_ratio", "Reserved share of the KV-cache budget")?,
+            kv_usage: Gauge::new(
+                "expertmesh_kv_cache_usage_ratio",
+                "Share of the KV blocks held by sequences (idle prefix-cache blocks count as free)",
+            )?,
+            preemptions: IntCounter::new(
+                "expertmesh_kv_preemptions_total",
+                "Sequences preempted for KV blocks (freed, then recomputed)",
+            )?,
+            prefix: PrefixMetrics {
+                queried: IntCounter::new("expertmesh_prefix_cache_queried_tokens_total", "Prompt tokens looked up")?,
+                hits: IntCounter::new(
+                    "expertmesh_prefix_cache_hit_tokens_total",
+                    "Prompt tokens found in the prefix cache (not computed)",
+                )?,
+                hit_ratio: Gauge::new(
+                    "expertmesh_prefix_cache_hit_ratio",
+                    "Prompt tokens reused over prompt tokens looked up, since start",
+                )?,
+                blocks: IntGauge::new("expertmesh_prefix_cache_blocks", "KV blocks in the prefix cache")?,
+                evictions: IntCounter::new(
+                    "expertmesh_prefix_cache_evictions_total",
+                    "Prefix-cache blocks evicted to make room",
+                )?,
+                seen: Default::default(),
+            },
             invalid_placements: IntCounter::new(
                 "expertmesh_invalid_placements_total",
                 "Placements read from etcd that did not parse or fit the model (the last good one stayed)",
@@ -96,12 +134,32 @@ impl Metrics {
             Box::new(m.grpc_requests.clone()),
             Box::new(m.kv_usage.clone()),
             Box::new(m.invalid_placements.clone()),
+            Box::new(m.preemptions.clone()),
+            Box::new(m.prefix.queried.clone()),
+            Box::new(m.prefix.hits.clone()),
+            Box::new(m.prefix.hit_ratio.clone()),
+            Box::new(m.prefix.blocks.clone()),
+            Box::new(m.prefix.evictions.clone()),
         ];
         for c in collectors {
             m.registry.register(c)?;
         }
         m.start_at_zero();
         Ok(m)
+    }
+
+    /// The pool's levels and counters, as of now.
+    pub fn observe_kv_pool(&self, pool: &KvPool) {
+        let (st, free) = (pool.stats(), pool.available());
+        self.kv_usage.set(1.0 - free.min(st.capacity_blocks) as f64 / st.capacity_blocks.max(1) as f64);
+        let p = &self.prefix;
+        p.blocks.set(st.cached_blocks as i64);
+        let mut seen = p.seen.lock().unwrap_or_else(|e| e.into_inner());
+        p.queried.inc_by(st.queried_tokens.saturating_sub(seen.queried_tokens));
+        p.hits.inc_by(st.hit_tokens.saturating_sub(seen.hit_tokens));
+        p.evictions.inc_by(st.evictions.saturating_sub(seen.evictions));
+        p.hit_ratio.set(st.hit_tokens as f64 / st.queried_tokens.max(1) as f64);
+        *seen = st;
     }
 
     fn start_at_zero(&self) {

@@ -55,7 +55,7 @@ impl GenerationError {
     /// The reason label of a model error, as its [`GenerationError`] has.
     pub fn reason_of(e: &ModelError) -> &'static str {
         match e {
-            ModelError::Unavailable(_) => "unavailable",
+            ModelError::Unavailable(_) | ModelError::KvCacheFull(_) => "unavailable",
             ModelError::InvalidInput(_) | ModelError::Tokenizer(_) | ModelError::Template(_) => "invalid_request",
             ModelError::Numerical(_) => "numerical",
             _ => "internal",
@@ -122,7 +122,7 @@ impl From<GenerationError> for tonic::Status {
 impl From<ModelError> for GenerationError {
     fn from(e: ModelError) -> Self {
         match e {
-            ModelError::Unavailable(m) => GenerationError::Unavailable(m),
+            ModelError::Unavailable(m) | ModelError::KvCacheFull(m) => GenerationError::Unavailable(m),
             ModelError::InvalidInput(m) | ModelError::Tokenizer(m) | ModelError::Template(m) => GenerationError::bad(m),
             ModelError::Numerical(m) => GenerationError::Numerical(m),
             other => GenerationError::Internal(other.to_string()),

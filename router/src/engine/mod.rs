@@ -2,19 +2,23 @@
 //! continuous batching.
 //!
 //! Every step it admits queued requests while the running batch and the
-//! KV-cache budget allow, gives each decoding sequence one token and spends
-//! the rest of the per-step token budget on prefill chunks, runs one forward
-//! pass over all of it, samples, and streams tokens out. Requests join and
-//! leave at every step; a client that goes away is dropped at the next step
-//! and its KV cache freed.
+//! KV block pool allow ([`admission`]), gives each decoding sequence one
+//! token and spends the rest of the per-step token budget on prefill
+//! chunks, runs one forward pass over all of it, samples, and streams
+//! tokens out. Requests join and leave at every step; a client that goes
+//! away is dropped at the next step and its KV blocks freed. A prompt
+//! whose leading blocks are in the prefix cache computes only its tail.
+
+mod admission;
 
 use crate::generation::GenerationError;
 use crate::metrics::Metrics;
 use expertmesh_dataplane::trace;
 use expertmesh_model::ModelError;
 use expertmesh_model::cache::KvCache;
-use expertmesh_model::generate::{FinishReason, Sampler, SamplingParams, check_request, top_logprobs};
+use expertmesh_model::generate::{FinishReason, Sampler, SamplingParams, top_logprobs};
 use expertmesh_model::model::{Logits, Model, SeqChunk};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -26,9 +30,7 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Most tokens (decode + prefill) in one forward step.
     pub max_batch_tokens: usize,
-    /// KV-cache memory for all running sequences; each reserves its prompt
-    /// plus `max_tokens` up front, so admitted requests never run out.
-    pub kv_cache_bytes: usize,
+
     /// Two concurrent micro-batches per step (`--micro-batches 2`).
     pub overlap: bool,
 }
@@ -66,26 +68,32 @@ pub fn event_channel(max_tokens: usize) -> (mpsc::Sender<Event>, mpsc::Receiver<
 }
 
 struct Seq {
-    prompt: Vec<u32>,
-    /// Prompt tokens already in the cache.
-    consumed: usize,
+    /// The prompt, then every token generated so far.
+    tokens: Vec<u32>,
+    prompt_len: usize,
     generated: usize,
-    last: Option<u32>,
+    /// Holds `tokens` but (while decoding) the last one; emptied when the
+    /// sequence is preempted, and recomputed when it is readmitted.
     cache: KvCache,
     sampler: Sampler,
     max_tokens: usize,
     ignore_eos: bool,
     top_logprobs: usize,
     events: mpsc::Sender<Event>,
-    reserved: usize,
     arrived: Instant,
     last_token_at: Option<Instant>,
     trace_id: String,
 }
 
 impl Seq {
-    fn tokens_wanted(&self) -> usize {
-        if self.consumed < self.prompt.len() { self.prompt.len() - self.consumed } else { 1 }
+    /// Tokens to run before the next prediction: the prompt (or, after a
+    /// preemption, everything) not yet cached, or the last sampled token.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+
+    fn decoding(&self) -> bool {
+        self.generated > 0 && self.pending() == 1
     }
 }
 
@@ -106,12 +114,12 @@ const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 /// The running batch and what waits to join it.
 struct Batch {
     running: Vec<Seq>,
+    /// Sequences preempted for KV room, readmitted first, oldest first.
+    preempted: VecDeque<Seq>,
     /// A request taken from the queue that waits for KV-cache room.
     held: Option<Submit>,
-    kv_used: usize,
     /// The queue still has senders.
     open: bool,
-    per_token: usize,
 }
 
 /// What one intake round found.
@@ -125,31 +133,21 @@ enum Intake {
 
 impl Batch {
     fn waiting(&self, rx: &mpsc::Receiver<Submit>) -> usize {
-        rx.len() + self.held.is_some() as usize
+        rx.len() + self.held.is_some() as usize + self.preempted.len()
     }
 
-    /// A client that went away frees its slot now.
+    /// A client that went away frees its slot and blocks now.
     fn drop_cancelled(&mut self) {
-        let kv = &mut self.kv_used;
-        self.running.retain(|s| {
-            let keep = !s.events.is_closed();
-            if !keep {
-                *kv -= s.reserved;
-            }
-            keep
-        });
+        self.running.retain(|s| !s.events.is_closed());
+        self.preempted.retain(|s| !s.events.is_closed());
     }
 
-    /// Removes finished sequences, freeing their KV-cache reservation.
+    /// Removes finished sequences (their blocks go back to the pool).
     fn retire(&mut self, finished: &[bool]) {
-        let (mut i, kv) = (0, &mut self.kv_used);
-        self.running.retain(|s| {
-            let done = finished[i];
+        let mut i = 0;
+        self.running.retain(|_| {
             i += 1;
-            if done {
-                *kv -= s.reserved;
-            }
-            !done
+            !finished[i - 1]
         });
     }
 }
@@ -157,30 +155,30 @@ impl Batch {
 impl Engine {
     /// Runs until every sender of `rx` is dropped and the batch has drained.
     pub fn run(self, mut rx: mpsc::Receiver<Submit>) {
-        let per_token = KvCache::bytes_per_token(self.model.config());
-        let mut b = Batch { running: Vec::new(), held: None, kv_used: 0, open: true, per_token };
+        let mut b = Batch { running: Vec::new(), preempted: VecDeque::new(), held: None, open: true };
         loop {
             match self.intake(&mut b, &mut rx) {
                 Intake::Closed => return,
                 Intake::Idle => continue,
                 Intake::Work => {}
             }
-            self.admit(&mut b, &mut rx);
             b.drop_cancelled();
-            self.publish(b.running.len(), b.waiting(&rx), b.kv_used);
+            self.admit(&mut b, &mut rx);
+            self.publish(b.running.len(), b.waiting(&rx));
             if b.running.is_empty() {
-                if !b.open && b.held.is_none() {
+                if !b.open && b.held.is_none() && b.preempted.is_empty() {
                     return;
                 }
                 continue;
             }
             let plan = self.plan(&b.running);
+            let plan = self.reserve(&mut b, plan);
             let results = self.traced_step(&mut b.running, &plan);
             let finished = self.emit(&mut b.running, &plan, results);
             b.retire(&finished);
             // Also after the step: when the batch empties, the loop blocks for
             // new work and the gauges must not keep showing the old batch.
-            self.publish(b.running.len(), b.waiting(&rx), b.kv_used);
+            self.publish(b.running.len(), b.waiting(&rx));
         }
     }
 
@@ -191,7 +189,7 @@ impl Engine {
         if !self.placed.load(Ordering::Acquire) {
             std::thread::sleep(IDLE_TICK);
             self.model.begin_step();
-            self.publish(0, rx.len(), 0);
+            self.publish(0, rx.len());
             if rx.is_closed() {
                 while let Ok(s) = rx.try_recv() {
                     let e = ModelError::Unavailable("the router shut down before its first placement".into());
@@ -201,7 +199,7 @@ impl Engine {
             }
             return Intake::Idle;
         }
-        if !b.running.is_empty() || b.held.is_some() {
+        if !b.running.is_empty() || b.held.is_some() || !b.preempted.is_empty() {
             return Intake::Work;
         }
         // The timer must be created inside the runtime's context.
@@ -227,86 +225,24 @@ impl Engine {
         }
     }
 
-    /// Admission, in arrival order, while the batch and KV budget allow.
-    fn admit(&self, b: &mut Batch, rx: &mut mpsc::Receiver<Submit>) {
-        while b.running.len() < self.cfg.max_num_seqs {
-            let s = match b.held.take() {
-                Some(s) => s,
-                None if b.open => match rx.try_recv() {
-                    Ok(s) => s,
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        b.open = false;
-                        break;
-                    }
-                },
-                None => break,
-            };
-            if s.events.is_closed() {
-                continue;
-            }
-            let need = (s.prompt.len() + s.max_tokens) * b.per_token;
-            if need > self.cfg.kv_cache_bytes {
-                let e = ModelError::InvalidInput(format!(
-                    "request needs {need} bytes of KV cache; the budget is {}",
-                    self.cfg.kv_cache_bytes
-                ));
-                self.fail(&s.events, &s.trace_id, e);
-                continue;
-            }
-            if b.kv_used + need > self.cfg.kv_cache_bytes {
-                b.held = Some(s); // waits until running requests free their cache
-                break;
-            }
-            if let Err(e) = check_request(&self.model, &s.prompt, s.max_tokens) {
-                self.fail(&s.events, &s.trace_id, e);
-                continue;
-            }
-            let sampler = match Sampler::new(s.params) {
-                Ok(x) => x,
-                Err(e) => {
-                    self.fail(&s.events, &s.trace_id, e);
-                    continue;
-                }
-            };
-            b.kv_used += need;
-            b.running.push(Seq {
-                prompt: s.prompt,
-                consumed: 0,
-                generated: 0,
-                last: None,
-                cache: self.model.new_cache(),
-                sampler,
-                max_tokens: s.max_tokens,
-                ignore_eos: s.ignore_eos,
-                top_logprobs: s.top_logprobs,
-                events: s.events,
-                reserved: need,
-                arrived: s.arrived,
-                last_token_at: None,
-                trace_id: s.trace_id,
-            });
-        }
-    }
-
     /// The step's work: decodes first (one token each), then prefill chunks
     /// from the remaining token budget, oldest request first. Returns
     /// `(seq index, tokens)`.
     fn plan(&self, running: &[Seq]) -> Vec<(usize, usize)> {
         let mut budget = self.cfg.max_batch_tokens.max(1);
         let mut plan = Vec::new();
-        for (i, _) in running.iter().enumerate().filter(|(_, s)| s.consumed == s.prompt.len()) {
+        for (i, _) in running.iter().enumerate().filter(|(_, s)| s.decoding()) {
             if budget == 0 {
                 break;
             }
             plan.push((i, 1));
             budget -= 1;
         }
-        for (i, s) in running.iter().enumerate().filter(|(_, s)| s.consumed < s.prompt.len()) {
+        for (i, s) in running.iter().enumerate().filter(|(_, s)| !s.decoding()) {
             if budget == 0 {
                 break;
             }
-            let n = s.tokens_wanted().min(budget);
+            let n = s.pending().min(budget);
             plan.push((i, n));
             budget -= n;
         }
@@ -353,12 +289,11 @@ impl Engine {
                     continue;
                 }
             };
-            if s.consumed < s.prompt.len() {
-                s.consumed += n;
+            if *n > 1 || s.generated == 0 {
                 self.metrics.prompt_tokens.inc_by(*n as u64);
-                if s.consumed < s.prompt.len() {
-                    continue; // more prompt to go: these logits are not a prediction yet
-                }
+            }
+            if s.pending() > 0 {
+                continue; // more prompt to go: these logits are not a prediction yet
             }
             finished[*i] = self.sample(s, &logits, eos);
         }
@@ -375,7 +310,7 @@ impl Engine {
         }
         s.last_token_at = Some(now);
         s.generated += 1;
-        s.last = Some(tok);
+        s.tokens.push(tok);
         self.metrics.generation_tokens.inc();
         // The channel holds max_tokens + 2 events, so it is never full: a
         // slow client cannot stall the batch. An error means it left.
@@ -390,7 +325,7 @@ impl Engine {
         let reason = if stop { FinishReason::Stop } else { FinishReason::Length };
         let e2e = s.arrived.elapsed().as_secs_f64();
         self.metrics.e2e.observe(e2e);
-        tracing::info!(trace_id = %s.trace_id, prompt_tokens = s.prompt.len(), completion_tokens = s.generated,
+        tracing::info!(trace_id = %s.trace_id, prompt_tokens = s.prompt_len, completion_tokens = s.generated,
                        finish_reason = reason.as_str(), e2e_seconds = e2e, "request finished");
         if s.events.try_send(Event::Finished(reason)).is_err() {
             tracing::debug!(trace_id = %s.trace_id, "the client left before the end");
@@ -398,10 +333,10 @@ impl Engine {
         true
     }
 
-    fn publish(&self, running: usize, waiting: usize, kv_used: usize) {
+    fn publish(&self, running: usize, waiting: usize) {
         self.metrics.requests_running.set(running as i64);
         self.metrics.requests_waiting.set(waiting as i64);
-        self.metrics.kv_usage.set(kv_used as f64 / self.cfg.kv_cache_bytes.max(1) as f64);
+        self.metrics.observe_kv_pool(self.model.kv_pool());
     }
 
     /// One forward pass over the plan. If the batched pass fails, each
@@ -413,11 +348,7 @@ impl Engine {
             .iter()
             .map(|&(i, n)| {
                 let s = &running[i];
-                if s.consumed < s.prompt.len() {
-                    s.prompt[s.consumed..s.consumed + n].to_vec()
-                } else {
-                    s.last.into_iter().collect()
-                }
+                s.tokens[s.cache.len()..s.cache.len() + n].to_vec()
             })
             .collect();
         let mut by_index: Vec<Option<&mut Seq>> = running.iter_mut().map(Some).collect();
