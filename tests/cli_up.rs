@@ -113,15 +113,27 @@ fn up_serves_generate_and_bench_and_ctrl_c_cleans_up() {
     }
 }
 
-/// A dense model (R1-Distill-Llama's shape) needs no expert node: `up`
+/// A dense model (R1-Distill-Qwen's and -Llama's shapes) needs no expert node: `up`
 /// starts none, the coordinator publishes an empty placement at once, the
 /// router alone gives transformers' tokens; an expert node refuses it.
 #[test]
 fn up_serves_a_dense_model_with_the_router_alone() {
-    let u = up(&fixture("llama3"), "dense");
+    for case in ["qwen2_tied_bf16", "llama3"] {
+        up_dense(case);
+    }
+    let out = common::command("expert-node")
+        .args(["--model", fixture("llama3").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--model") && err.contains("dense"), "{err}");
+}
+
+fn up_dense(case: &str) {
+    let u = up(&fixture(case), case);
     assert_eq!(u.state["expert_nodes"].as_array().unwrap().len(), 0, "{}", u.state);
     let grpc = u.state["router"]["grpc"].as_str().unwrap().to_string();
-    let (prompt, greedy) = common::reference("llama3");
+    let (prompt, greedy) = common::reference(case);
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     let out = common::command("expertmesh")
         .args(["generate", "--router", &grpc, "--prompt-ids", &ids.join(","), "--max-tokens", "8", "--ignore-eos"])
@@ -130,19 +142,13 @@ fn up_serves_a_dense_model_with_the_router_alone() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(g["token_ids"], serde_json::json!(greedy));
+    assert_eq!(g["token_ids"], serde_json::json!(greedy), "{case}");
     let out = common::command("expertmesh")
         .args(["status", "--json", "--etcd", u.state["etcd"]["url"].as_str().unwrap(), "--cluster", "local"])
         .output()
         .unwrap();
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((st["placement"]["in_force"].as_bool(), st["placement"]["uncovered"].as_u64()), (Some(true), Some(0)));
-    let out = common::command("expert-node")
-        .args(["--model", fixture("llama3").to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--model") && err.contains("dense"), "{err}");
 }
 
 #[test]

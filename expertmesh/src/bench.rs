@@ -52,6 +52,8 @@ pub struct Load {
     pub concurrency: usize,
     pub requests: usize,
     pub prompt_tokens: usize,
+    /// Leading token ids every request shares (token-id prompts only).
+    pub shared_prefix: usize,
     /// Text prompts for every API (see the module doc).
     pub text: bool,
     pub max_tokens: usize,
@@ -62,8 +64,11 @@ pub struct Load {
 
 /// Token ids that are valid in any byte-level BPE vocabulary (≥ 256 entries),
 /// never the special ids 0 and 1, deterministic per request.
-fn prompt_ids(i: usize, n: usize) -> Vec<u32> {
-    (0..n).map(|k| (((i * 7919 + k) as u64 * 2654435761) % 254) as u32 + 2).collect()
+fn prompt_ids(i: usize, n: usize, shared: usize) -> Vec<u32> {
+    let id = |i: usize, k: usize| (((i * 7919 + k) as u64).wrapping_mul(2654435761) % 254) as u32 + 2;
+    // The shared part is a request number no run reaches, so no request's
+    // own tail repeats it.
+    (0..n).map(|k| if k < shared { id(1 << 40, k) } else { id(i, k) }).collect()
 }
 
 /// A text prompt of `n` words, varied per request.
@@ -73,7 +78,7 @@ fn prompt_text(i: usize, n: usize) -> String {
 
 /// Arrival times of each generated token, from the request start.
 async fn one(t: &Target, conns: &mut Conns, i: usize, load: &Load) -> Result<Vec<Duration>> {
-    let ids = prompt_ids(i, load.prompt_tokens);
+    let ids = prompt_ids(i, load.prompt_tokens, load.shared_prefix);
     let text = prompt_text(i, load.prompt_tokens);
     match t.api {
         Api::Grpc => {
@@ -182,6 +187,9 @@ pub async fn bench(t: Target, load: Load) -> Result<serde_json::Value> {
     if load.concurrency == 0 || load.requests == 0 || load.prompt_tokens == 0 || load.max_tokens == 0 {
         bail!("--concurrency, --requests, --prompt-tokens and --max-tokens must all be positive");
     }
+    if load.shared_prefix > load.prompt_tokens || (load.shared_prefix > 0 && (load.text || t.api == Api::Kserve)) {
+        bail!("--shared-prefix-tokens must be at most --prompt-tokens, with token-id prompts (grpc or openai)");
+    }
     let (t, load) = (std::sync::Arc::new(t), std::sync::Arc::new(load));
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // One HTTP client: its clones share one connection pool.
@@ -199,20 +207,23 @@ pub async fn bench(t: Target, load: Load) -> Result<serde_json::Value> {
                     if (load.duration.is_none() && i >= load.requests) || over {
                         return out;
                     }
-                    out.push(one(&t, &mut conns, i, &load).await);
+                    out.push((i, one(&t, &mut conns, i, &load).await));
                 }
             })
         })
         .collect();
     let (mut ttft, mut itl, mut tokens, mut errors, mut first_error) = (vec![], vec![], 0, 0, None);
-    let mut done = 0;
+    let (mut done, mut ttft_first) = (0, None);
     for task in tasks {
-        for r in task.await? {
+        for (i, r) in task.await? {
             done += 1;
             match r {
                 Ok(times) if times.len() == load.max_tokens => {
                     tokens += times.len();
                     ttft.push(times[0].as_secs_f64());
+                    if i == 0 {
+                        ttft_first = Some(times[0].as_secs_f64());
+                    }
                     itl.extend(times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()));
                 }
                 Ok(times) => {
@@ -234,6 +245,9 @@ pub async fn bench(t: Target, load: Load) -> Result<serde_json::Value> {
         "requests": done,
         "errors": errors,
         "output_tokens_per_s": tokens as f64 / wall,
+        // Request 0 is the first to arrive: with a shared prefix, the one
+        // that computes it (compare with the median of the rest).
+        "ttft_first_s": ttft_first,
         "ttft_p50_s": percentile(&mut ttft, 0.5),
         "ttft_p99_s": percentile(&mut ttft, 0.99),
         "itl_p50_s": percentile(&mut itl, 0.5),

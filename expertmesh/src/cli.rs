@@ -79,6 +79,10 @@ struct BenchCmd {
     /// Prompt length: token ids, or words with --text-prompts (and for kserve).
     #[arg(long, default_value_t = 64, env = "EXPERTMESH_PROMPT_TOKENS")]
     prompt_tokens: usize,
+    /// The first N prompt token ids are the same in every request (a shared
+    /// system prompt, for the prefix cache); the rest differ per request.
+    #[arg(long, default_value_t = 0, env = "EXPERTMESH_SHARED_PREFIX_TOKENS")]
+    shared_prefix_tokens: usize,
     /// Send every API the same text prompt (words), as kserve always does,
     /// so the APIs are compared at equal work.
     #[arg(long, env = "EXPERTMESH_TEXT_PROMPTS")]
@@ -467,6 +471,7 @@ fn cmd_bench(a: BenchCmd) -> Result<()> {
         concurrency: a.concurrency,
         requests: a.requests,
         prompt_tokens: a.prompt_tokens,
+        shared_prefix: a.shared_prefix_tokens,
         text: a.text_prompts,
         max_tokens: a.max_tokens,
         duration: match a.duration {

@@ -35,10 +35,17 @@ pub struct SeqSlice<'a> {
     pub len: usize,
 }
 
+/// Query rows attended together: each key and value is read once per tile
+/// (from L1) instead of once per row, which matters once the cache
+/// outgrows the L2 (MLA's heads all read the same latents, GQA's group).
+const ROW_TILE: usize = 16;
+
 /// Softmax attention of `rows` query rows over cached keys, causal (row r
 /// sees positions `lo(r)..hi(r)`). `key(t)` and `val(t)` give position t's
 /// key (`q_dim` wide) and value (`val_dim` wide), wherever its block is.
-/// Returns `[rows, val_dim]`.
+/// Returns `[rows, val_dim]`. Each row's scores, softmax and weighted sum
+/// are computed in the same order as one row alone would be, so tiling
+/// does not change any result.
 fn attend<'c>(
     q: &[f32],
     q_dim: usize,
@@ -51,19 +58,39 @@ fn attend<'c>(
     let rows = q.len() / q_dim;
     let mut out = vec![0f32; rows * val_dim];
     let work: usize = (0..rows).map(|r| key_range(r).1 - key_range(r).0).sum::<usize>() * (q_dim + val_dim);
-    let body = |(r, o): (usize, &mut [f32])| {
-        let qr = &q[r * q_dim..(r + 1) * q_dim];
-        let (lo, hi) = key_range(r);
-        let mut s: Vec<f32> = (lo..hi).map(|t| dot(qr, key(t)) * scale).collect();
-        softmax(&mut s);
-        for (t, p) in (lo..hi).zip(&s) {
-            axpy(*p, val(t), o);
+    // Small batches (a decode step's few heads) still need a tile per thread.
+    let parallel = work > 1 << 16;
+    let per_tile = if parallel { rows.div_ceil(2 * rayon::current_num_threads()).clamp(1, ROW_TILE) } else { ROW_TILE };
+    let tile = |(i, o): (usize, &mut [f32])| {
+        let r0 = i * per_tile;
+        let n = o.len() / val_dim;
+        let ranges: Vec<(usize, usize)> = (r0..r0 + n).map(&key_range).collect();
+        let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        // Keys outer, rows inner: one key serves every row of the tile.
+        let mut scores: Vec<Vec<f32>> = ranges.iter().map(|(a, b)| Vec::with_capacity(b - a)).collect();
+        for t in lo..hi {
+            let k = key(t);
+            for (j, &(a, b)) in ranges.iter().enumerate() {
+                if a <= t && t < b {
+                    scores[j].push(dot(&q[(r0 + j) * q_dim..(r0 + j + 1) * q_dim], k) * scale);
+                }
+            }
+        }
+        scores.iter_mut().for_each(|s| softmax(s));
+        for t in lo..hi {
+            let v = val(t);
+            for (j, (&(a, b), s)) in ranges.iter().zip(&scores).enumerate() {
+                if a <= t && t < b {
+                    axpy(s[t - a], v, &mut o[j * val_dim..(j + 1) * val_dim]);
+                }
+            }
         }
     };
-    if work > 1 << 16 {
-        out.par_chunks_mut(val_dim).enumerate().for_each(body);
+    if parallel {
+        out.par_chunks_mut(per_tile * val_dim).enumerate().for_each(tile);
     } else {
-        out.chunks_mut(val_dim).enumerate().for_each(body);
+        out.chunks_mut(per_tile * val_dim).enumerate().for_each(tile);
     }
     out
 }

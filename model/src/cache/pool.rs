@@ -37,8 +37,10 @@ impl Default for PoolConfig {
     }
 }
 
-/// 16 positions a block: `docs/benchmarks.md` has the measurement (32
-/// was no faster at decode and wastes twice the tail per sequence).
+/// 16 positions a block: 16, 32 and 64 decode and prefill within the
+/// measurement's noise (`docs/benchmarks.md`, `tools/kv_block_bench.sh`),
+/// and smaller blocks share more of a prefix and waste less at each
+/// sequence's tail.
 pub const DEFAULT_BLOCK_TOKENS: usize = 16;
 
 /// Counters and levels of a pool, for metrics.
