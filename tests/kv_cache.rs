@@ -2,7 +2,8 @@
 //! exact across requests and front doors (gRPC and OpenAI HTTP), through a
 //! cluster too, with `--no-prefix-cache` as the reference; a tiny budget
 //! evicts cached blocks, and one that cannot hold every sequence preempts
-//! and still completes every request with transformers' tokens.
+//! and still completes every request with transformers' tokens; a bf16
+//! cache holds twice the blocks in the same bytes.
 
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
@@ -173,4 +174,29 @@ fn preemption_under_a_tiny_budget_completes_every_request() {
     let m = metrics(&http);
     assert!(m["expertmesh_kv_preemptions_total"] > 0.0, "{m:?}");
     assert_eq!(m["expertmesh_kv_cache_usage_ratio"], 0.0, "every block back when idle: {m:?}");
+}
+
+/// `--kv-cache-dtype bf16` halves a block's bytes: the budget of four f32
+/// blocks of the eviction test holds eight, so both prompts stay cached
+/// with no eviction, and the greedy tokens are still transformers'.
+#[test]
+fn a_bf16_cache_holds_twice_the_blocks() {
+    let rt = runtime();
+    let mut procs = Procs::default();
+    let (prompt, want) = reference("llama3");
+    let budget = (4 * 16 * 512).to_string();
+    let (addr, http) =
+        router(&mut procs, &fixture("llama3"), &["--kv-cache-bytes", &budget, "--kv-cache-dtype", "bf16"]);
+    let other: Vec<u32> = prompt.iter().map(|t| (t + 1) % 256).collect();
+    let n = want.len() as u32;
+    assert_eq!(rt.block_on(grpc(&addr, &prompt, n, None)).0, want);
+    rt.block_on(grpc(&addr, &other, n, None));
+    let m = metrics(&http);
+    assert_eq!(
+        (m["expertmesh_prefix_cache_blocks"], m["expertmesh_prefix_cache_evictions_total"]),
+        (4.0, 0.0),
+        "{m:?}"
+    );
+    assert_eq!(rt.block_on(grpc(&addr, &prompt, n, None)).0, want);
+    assert!(metrics(&http)["expertmesh_prefix_cache_hit_tokens_total"] >= 32.0);
 }

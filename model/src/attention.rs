@@ -4,8 +4,9 @@
 use crate::cache::KvCache;
 use crate::config::{GqaConfig, MlaConfig};
 use crate::error::Result;
+use crate::kernels::matmul;
 use crate::kernels::quant::QuantFormat;
-use crate::kernels::{axpy, dot, matmul};
+use crate::kernels::rows::{Row, axpy_row, dot_row};
 use crate::moe::add_bias;
 use crate::ops::{Rope, rms_norm, softmax};
 use crate::tensor::Matrix;
@@ -50,8 +51,8 @@ fn attend<'c>(
     q: &[f32],
     q_dim: usize,
     key_range: impl Fn(usize) -> (usize, usize) + Sync,
-    key: impl Fn(usize) -> &'c [f32] + Sync,
-    val: impl Fn(usize) -> &'c [f32] + Sync,
+    key: impl Fn(usize) -> Row<'c> + Sync,
+    val: impl Fn(usize) -> Row<'c> + Sync,
     val_dim: usize,
     scale: f32,
 ) -> Vec<f32> {
@@ -73,7 +74,7 @@ fn attend<'c>(
             let k = key(t);
             for (j, &(a, b)) in ranges.iter().enumerate() {
                 if a <= t && t < b {
-                    scores[j].push(dot(&q[(r0 + j) * q_dim..(r0 + j + 1) * q_dim], k) * scale);
+                    scores[j].push(dot_row(&q[(r0 + j) * q_dim..(r0 + j + 1) * q_dim], k) * scale);
                 }
             }
         }
@@ -82,7 +83,7 @@ fn attend<'c>(
             let v = val(t);
             for (j, (&(a, b), s)) in ranges.iter().zip(&scores).enumerate() {
                 if a <= t && t < b {
-                    axpy(s[t - a], v, &mut o[j * val_dim..(j + 1) * val_dim]);
+                    axpy_row(s[t - a], v, &mut o[j * val_dim..(j + 1) * val_dim]);
                 }
             }
         }
@@ -208,7 +209,7 @@ impl Mla {
             // Keys are the whole latent row, values its first kv_lora_rank entries.
             let cache = &*s.cache;
             let key = |t| cache.row(layer, t);
-            let val = |t| &cache.row(layer, t)[..r];
+            let val = |t| cache.row(layer, t).slice(0, r);
             let o = attend(rows, lat, |row| (0, p0 + row / nh + 1), key, val, r, self.scale);
             latent_out[s.start * nh * r..(s.start + s.len) * nh * r].copy_from_slice(&o);
         }
@@ -298,8 +299,8 @@ impl Gqa {
                     let pos = p0 + row / rep;
                     ((pos + 1).saturating_sub(window), pos + 1)
                 };
-                let key = |t| &cache.row(layer, t)[g * hd..(g + 1) * hd];
-                let val = |t| &cache.row(layer, t)[kvd + g * hd..kvd + (g + 1) * hd];
+                let key = |t| cache.row(layer, t).slice(g * hd, (g + 1) * hd);
+                let val = |t| cache.row(layer, t).slice(kvd + g * hd, kvd + (g + 1) * hd);
                 let o = attend(&rows, hd, range, key, val, hd, self.scale);
                 for i in 0..s.len {
                     let t = s.start + i;

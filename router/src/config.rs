@@ -10,6 +10,13 @@ use expertmesh_plumbing::internal_tls::InternalTlsArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Storage of the KV cache (`--kv-cache-dtype`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KvCacheDtype {
+    F32,
+    Bf16,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum WireDtype {
     F32,
@@ -89,6 +96,10 @@ pub struct Config {
     /// Do not reuse the KV blocks of prompt prefixes seen before.
     #[arg(long, env = "EXPERTMESH_NO_PREFIX_CACHE")]
     pub no_prefix_cache: bool,
+    /// How cached keys and values are stored: f32 (exact) or bf16 (half
+    /// the memory; see docs/benchmarks.md for what it costs).
+    #[arg(long, value_enum, env = "EXPERTMESH_KV_CACHE_DTYPE", default_value = "f32")]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Requests that may wait for admission; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "EXPERTMESH_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,

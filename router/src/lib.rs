@@ -25,7 +25,7 @@ pub mod state;
 pub mod triton_http;
 pub mod triton_params;
 
-pub use config::{Config, ReasoningParser, TransportArg, WireDtype};
+pub use config::{Config, KvCacheDtype, ReasoningParser, TransportArg, WireDtype};
 pub use state::{Limits, RouterState, log_prompt};
 
 use engine::{Engine, EngineConfig};
@@ -37,7 +37,7 @@ use expertmesh_dataplane::nccl_transport::{NcclBootstrap, NcclTransport};
 use expertmesh_dataplane::placement::Placement;
 use expertmesh_dataplane::tcp_transport::TcpTransport;
 use expertmesh_dataplane::transport::Transport;
-use expertmesh_model::cache::{KvCache, PoolConfig};
+use expertmesh_model::cache::{KvCache, KvDtype, PoolConfig};
 use expertmesh_model::config::ModelConfig;
 use expertmesh_model::model::{Model, load_experts};
 use expertmesh_model::moe::ExpertExecutor;
@@ -183,16 +183,21 @@ async fn load_model(
 
 /// The block pool: `--kv-cache-bytes` in blocks of `--kv-block-tokens`.
 fn kv_pool(cfg: &Config, model: &mut Model) -> Result<(), RouterError> {
-    let per_block = KvCache::bytes_per_token(model.config()) * cfg.kv_block_tokens;
+    let dtype = match cfg.kv_cache_dtype {
+        KvCacheDtype::F32 => KvDtype::F32,
+        KvCacheDtype::Bf16 => KvDtype::Bf16,
+    };
+    let per_block = KvCache::bytes_per_token(model.config(), dtype) * cfg.kv_block_tokens;
     let pool = PoolConfig {
         block_tokens: cfg.kv_block_tokens,
         capacity_blocks: Some(cfg.kv_cache_bytes / per_block.max(1)),
         prefix_cache: !cfg.no_prefix_cache,
+        dtype,
     };
     let flag = if cfg.kv_block_tokens.is_power_of_two() { "--kv-cache-bytes" } else { "--kv-block-tokens" };
     model.configure_kv_pool(pool).map_err(|e| RouterError::Config { flag, message: e.to_string() })?;
     tracing::info!(blocks = ?pool.capacity_blocks, block_tokens = pool.block_tokens, prefix_cache = pool.prefix_cache,
-                   "KV block pool");
+                   dtype = ?pool.dtype, "KV block pool");
     Ok(())
 }
 

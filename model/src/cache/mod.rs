@@ -9,11 +9,13 @@
 
 mod pool;
 
-pub use pool::{DEFAULT_BLOCK_TOKENS, KvPool, PoolConfig, PoolStats};
+pub use pool::{DEFAULT_BLOCK_TOKENS, KvDtype, KvPool, PoolConfig, PoolStats};
 
 use crate::config::{AttentionConfig, ModelConfig};
 use crate::error::{ModelError, Result};
-use pool::Page;
+use crate::kernels::rows::Row;
+use crate::tensor::f32_to_bf16;
+use pool::{Page, PageData};
 use std::sync::Arc;
 
 /// Floats one position takes in one layer.
@@ -104,7 +106,9 @@ impl KvCache {
                 let mut fresh = self.pool.alloc()?;
                 let copy =
                     Arc::get_mut(&mut fresh).ok_or_else(|| ModelError::KvCacheFull("fresh block shared".into()))?;
-                copy.data.copy_from_slice(&self.pages[last].data);
+                if let (Some(dst), Some(src)) = (copy.data.as_mut(), self.pages[last].data.as_ref()) {
+                    dst.copy_from(src);
+                }
                 self.pages[last] = fresh;
             }
         }
@@ -127,17 +131,25 @@ impl KvCache {
                 .and_then(Arc::get_mut)
                 .ok_or_else(|| ModelError::KvCacheFull(format!("position {p} has no private block reserved")))?;
             let off = (layer * b + (p & (b - 1))) * w;
-            page.data[off..off + w].copy_from_slice(row);
+            match page.data.as_mut() {
+                Some(PageData::F32(d)) => d[off..off + w].copy_from_slice(row),
+                Some(PageData::Bf16(d)) => d[off..off + w].iter_mut().zip(row).for_each(|(o, v)| *o = f32_to_bf16(*v)),
+                None => {}
+            }
         }
         Ok(())
     }
 
     /// Layer `layer`'s row at position `pos` (written before).
     #[inline]
-    pub(crate) fn row(&self, layer: usize, pos: usize) -> &[f32] {
+    pub(crate) fn row(&self, layer: usize, pos: usize) -> Row<'_> {
         let (w, b) = (self.width, self.block_tokens());
         let off = (layer * b + (pos & (b - 1))) * w;
-        &self.pages[pos >> self.shift].data[off..off + w]
+        match self.pages[pos >> self.shift].data.as_ref() {
+            Some(PageData::F32(d)) => Row::F32(&d[off..off + w]),
+            Some(PageData::Bf16(d)) => Row::Bf16(&d[off..off + w]),
+            None => Row::F32(&[]),
+        }
     }
 
     /// After a forward step wrote `tokens` at the end: the positions count,
@@ -155,10 +167,10 @@ impl KvCache {
         }
     }
 
-    /// Bytes one more token costs (f32 values over all layers), for KV-cache
-    /// memory budgets.
-    pub fn bytes_per_token(cfg: &ModelConfig) -> usize {
-        row_width(cfg) * cfg.num_layers * 4
+    /// Bytes one more token costs over all layers, for KV-cache memory
+    /// budgets.
+    pub fn bytes_per_token(cfg: &ModelConfig, dtype: KvDtype) -> usize {
+        row_width(cfg) * cfg.num_layers * dtype.bytes()
     }
 
     /// Drops every position past `len` (and the blocks they alone used):

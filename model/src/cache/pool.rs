@@ -29,11 +29,59 @@ pub struct PoolConfig {
     pub capacity_blocks: Option<usize>,
     /// Keep full blocks for reuse by later sequences with the same prefix.
     pub prefix_cache: bool,
+    pub dtype: KvDtype,
+}
+
+/// How cached rows are stored: f32 (exact), or bf16 (half the bytes;
+/// rounded once when written, widened when read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { block_tokens: DEFAULT_BLOCK_TOKENS, capacity_blocks: None, prefix_cache: false }
+        PoolConfig {
+            block_tokens: DEFAULT_BLOCK_TOKENS,
+            capacity_blocks: None,
+            prefix_cache: false,
+            dtype: KvDtype::F32,
+        }
+    }
+}
+
+/// A block's values, `[layer][slot][width]`.
+pub(crate) enum PageData {
+    F32(Box<[f32]>),
+    Bf16(Box<[u16]>),
+}
+
+impl PageData {
+    fn new(dtype: KvDtype, n: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => PageData::F32(vec![0f32; n].into_boxed_slice()),
+            KvDtype::Bf16 => PageData::Bf16(vec![0u16; n].into_boxed_slice()),
+        }
+    }
+
+    pub(crate) fn copy_from(&mut self, other: &PageData) {
+        match (self, other) {
+            (PageData::F32(a), PageData::F32(b)) => a.copy_from_slice(b),
+            (PageData::Bf16(a), PageData::Bf16(b)) => a.copy_from_slice(b),
+            // One pool has one dtype; pages of two pools never meet.
+            _ => {}
+        }
     }
 }
 
@@ -56,9 +104,10 @@ pub struct PoolStats {
     pub evictions: u64,
 }
 
-/// One block's storage: `[layer][slot][width]` floats.
+/// One block's storage.
 pub(crate) struct Page {
-    pub(crate) data: Box<[f32]>,
+    /// `None` only while the page is being dropped.
+    pub(crate) data: Option<PageData>,
     pool: Arc<Shared>,
 }
 
@@ -66,7 +115,9 @@ impl Drop for Page {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
         st.used -= 1;
-        st.free.push(std::mem::take(&mut self.data));
+        if let Some(d) = self.data.take() {
+            st.free.push(d);
+        }
     }
 }
 
@@ -79,7 +130,7 @@ struct Entry {
 #[derive(Default)]
 struct State {
     used: usize,
-    free: Vec<Box<[f32]>>,
+    free: Vec<PageData>,
     table: HashMap<u64, Entry>,
     /// Last use → chain hash, oldest first.
     lru: BTreeMap<u64, u64>,
@@ -89,7 +140,7 @@ struct State {
 
 pub(crate) struct Shared {
     pub(crate) cfg: PoolConfig,
-    /// Floats per block: layers × block_tokens × width.
+    /// Values per block: layers × block_tokens × width.
     block_floats: usize,
     seed: u64,
     state: Mutex<State>,
@@ -130,7 +181,7 @@ impl KvPool {
 
     /// Bytes one block holds.
     pub fn block_bytes(&self) -> usize {
-        self.0.block_floats * 4
+        self.0.block_floats * self.0.cfg.dtype.bytes()
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -159,8 +210,8 @@ impl KvPool {
                 let mut st = self.0.lock();
                 if self.0.cfg.capacity_blocks.is_none_or(|c| st.used < c) {
                     st.used += 1;
-                    let data = st.free.pop().unwrap_or_else(|| vec![0f32; self.0.block_floats].into_boxed_slice());
-                    return Ok(Arc::new(Page { data, pool: self.0.clone() }));
+                    let data = st.free.pop().unwrap_or_else(|| PageData::new(self.0.cfg.dtype, self.0.block_floats));
+                    return Ok(Arc::new(Page { data: Some(data), pool: self.0.clone() }));
                 }
                 let idle = st.lru.values().copied().find(|h| st.table.get(h).is_some_and(idle_entry));
                 let Some(h) = idle else {

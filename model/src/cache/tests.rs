@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::config::ModelConfig;
+use crate::kernels::rows::Row;
 use proptest::prelude::*;
 
 fn cfg() -> ModelConfig {
@@ -39,7 +40,8 @@ fn grow(c: &mut KvCache, toks: &[u32]) -> Result<()> {
 fn check(c: &KvCache) {
     for layer in 0..2 {
         for (p, &t) in c.tokens.iter().enumerate() {
-            assert!(c.row(layer, p).iter().all(|&v| v == mark(layer, p, t)), "layer {layer} position {p}");
+            let Row::F32(row) = c.row(layer, p) else { panic!("an f32 pool") };
+            assert!(row.iter().all(|&v| v == mark(layer, p, t)), "layer {layer} position {p}");
         }
     }
     assert_eq!(c.tokens.len(), c.len());
@@ -88,7 +90,7 @@ proptest! {
         capacity in 4..24usize,
     ) {
         let cfg = cfg();
-        let pool = KvPool::new(PoolConfig { block_tokens: 4, capacity_blocks: Some(capacity), prefix_cache: prefix },
+        let pool = KvPool::new(PoolConfig { block_tokens: 4, capacity_blocks: Some(capacity), prefix_cache: prefix, ..PoolConfig::default() },
                                cfg.num_layers, row_width(&cfg)).unwrap();
         let mut seqs: Vec<KvCache> = Vec::new();
         for op in ops {
@@ -144,7 +146,7 @@ proptest! {
 #[test]
 fn a_shared_prefix_is_found_and_a_full_pool_evicts_the_oldest_idle_block() {
     let cfg = cfg();
-    let pcfg = PoolConfig { block_tokens: 4, capacity_blocks: Some(4), prefix_cache: true };
+    let pcfg = PoolConfig { block_tokens: 4, capacity_blocks: Some(4), prefix_cache: true, ..PoolConfig::default() };
     let pool = KvPool::new(pcfg, cfg.num_layers, row_width(&cfg)).unwrap();
     let prompt: Vec<u32> = (0..9).map(|i| i % 3).collect();
     let mut a = KvCache::new(&cfg, &pool);
@@ -180,6 +182,26 @@ fn writing_into_a_shared_partial_block_copies_it() {
     check(&a);
     check(&b);
     assert!(!Arc::ptr_eq(&a.pages[1], &b.pages[1]) && Arc::ptr_eq(&a.pages[0], &b.pages[0]));
+}
+
+/// A bf16 pool holds half the bytes and each value rounded once.
+#[test]
+fn bf16_pools_round_once_and_hold_half() {
+    let cfg = cfg();
+    let w = row_width(&cfg);
+    let f = KvPool::new(PoolConfig { block_tokens: 4, ..PoolConfig::default() }, 2, w).unwrap();
+    let pool =
+        KvPool::new(PoolConfig { block_tokens: 4, dtype: KvDtype::Bf16, ..PoolConfig::default() }, 2, w).unwrap();
+    assert_eq!(pool.block_bytes() * 2, f.block_bytes());
+    let mut c = KvCache::new(&cfg, &pool);
+    c.reserve(2).unwrap();
+    let rows: Vec<f32> = (0..2 * w).map(|i| 1.0 + i as f32 / 7.0).collect();
+    c.write(1, 0, &rows).unwrap();
+    c.advance(&[3, 4]);
+    let Row::Bf16(r) = c.row(1, 1) else { panic!("a bf16 pool") };
+    for (got, want) in r.iter().zip(&rows[w..]) {
+        assert_eq!(*got, crate::tensor::f32_to_bf16(*want));
+    }
 }
 
 #[test]

@@ -111,6 +111,32 @@ pub unsafe fn block(x: &[f32], t: usize, w: &Fp8Matrix, j0: usize, j1: usize, ou
         unsafe { simd::block(x, t, w, j0, j1, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        // SAFETY: feature checked; the caller's contract is forwarded.
+        unsafe { portable_fma(x, t, w, j0, j1, out) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { portable(x, t, w, j0, j1, out) }
+}
+
+/// [`portable`] compiled with FMA, so its `mul_add`s are one instruction
+/// each rather than calls into libm.
+///
+/// # Safety
+/// FMA available; otherwise as [`block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn portable_fma(x: &[f32], t: usize, w: &Fp8Matrix, j0: usize, j1: usize, out: *mut f32) {
+    // SAFETY: forwarded.
+    unsafe { portable(x, t, w, j0, j1, out) }
+}
+
+/// # Safety
+/// As [`block`].
+#[inline(always)]
+unsafe fn portable(x: &[f32], t: usize, w: &Fp8Matrix, j0: usize, j1: usize, out: *mut f32) {
     let (n, k, ncb) = (w.rows, w.cols, w.cols.div_ceil(w.bc));
     for j in j0..j1.min(n) {
         let b = j / BLOCK;

@@ -6,14 +6,19 @@
 //! expert batches need every weight load reused across tokens. bf16 weights
 //! use the packed layout of [`packed`]; f32 weights (f32 checkpoints, gates,
 //! absorbed MLA matrices) use the row-major tiles here. AVX-512 is chosen at
-//! run time; portable loops cover other CPUs. `docs/benchmarks.md` compares
+//! run time, then AVX2 + FMA ([`avx2`]); portable loops cover other CPUs
+//! (the simple ones are written in 8-lane chunks, so they also run as
+//! AVX2 code where the CPU has it). `docs/benchmarks.md` compares
 //! them with torch on the same shapes.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod fp8;
 pub mod packed;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_simd;
+pub mod rows;
 
 use crate::tensor::MatView;
 use rayon::prelude::*;
@@ -182,17 +187,77 @@ unsafe fn row_major_block<W: Lanes>(
         unsafe { avx512::block(x, t, w, n, k, j0, j1, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: AVX2 checked above; bounds as documented.
+        unsafe { row_major_avx2(x, t, w, n, k, j0, j1, out) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { row_major_portable(x, t, w, n, k, j0, j1, out) }
+}
+
+/// The portable loop of [`row_major_block`], compiled for AVX2.
+///
+/// # Safety
+/// AVX2 available; otherwise as [`row_major_block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_major_avx2<W: Lanes>(
+    x: &[f32],
+    t: usize,
+    w: &[W],
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    // SAFETY: forwarded.
+    unsafe { row_major_portable(x, t, w, n, k, j0, j1, out) }
+}
+
+/// # Safety
+/// As [`row_major_block`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_major_portable<W: Lanes>(
+    x: &[f32],
+    t: usize,
+    w: &[W],
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
     for j in j0..j1 {
         for ti in 0..t {
-            let xr = &x[ti * k..(ti + 1) * k];
-            let mut acc = [0f32; 8];
-            for (c, xv) in xr.iter().enumerate() {
-                acc[c % 8] += xv * w[j * k + c].widen();
-            }
+            let s = lanes8(&x[ti * k..(ti + 1) * k], &w[j * k..(j + 1) * k], |a, b| a * b.widen());
             // SAFETY: ti < t, j < n; column j belongs to this block.
-            unsafe { *out.add(ti * n + j) = acc.iter().sum() };
+            unsafe { *out.add(ti * n + j) = s };
         }
     }
+}
+
+/// `Σ f(a[i], b[i])` with term `i` added into lane `i % 8` and the lanes
+/// summed at the end: written in 8-lane chunks so that it vectorizes (two
+/// SSE or one AVX2 register), with the same sums whatever the width.
+#[inline(always)]
+pub(crate) fn lanes8<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += f(xa[l], xb[l]);
+        }
+    }
+    for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += f(x, y);
+    }
+    acc.iter().sum()
 }
 
 /// A weight element type the kernels widen to f32.
@@ -433,11 +498,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: feature checked; slices of equal length.
         return unsafe { vec512::dot(a, b) };
     }
-    let mut acc = [0f32; 8];
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        acc[i % 8] += x * y;
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: feature checked.
+        return unsafe { dot_avx2(a, b) };
     }
-    acc.iter().sum()
+    lanes8(a, b, |x, y| x * y)
+}
+
+/// [`lanes8`]'s dot product compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    lanes8(a, b, |x, y| x * y)
 }
 
 /// `y += alpha · x`.
@@ -450,9 +523,28 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         unsafe { vec512::axpy(alpha, x, y) };
         return;
     }
-    for (o, v) in y.iter_mut().zip(x) {
-        *o += alpha * v;
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: feature checked.
+        unsafe { axpy_avx2(alpha, x, y) };
+        return;
     }
+    axpy_portable(alpha, x, y, |v| v);
+}
+
+/// `y[i] += alpha · f(x[i])`: independent lanes, so it vectorizes as written.
+#[inline(always)]
+pub(crate) fn axpy_portable<X: Copy>(alpha: f32, x: &[X], y: &mut [f32], f: impl Fn(X) -> f32) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * f(*v);
+    }
+}
+
+/// [`axpy_portable`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
+    axpy_portable(alpha, x, y, |v| v)
 }
 
 #[cfg(target_arch = "x86_64")]

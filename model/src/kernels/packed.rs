@@ -42,9 +42,19 @@ pub enum PackedAct {
     Bf16(Vec<u16>),
 }
 
+/// Without bf16 dot products (`vdpbf16ps`) the rounded bf16 activations
+/// are handed over widened to f32, the exact same values.
 pub fn prepare(x: &[f32], t: usize, k: usize, bf16_act: bool) -> PackedAct {
     let kk = 2 * pairs(k);
-    if bf16_act {
+    if bf16_act && !bf16_dots() {
+        let mut v = vec![0f32; t * kk];
+        for (dst, src) in v.chunks_exact_mut(kk).zip(x.chunks_exact(k)) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = crate::tensor::bf16_to_f32(crate::tensor::f32_to_bf16(*s));
+            }
+        }
+        PackedAct::F32(v)
+    } else if bf16_act {
         let mut v = vec![0u16; t * kk];
         for (dst, src) in v.chunks_exact_mut(kk).zip(x.chunks_exact(k)) {
             for (d, s) in dst.iter_mut().zip(src) {
@@ -59,6 +69,13 @@ pub fn prepare(x: &[f32], t: usize, k: usize, bf16_act: bool) -> PackedAct {
         }
         PackedAct::F32(v)
     }
+}
+
+fn bf16_dots() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::avx512::bf16_dot_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Computes output columns `j0..j1` (a multiple of [`BLOCK`] apart, `j0`
@@ -77,6 +94,11 @@ pub unsafe fn block(x: &PackedAct, t: usize, w: &[u16], n: usize, k: usize, j0: 
         if fast {
             // SAFETY: features checked; the caller's contract is forwarded.
             unsafe { simd::block(x, t, w, n, k, j0, j1, out) };
+            return;
+        }
+        if let (PackedAct::F32(v), true) = (x, super::avx2::available()) {
+            // SAFETY: features checked; the caller's contract is forwarded.
+            unsafe { super::avx2::packed_block(v, t, w, n, k, j0, j1, out) };
             return;
         }
     }

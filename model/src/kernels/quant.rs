@@ -271,6 +271,12 @@ pub unsafe fn block(x: &QuantAct, t: usize, w: &QuantMatrix, j0: usize, j1: usiz
         unsafe { super::quant_simd::block(x, t, w, j0, j1, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        // SAFETY: features checked; the caller's contract is forwarded.
+        unsafe { super::avx2::quant_block(x, t, w, j0, j1, out) };
+        return;
+    }
     let n = w.rows;
     for j in j0..j1.min(n) {
         for ti in 0..t {
