@@ -513,9 +513,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     lanes8(a, b, |x, y| x * y)
 }
 
-/// `y += alpha · x`.
+/// `y += alpha · x`, `x` in f32 or bf16 bits.
 #[inline]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+pub fn axpy<W: Lanes>(alpha: f32, x: &[W], y: &mut [f32]) {
     debug_assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
@@ -529,7 +529,7 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         unsafe { axpy_avx2(alpha, x, y) };
         return;
     }
-    axpy_portable(alpha, x, y, |v| v);
+    axpy_portable(alpha, x, y, W::widen);
 }
 
 /// `y[i] += alpha · f(x[i])`: independent lanes, so it vectorizes as written.
@@ -543,8 +543,8 @@ pub(crate) fn axpy_portable<X: Copy>(alpha: f32, x: &[X], y: &mut [f32], f: impl
 /// [`axpy_portable`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
-    axpy_portable(alpha, x, y, |v| v)
+unsafe fn axpy_avx2<W: Lanes>(alpha: f32, x: &[W], y: &mut [f32]) {
+    axpy_portable(alpha, x, y, W::widen)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -577,7 +577,7 @@ mod vec512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    pub unsafe fn axpy<W: super::Lanes>(alpha: f32, x: &[W], y: &mut [f32]) {
         let n = x.len().min(y.len());
         let main = n - n % 16;
         let av = _mm512_set1_ps(alpha);
@@ -586,12 +586,12 @@ mod vec512 {
             // SAFETY: i + 16 ≤ n for both slices.
             unsafe {
                 let p = y.as_mut_ptr().add(i);
-                _mm512_storeu_ps(p, _mm512_fmadd_ps(av, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(p)));
+                _mm512_storeu_ps(p, _mm512_fmadd_ps(av, W::load16(x.as_ptr().add(i)), _mm512_loadu_ps(p)));
             }
             i += 16;
         }
         for j in main..n {
-            y[j] += alpha * x[j];
+            y[j] += alpha * x[j].widen();
         }
     }
 }

@@ -38,7 +38,7 @@ pub fn dot_row(q: &[f32], row: Row<'_>) -> f32 {
 pub fn axpy_row(alpha: f32, row: Row<'_>, y: &mut [f32]) {
     match row {
         Row::F32(r) => super::axpy(alpha, r, y),
-        Row::Bf16(r) => axpy_bf16(alpha, r, y),
+        Row::Bf16(r) => super::axpy(alpha, r, y),
     }
 }
 
@@ -57,23 +57,6 @@ fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
     super::lanes8(a, b, |x, y| x * bf16_to_f32(y))
 }
 
-fn axpy_bf16(alpha: f32, x: &[u16], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    if super::avx512::available() {
-        // SAFETY: feature checked; slices of equal length.
-        unsafe { simd::axpy_bf16(alpha, x, y) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::avx2::available() {
-        // SAFETY: feature checked.
-        unsafe { simd::axpy_bf16_avx2(alpha, x, y) };
-        return;
-    }
-    super::axpy_portable(alpha, x, y, bf16_to_f32);
-}
-
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use crate::tensor::bf16_to_f32;
@@ -85,19 +68,6 @@ mod simd {
         crate::kernels::lanes8(a, b, |x, y| x * bf16_to_f32(y))
     }
 
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn axpy_bf16_avx2(alpha: f32, x: &[u16], y: &mut [f32]) {
-        crate::kernels::axpy_portable(alpha, x, y, bf16_to_f32)
-    }
-
-    /// 16 bf16 at `p` widened to f32.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn widen(p: *const u16) -> __m512 {
-        // SAFETY: the caller guarantees 16 readable values at p.
-        let h = unsafe { _mm256_loadu_si256(p as *const __m256i) };
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-    }
-
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
         let n = a.len().min(b.len());
@@ -106,7 +76,13 @@ mod simd {
         let mut i = 0;
         while i < main {
             // SAFETY: i + 16 ≤ n for both slices.
-            unsafe { s = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), widen(b.as_ptr().add(i)), s) };
+            unsafe {
+                s = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    <u16 as crate::kernels::Lanes>::load16(b.as_ptr().add(i)),
+                    s,
+                )
+            };
             i += 16;
         }
         let mut t = _mm512_reduce_add_ps(s);
@@ -114,25 +90,6 @@ mod simd {
             t += a[j] * bf16_to_f32(b[j]);
         }
         t
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_bf16(alpha: f32, x: &[u16], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let main = n - n % 16;
-        let av = _mm512_set1_ps(alpha);
-        let mut i = 0;
-        while i < main {
-            // SAFETY: i + 16 ≤ n for both slices.
-            unsafe {
-                let p = y.as_mut_ptr().add(i);
-                _mm512_storeu_ps(p, _mm512_fmadd_ps(av, widen(x.as_ptr().add(i)), _mm512_loadu_ps(p)));
-            }
-            i += 16;
-        }
-        for j in main..n {
-            y[j] += alpha * bf16_to_f32(x[j]);
-        }
     }
 }
 
