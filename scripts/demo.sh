@@ -17,4 +17,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "error: Rust is missing: install rustup (https://rustup.rs), then re-run" >&2; exit 1; }
 cargo build --release --workspace
-exec target/release/expertmesh up --demo --expert-nodes 2 --replicas 2 "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/expertmesh" up --demo --expert-nodes 2 --replicas 2 "$@"

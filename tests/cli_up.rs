@@ -1,7 +1,9 @@
 //! `expertmesh up` end to end: a local cluster from the CLI (private etcd,
 //! coordinator, nodes, router) serves `generate --router` with
 //! transformers' exact tokens, `status` and `bench` report, and neither
-//! Ctrl-C nor `kill -9` of `up` leaves a process behind.
+//! Ctrl-C nor `kill -9` of `up` leaves a process behind. The trained demo
+//! model answers in the cluster as in transformers, and `expertmesh eval`
+//! scores it alike offline and through the router.
 
 use std::path::Path;
 
@@ -129,19 +131,22 @@ fn up_serves_a_dense_model_with_the_router_alone() {
     assert!(!out.status.success() && err.contains("--model") && err.contains("dense"), "{err}");
 }
 
+/// `generate --router` of `n` tokens past EOS, as JSON.
+fn greedy_via(grpc: &str, prompt: &[u32], n: usize) -> serde_json::Value {
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let (n, ids) = (n.to_string(), ids.join(","));
+    let (ok, stdout, stderr) =
+        cli(&["generate", "--router", grpc, "--prompt-ids", &ids, "--max-tokens", &n, "--ignore-eos", "--json"]);
+    assert!(ok, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
 fn up_dense(case: &str) {
     let u = up(&fixture(case), case);
     assert_eq!(u.state["expert_nodes"].as_array().unwrap().len(), 0, "{}", u.state);
     let grpc = u.state["router"]["grpc"].as_str().unwrap().to_string();
     let (prompt, greedy) = common::reference(case);
-    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let out = common::command("expertmesh")
-        .args(["generate", "--router", &grpc, "--prompt-ids", &ids.join(","), "--max-tokens", "8", "--ignore-eos"])
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let g = greedy_via(&grpc, &prompt, 8);
     assert_eq!(g["token_ids"], serde_json::json!(greedy), "{case}");
     let out = common::command("expertmesh")
         .args(["status", "--json", "--etcd", u.state["etcd"]["url"].as_str().unwrap(), "--cluster", "local"])
@@ -149,6 +154,41 @@ fn up_dense(case: &str) {
         .unwrap();
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((st["placement"]["in_force"].as_bool(), st["placement"]["uncovered"].as_u64()), (Some(true), Some(0)));
+}
+
+/// The trained demo model (`model/demo`, what `up --demo` serves) in a
+/// 3-node cluster: its chat answer is transformers' greedy tokens, and its
+/// perplexity over held-out text, scored through the router's OpenAI API
+/// (`echo` + `logprobs`, `max_tokens: 0`), is transformers' and the
+/// offline `eval`'s (f32 everywhere, so only summation order differs).
+#[test]
+fn the_demo_model_answers_and_scores_alike_in_a_cluster() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/demo");
+    let u = up_with(&demo, "demo", &[], &[("EXPERTMESH_PRECISION", "f32")], Stdio::null());
+    let grpc = u.state["router"]["grpc"].as_str().unwrap().to_string();
+    let http = u.state["router"]["http"].as_str().unwrap().to_string();
+    let (prompt, greedy) = common::reference("demo_trained");
+    let g = greedy_via(&grpc, &prompt, 16);
+    assert_eq!(g["token_ids"], serde_json::json!(greedy));
+    let text = g["text"].as_str().unwrap();
+    assert!(text.split_whitespace().filter(|w| w.chars().all(|c| c.is_ascii_alphabetic())).count() >= 3, "{text}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("demo_trained").join("perplexity.json")).unwrap())
+            .unwrap();
+    let want = r["perplexity"].as_f64().unwrap();
+    let text_file = fixture("demo_trained").join("text.txt");
+    let base = ["eval", "--model", demo.to_str().unwrap(), "--text", text_file.to_str().unwrap()];
+    let shape = ["--context", "128", "--stride", "64", "--json", "--precision", "f32"];
+    let url = format!("http://{http}");
+    for how in [vec![], vec!["--url", url.as_str()]] {
+        let args: Vec<&str> = base.iter().chain(&shape).chain(&how).copied().collect();
+        let (ok, stdout, stderr) = cli(&args);
+        assert!(ok, "{how:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let got = v["perplexity"].as_f64().unwrap();
+        assert_eq!(v["tokens"], r["tokens"], "{how:?}");
+        assert!((got - want).abs() / want < 1e-4, "{how:?}: perplexity {got} vs transformers {want}");
+    }
 }
 
 #[test]

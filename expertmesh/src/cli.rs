@@ -31,6 +31,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Write a random checkpoint in Hugging Face layout.
     GenModel(GenModelArgs),
+    /// Perplexity of a checkpoint over a text file (sliding windows).
+    Eval(crate::eval_cmd::EvalCmd),
     /// Start a local cluster (etcd, coordinator, expert nodes, router) as child processes.
     Up(crate::up::UpCmd),
     /// Load-test a router, or the same engine in this process.
@@ -228,6 +230,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) if a.router.is_some() => cmd_generate_remote(a),
         Command::Generate(a) => cmd_generate(a),
         Command::GenModel(a) => cmd_gen_model(a),
+        Command::Eval(a) => crate::eval_cmd::cmd_eval(a),
         Command::Up(a) => cmd_up(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Placement(a) => crate::placement_cmd::cmd_placement(a),
@@ -238,7 +241,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Loads a model, with a progress bar on stderr unless `quiet`.
-fn load_model(dir: &Path, weights: &WeightArgs, quiet: bool) -> Result<Model> {
+pub(crate) fn load_model(dir: &Path, weights: &WeightArgs, quiet: bool) -> Result<Model> {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -402,7 +405,7 @@ fn cmd_gen_model(a: GenModelArgs) -> Result<()> {
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
@@ -450,7 +453,7 @@ fn cmd_generate_remote(a: GenerateArgs) -> Result<()> {
 fn cmd_up(a: crate::up::UpCmd) -> Result<()> {
     let model = match &a.model {
         Some(m) => m.clone(),
-        None => crate::up::demo_model(Path::new("demo-model"))?,
+        None => crate::up::demo_model()?,
     };
     static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     extern "C" fn on_signal(_: libc::c_int) {

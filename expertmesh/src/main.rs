@@ -4,6 +4,7 @@ mod bench;
 mod certs;
 mod cli;
 mod cluster_cmd;
+mod eval_cmd;
 mod placement_cmd;
 mod remote;
 mod up;

@@ -17,6 +17,7 @@ pub mod model;
 pub mod moe;
 pub mod ops;
 pub mod options;
+pub mod perplexity;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

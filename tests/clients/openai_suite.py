@@ -67,6 +67,19 @@ lp = r.choices[0].logprobs
 check("completion logprobs", len(lp.token_logprobs) == 4 and all(1 <= len(t) <= 3 for t in lp.top_logprobs), str(lp))
 check("greedy is the top choice", all(abs(max(t.values()) - c) < 1e-5 for t, c in zip(lp.top_logprobs, lp.token_logprobs)))
 
+# echo + logprobs scores the prompt (lm-evaluation-harness's request): the
+# first prompt token has no logprob, each other one is the greedy answer's
+# own logprob where the greedy token was fed back.
+g = client.completions.create(model=model, prompt=expected["prompt_ids"], max_tokens=3, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+r0_lps = g.choices[0].logprobs.token_logprobs
+scored = client.completions.create(model=model, prompt=expected["prompt_ids"] + expected["greedy_ids"][:3], max_tokens=0, echo=True, logprobs=1)
+slp = scored.choices[0].logprobs
+P = len(expected["prompt_ids"])
+check("echo scores the prompt", slp.token_logprobs[0] is None and len(slp.token_logprobs) == P + 3 and scored.usage.completion_tokens == 0, str(slp.token_logprobs))
+check("prompt logprobs are the generated ones", all(abs(a - b) < 1e-4 for a, b in zip(slp.token_logprobs[P:], r0_lps[:3])), f"{slp.token_logprobs[P:]} vs {r0_lps[:3]}")
+with_answer = client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0, echo=True)
+check("echo prefixes the prompt", with_answer.choices[0].text.startswith("Hello") and with_answer.usage.completion_tokens == 2, with_answer.choices[0].text)
+
 # A stop string from the middle of the greedy text: the text ends just
 # before it and the reason is "stop".
 long = client.completions.create(model=model, prompt="The", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})

@@ -47,7 +47,8 @@ pub struct UpCmd {
     /// Checkpoint directory.
     #[arg(long, env = "EXPERTMESH_MODEL", required_unless_present = "demo")]
     pub model: Option<PathBuf>,
-    /// Use the demo model (generated into ./demo-model on first use).
+    /// Serve the small trained demo model committed in the source tree
+    /// (`model/demo`; `expertmesh gen-model` writes random ones).
     #[arg(long, conflicts_with = "model", env = "EXPERTMESH_DEMO")]
     pub demo: bool,
     #[arg(long, env = "EXPERTMESH_EXPERT_NODES", default_value_t = 2)]
@@ -423,12 +424,29 @@ fn field(line: &str, key: &str) -> String {
     line.split(' ').find_map(|w| w.strip_prefix(key)).unwrap_or_default().to_string()
 }
 
-/// The demo checkpoint, generated on first use.
-pub fn demo_model(dir: &Path) -> Result<PathBuf> {
-    if !dir.join("config.json").exists() {
-        let spec = expertmesh_model::genmodel::GenSpec::demo(expertmesh_model::config::Arch::DeepseekV3);
-        expertmesh_model::genmodel::generate_checkpoint(&spec, dir).context("writing the demo model")?;
-        eprintln!("generated the demo model in {}", dir.display());
+/// The trained demo checkpoint (`model/demo` in the source tree, written by
+/// `tools/train_demo.py`): found from the working directory of a checkout,
+/// else in the tree the binary was built from.
+pub fn demo_model() -> Result<PathBuf> {
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/demo");
+    let candidates = [PathBuf::from("model/demo"), built_from];
+    match candidates.iter().find(|d| d.join("config.json").is_file()) {
+        Some(d) => Ok(d.clone()),
+        None => bail!(
+            "--demo: the demo checkpoint is not in {} or {}; run from a checkout, or pass --model DIR",
+            candidates[0].display(),
+            candidates[1].display()
+        ),
     }
-    Ok(dir.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    /// `--demo` finds the committed checkpoint from any working directory
+    /// (tests run in the crate's).
+    #[test]
+    fn the_demo_checkpoint_is_found() {
+        let d = super::demo_model().unwrap();
+        assert!(d.join("model.safetensors").is_file() && d.join("tokenizer.json").is_file(), "{}", d.display());
+    }
 }

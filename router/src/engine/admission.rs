@@ -21,6 +21,12 @@ impl Engine {
         tokens.div_ceil(self.model.kv_pool().config().block_tokens)
     }
 
+    /// A cache for `tokens`: from their longest cached prefix, or empty when
+    /// the prompt is to be scored (cached positions would have no logits).
+    fn cache_for(&self, tokens: &[u32], scoring: bool) -> expertmesh_model::cache::KvCache {
+        if scoring { self.model.new_cache() } else { self.model.new_cache_for(tokens) }
+    }
+
     /// Admission while the batch and the block pool allow.
     pub(super) fn admit(&self, b: &mut Batch, rx: &mut mpsc::Receiver<Submit>) {
         while b.running.len() < self.cfg.max_num_seqs {
@@ -30,7 +36,7 @@ impl Engine {
                     break;
                 }
                 if let Some(mut s) = b.preempted.pop_front() {
-                    s.cache = self.model.new_cache_for(&s.tokens);
+                    s.cache = self.cache_for(&s.tokens, s.prompt_logprobs.is_some());
                     b.running.push(s);
                 }
                 continue;
@@ -64,7 +70,8 @@ impl Engine {
                 b.held = Some(s); // waits until running requests free blocks
                 break;
             }
-            if let Err(e) = check_request(&self.model, &s.prompt, s.max_tokens) {
+            // A scoring request (max_tokens 0) is checked as if for one token.
+            if let Err(e) = check_request(&self.model, &s.prompt, s.max_tokens.max(1)) {
                 self.fail(&s.events, &s.trace_id, e);
                 continue;
             }
@@ -76,7 +83,7 @@ impl Engine {
                 }
             };
             b.running.push(Seq {
-                cache: self.model.new_cache_for(&s.prompt),
+                cache: self.cache_for(&s.prompt, s.prompt_logprobs.is_some()),
                 prompt_len: s.prompt.len(),
                 tokens: s.prompt,
                 generated: 0,
@@ -84,6 +91,8 @@ impl Engine {
                 max_tokens: s.max_tokens,
                 ignore_eos: s.ignore_eos,
                 top_logprobs: s.top_logprobs,
+                prompt_logprobs: s.prompt_logprobs,
+                scored: Vec::new(),
                 events: s.events,
                 arrived: s.arrived,
                 last_token_at: None,

@@ -8,6 +8,8 @@
 //! tokens out. Requests join and leave at every step; a client that goes
 //! away is dropped at the next step and its KV blocks freed. A prompt
 //! whose leading blocks are in the prefix cache computes only its tail.
+//! A request for prompt logprobs (scoring, perplexity through the API)
+//! computes its whole prompt and takes every prompt row's logits.
 
 mod admission;
 
@@ -44,8 +46,19 @@ pub enum Event {
         logprob: f32,
         top: Vec<(u32, f32)>,
     },
+    /// The prompt's tokens 1.. as the model scores them (the first has no
+    /// context), once the prompt is computed, before any token; only when
+    /// the request asked for prompt logprobs.
+    Prompt(Vec<Scored>),
     Finished(FinishReason),
     Failed(ModelError),
+}
+
+/// A prompt token's log-probability and the likeliest alternatives there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 pub struct Submit {
@@ -55,7 +68,10 @@ pub struct Submit {
     pub ignore_eos: bool,
     /// Alternatives reported with each token (0: none).
     pub top_logprobs: usize,
-    /// Must hold `max_tokens + 2` events (see [`event_channel`]).
+    /// Score the prompt, with this many alternatives per token; with
+    /// `max_tokens` 0 nothing is generated.
+    pub prompt_logprobs: Option<usize>,
+    /// Must hold `max_tokens + 3` events (see [`event_channel`]).
     pub events: mpsc::Sender<Event>,
     pub arrived: Instant,
     /// The request's trace id (see `expertmesh_dataplane::trace`).
@@ -64,7 +80,7 @@ pub struct Submit {
 
 /// A request's event channel, sized so the engine never waits on it.
 pub fn event_channel(max_tokens: usize) -> (mpsc::Sender<Event>, mpsc::Receiver<Event>) {
-    mpsc::channel(max_tokens + 2)
+    mpsc::channel(max_tokens + 3)
 }
 
 struct Seq {
@@ -79,6 +95,10 @@ struct Seq {
     max_tokens: usize,
     ignore_eos: bool,
     top_logprobs: usize,
+    /// Alternatives per prompt token, when the prompt is scored.
+    prompt_logprobs: Option<usize>,
+    /// Prompt tokens 1.. scored so far (kept over a preemption).
+    scored: Vec<Scored>,
     events: mpsc::Sender<Event>,
     arrived: Instant,
     last_token_at: Option<Instant>,
@@ -94,6 +114,27 @@ impl Seq {
 
     fn decoding(&self) -> bool {
         self.generated > 0 && self.pending() == 1
+    }
+
+    /// Still computing a prompt it must score: every row's logits are needed.
+    fn scoring(&self) -> bool {
+        self.prompt_logprobs.is_some() && self.scored.len() + 1 < self.prompt_len
+    }
+
+    /// Scores the prompt tokens that `rows` (the logits of the `rows.len() /
+    /// vocab` tokens just computed) predict.
+    fn score(&mut self, rows: &[f32], vocab: usize) {
+        let n = rows.len() / vocab;
+        let first = self.cache.len() - n;
+        for (r, row) in rows.chunks_exact(vocab).enumerate() {
+            // Row r predicts token first + r + 1.
+            let t = first + r + 1;
+            if t == self.scored.len() + 1 && t < self.prompt_len {
+                let lse = expertmesh_model::ops::log_sum_exp(row);
+                let logprob = (row[self.tokens[t] as usize] as f64 - lse) as f32;
+                self.scored.push(Scored { logprob, top: top_logprobs(row, self.prompt_logprobs.unwrap_or(0)) });
+            }
+        }
     }
 }
 
@@ -292,12 +333,48 @@ impl Engine {
             if *n > 1 || s.generated == 0 {
                 self.metrics.prompt_tokens.inc_by(*n as u64);
             }
+            let vocab = self.model.config().vocab_size;
+            let last = if logits.len() > vocab {
+                // A step that took every row (a sequence scoring its prompt).
+                if s.prompt_logprobs.is_some() {
+                    s.score(&logits, vocab);
+                }
+                &logits[logits.len() - vocab..]
+            } else {
+                &logits[..]
+            };
             if s.pending() > 0 {
                 continue; // more prompt to go: these logits are not a prediction yet
             }
-            finished[*i] = self.sample(s, &logits, eos);
+            if s.generated == 0 && s.prompt_logprobs.is_some() {
+                finished[*i] = self.send_scores(s);
+                if finished[*i] {
+                    continue;
+                }
+            }
+            finished[*i] = self.sample(s, last, eos);
         }
         finished
+    }
+
+    /// Sends the prompt's scores; true when the request is done (it wanted
+    /// no tokens, or left).
+    fn send_scores(&self, s: &mut Seq) -> bool {
+        if s.events.try_send(Event::Prompt(std::mem::take(&mut s.scored))).is_err() {
+            return true;
+        }
+        // Scored: later recomputation (a preemption) must not score again.
+        s.prompt_logprobs = None;
+        if s.max_tokens > 0 {
+            return false;
+        }
+        self.metrics.e2e.observe(s.arrived.elapsed().as_secs_f64());
+        tracing::info!(trace_id = %s.trace_id, prompt_tokens = s.prompt_len, completion_tokens = 0,
+                       finish_reason = "length", "prompt scored");
+        if s.events.try_send(Event::Finished(FinishReason::Length)).is_err() {
+            tracing::debug!(trace_id = %s.trace_id, "the client left before the end");
+        }
+        true
     }
 
     /// Samples one token for `s` and sends it; true when `s` is done.
@@ -351,15 +428,16 @@ impl Engine {
                 s.tokens[s.cache.len()..s.cache.len() + n].to_vec()
             })
             .collect();
+        let mode = if plan.iter().any(|&(i, _)| running[i].scoring()) { Logits::All } else { Logits::Last };
         let mut by_index: Vec<Option<&mut Seq>> = running.iter_mut().map(Some).collect();
         let mut seqs: Vec<&mut Seq> = plan.iter().filter_map(|&(i, _)| by_index[i].take()).collect();
         let batched = {
             let mut chunks: Vec<SeqChunk<'_>> =
                 seqs.iter_mut().zip(&inputs).map(|(s, t)| SeqChunk { tokens: t, cache: &mut s.cache }).collect();
             if self.cfg.overlap {
-                self.model.forward_overlapped(&mut chunks, Logits::Last)
+                self.model.forward_overlapped(&mut chunks, mode)
             } else {
-                self.model.forward(&mut chunks, Logits::Last)
+                self.model.forward(&mut chunks, mode)
             }
         };
         match batched {
@@ -369,7 +447,7 @@ impl Engine {
                 .zip(&inputs)
                 .map(|(s, t)| {
                     self.model
-                        .forward(&mut [SeqChunk { tokens: t, cache: &mut s.cache }], Logits::Last)
+                        .forward(&mut [SeqChunk { tokens: t, cache: &mut s.cache }], mode)
                         .map(|mut v| v.remove(0))
                 })
                 .collect(),

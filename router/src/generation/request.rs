@@ -86,6 +86,9 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// Alternatives reported with each token (0–20).
     pub top_logprobs: usize,
+    /// Score the prompt too, with this many alternatives per token (0–20):
+    /// OpenAI's `echo` with `logprobs`, vLLM's `prompt_logprobs`.
+    pub prompt_logprobs: Option<usize>,
     /// Split DeepSeek-R1 reasoning from content (chat, with
     /// `--reasoning-parser deepseek_r1`).
     pub reasoning: bool,
@@ -104,6 +107,7 @@ impl GenerationRequest {
             stop: Vec::new(),
             ignore_eos: false,
             top_logprobs: 0,
+            prompt_logprobs: None,
             reasoning: false,
             trace_id,
         }
@@ -143,7 +147,7 @@ pub fn check_fields(req: &GenerationRequest) -> Result<SamplingParams, Generatio
     if req.stop.len() > MAX_STOP {
         return Err(GenerationError::invalid("stop", format!("at most {MAX_STOP} stop strings")));
     }
-    if req.top_logprobs > MAX_TOP_LOGPROBS {
+    if req.top_logprobs > MAX_TOP_LOGPROBS || req.prompt_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
         return Err(GenerationError::invalid(
             "top_logprobs",
             format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
@@ -152,8 +156,14 @@ pub fn check_fields(req: &GenerationRequest) -> Result<SamplingParams, Generatio
     req.sampling.params()
 }
 
-/// The request's lengths against the router's limits; returns `max_tokens`.
-pub fn check_limits(st: &RouterState, prompt: usize, max_tokens: Option<i64>) -> Result<usize, GenerationError> {
+/// The request's lengths against the router's limits; returns `max_tokens`,
+/// which may be 0 only for a request that scores its prompt.
+pub fn check_limits(
+    st: &RouterState,
+    prompt: usize,
+    max_tokens: Option<i64>,
+    scoring: bool,
+) -> Result<usize, GenerationError> {
     let l = &st.limits;
     if prompt == 0 {
         return Err(GenerationError::invalid("prompt", "the prompt is empty"));
@@ -170,6 +180,7 @@ pub fn check_limits(st: &RouterState, prompt: usize, max_tokens: Option<i64>) ->
     let room = l.max_model_len - prompt;
     let m = match max_tokens {
         None => room.min(l.max_tokens_limit),
+        Some(0) if scoring => 0,
         Some(m) if m <= 0 => return Err(GenerationError::invalid("max_tokens", "max_tokens must be at least 1")),
         Some(m) => m as usize,
     };

@@ -8,7 +8,7 @@ use super::GenerationError;
 use super::request::{GenerationRequest, check_fields, check_limits, check_model, prompt_ids};
 use super::text::{ReasoningSplitter, StopMatcher};
 use crate::RouterState;
-use crate::engine::{Event, Submit, event_channel};
+use crate::engine::{Event, Scored, Submit, event_channel};
 use expertmesh_model::generate::FinishReason;
 use expertmesh_model::tokenizer::{IncrementalDecoder, TextTokenizer};
 use std::sync::Arc;
@@ -48,6 +48,8 @@ pub enum Piece {
 pub struct Generation {
     /// The prompt's token ids.
     pub prompt: Vec<u32>,
+    /// Prompt tokens 1.. scored, when the request asked (`prompt_logprobs`).
+    pub prompt_scores: Vec<Scored>,
     pieces: mpsc::Receiver<Result<Piece, GenerationError>>,
 }
 
@@ -55,6 +57,7 @@ pub struct Generation {
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub prompt: Vec<u32>,
+    pub prompt_scores: Vec<Scored>,
     pub tokens: Vec<TokenOut>,
     pub text: String,
     pub reasoning: String,
@@ -84,9 +87,10 @@ impl Generation {
                     reasoning += &r;
                 }
                 Piece::Done { reason, prompt_tokens, completion_tokens } => {
-                    let prompt = self.prompt;
+                    let (prompt, prompt_scores) = (self.prompt, self.prompt_scores);
                     return Ok(Completion {
                         prompt,
+                        prompt_scores,
                         tokens,
                         text,
                         reasoning,
@@ -115,16 +119,22 @@ pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Gene
         max_tokens,
         ignore_eos: req.ignore_eos,
         top_logprobs: req.top_logprobs,
+        prompt_logprobs: req.prompt_logprobs,
         events,
         arrived,
         trace_id: req.trace_id,
     })
     .map_err(|e| st.refused(e))?;
     let clock = Clock::new(arrived, st.limits.request_timeout);
-    let first = match clock.next(&mut rx).await {
-        Err(e) => return Err(st.refused(e)),
-        Ok(Event::Failed(e)) => return Err(e.into()),
-        Ok(ev) => ev,
+    let mut prompt_scores = Vec::new();
+    let first = loop {
+        match clock.next(&mut rx).await {
+            Err(e) => return Err(st.refused(e)),
+            Ok(Event::Failed(e)) => return Err(e.into()),
+            // A scored prompt comes first, once; the answer starts after it.
+            Ok(Event::Prompt(v)) => prompt_scores = v,
+            Ok(ev) => break ev,
+        }
     };
     let text = TextState {
         tok: st.tokenizer.clone(),
@@ -134,7 +144,7 @@ pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Gene
     };
     let (out, pieces) = mpsc::channel(64);
     tokio::spawn(relay(st.clone(), prompt.len(), first, rx, clock, text, out));
-    Ok(Generation { prompt, pieces })
+    Ok(Generation { prompt, prompt_scores, pieces })
 }
 
 /// The request checked: sampling, the prompt's ids and `max_tokens`.
@@ -145,7 +155,7 @@ fn check(
     check_model(st, req.model.as_deref())?;
     let params = check_fields(req)?;
     let prompt = prompt_ids(st, &req.prompt)?;
-    let max_tokens = check_limits(st, prompt.len(), req.max_tokens)?;
+    let max_tokens = check_limits(st, prompt.len(), req.max_tokens, req.prompt_logprobs.is_some())?;
     Ok((params, prompt, max_tokens))
 }
 
@@ -239,6 +249,9 @@ async fn relay(
                 }
             }
             Ok(Event::Finished(reason)) => return end.finish(&mut text, false, reason, generated).await,
+            Ok(Event::Prompt(_)) => {
+                return end.fail(GenerationError::Unavailable("the engine scored a prompt twice".into())).await;
+            }
         }
         ev = clock.next(&mut rx).await;
     }

@@ -1,7 +1,13 @@
 //! `POST /v1/completions`: a prompt as text or token ids, streamed or not.
+//! `echo` returns the prompt before the completion and, with `logprobs`,
+//! the prompt tokens' log-probabilities (the first has none: `null`), as
+//! OpenAI's legacy API and vLLM do; with `max_tokens: 0` it only scores
+//! the prompt, which is how lm-evaluation-harness and `expertmesh eval
+//! --url` measure log-likelihood and perplexity.
 
 use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse};
 use crate::RouterState;
+use crate::engine::Scored;
 use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
 use axum::response::Response;
@@ -52,9 +58,6 @@ fn prompt(p: PromptInput) -> Result<Prompt, GenerationError> {
 
 /// The wire request as the core's, with the `logprobs` count asked for.
 fn translate(req: CompletionRequest, trace_id: String) -> Result<(GenerationRequest, Option<usize>), GenerationError> {
-    if req.echo {
-        return Err(GenerationError::invalid("echo", "echo is not supported"));
-    }
     let logprobs = match req.logprobs {
         None => None,
         Some(n @ 0..=20) => Some(n as usize),
@@ -67,6 +70,7 @@ fn translate(req: CompletionRequest, trace_id: String) -> Result<(GenerationRequ
         stop: Stop::into_vec(req.stop),
         ignore_eos: req.ignore_eos,
         top_logprobs: logprobs.unwrap_or(0),
+        prompt_logprobs: req.echo.then(|| logprobs.unwrap_or(0)),
         ..GenerationRequest::new(prompt(req.prompt)?, trace_id)
     };
     Ok((g, logprobs))
@@ -76,23 +80,41 @@ fn translate(req: CompletionRequest, trace_id: String) -> Result<(GenerationRequ
 #[derive(Default)]
 struct Logprobs {
     tokens: Vec<String>,
-    token_logprobs: Vec<f32>,
-    top: Vec<Map<String, Value>>,
+    token_logprobs: Vec<Option<f32>>,
+    top: Vec<Option<Map<String, Value>>>,
     offsets: Vec<usize>,
 }
 
 impl Logprobs {
     fn add(&mut self, st: &RouterState, t: &TokenOut, offset: usize) {
-        self.tokens.push(super::token_text(st, t.id));
-        self.token_logprobs.push(t.logprob);
+        self.push(st, t.id, Some((t.logprob, &t.top)), offset);
+    }
+
+    /// One token; `scored` is `None` for the prompt's first (no context).
+    fn push(&mut self, st: &RouterState, id: u32, scored: Option<(f32, &[(u32, f32)])>, offset: usize) {
+        self.tokens.push(super::token_text(st, id));
+        self.token_logprobs.push(scored.map(|(lp, _)| lp));
         // Keyed by text, as OpenAI's format is: two tokens that decode alike
         // (partial UTF-8) share a key, and the likelier one keeps it.
-        let mut top = Map::new();
-        for (id, lp) in &t.top {
-            top.entry(super::token_text(st, *id)).or_insert(json!(lp));
-        }
-        self.top.push(top);
+        self.top.push(scored.map(|(_, alts)| {
+            let mut top = Map::new();
+            for (id, lp) in alts {
+                top.entry(super::token_text(st, *id)).or_insert(json!(lp));
+            }
+            top
+        }));
         self.offsets.push(offset);
+    }
+
+    /// The echoed prompt's tokens; returns the offset after them.
+    fn add_prompt(&mut self, st: &RouterState, prompt: &[u32], scores: &[Scored]) -> usize {
+        let mut offset = 0;
+        for (i, &id) in prompt.iter().enumerate() {
+            let scored = i.checked_sub(1).and_then(|j| scores.get(j)).map(|s| (s.logprob, s.top.as_slice()));
+            self.push(st, id, scored, offset);
+            offset += super::token_text(st, id).len();
+        }
+        offset
     }
 
     fn json(self) -> Value {
@@ -108,18 +130,32 @@ pub async fn handle(
     super::respond(st, &headers, |st, trace_id| run(st, req, trace_id)).await
 }
 
+/// The echoed prompt: its text and, with `logprobs`, its tokens' scores.
+fn echo(st: &RouterState, prompt: &[u32], scores: &[Scored], logprobs: Option<usize>) -> (String, Logprobs, usize) {
+    let text = st.tokenizer.as_ref().and_then(|t| t.decode(prompt, false).ok()).unwrap_or_default();
+    let mut lp = Logprobs::default();
+    if logprobs.is_some() {
+        lp.add_prompt(st, prompt, scores);
+    }
+    let offset = text.len();
+    (text, lp, offset)
+}
+
 async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> Result<Response, GenerationError> {
-    let (stream, with_ids) = (req.stream, req.return_token_ids);
+    let (stream, with_ids, echoed) = (req.stream, req.return_token_ids, req.echo);
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let (request, logprobs) = translate(req, trace_id).map_err(|e| st.refused(e))?;
     let mut g = generation::start(&st, request).await?;
     let (id, created, model) = (response_id("cmpl"), now_secs(), st.served_model_name.clone());
     if !stream {
         let c = g.collect().await?;
-        let mut choice = json!({"index": 0, "text": c.text, "logprobs": null, "finish_reason": finish_str(c.reason)});
+        let (mut text, mut lp, mut offset) = (String::new(), Logprobs::default(), 0);
+        if echoed {
+            (text, lp, offset) = echo(&st, &c.prompt, &c.prompt_scores, logprobs);
+        }
+        text += &c.text;
+        let mut choice = json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_str(c.reason)});
         if logprobs.is_some() {
-            let mut lp = Logprobs::default();
-            let mut offset = 0;
             for t in &c.tokens {
                 lp.add(&st, t, offset);
                 offset += t.text.len();
@@ -136,6 +172,15 @@ async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> 
     let stream = async_stream(move |tx| async move {
         let mut first = Some(std::mem::take(&mut g.prompt));
         let mut offset = 0;
+        if echoed && let Some(prompt) = &first {
+            let (text, lp, end) = echo(&st, prompt, &std::mem::take(&mut g.prompt_scores), logprobs);
+            offset = end;
+            let lp = if logprobs.is_some() { lp.json() } else { Value::Null };
+            let choice = json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": null});
+            if tx.send((chunks.chunk)(choice)).await.is_err() {
+                return;
+            }
+        }
         while let Some(p) = g.next().await {
             let mut choice = json!({"index": 0, "text": "", "logprobs": null, "finish_reason": null});
             match p {
