@@ -7,6 +7,7 @@ use expertmesh_model::config::Arch;
 use expertmesh_model::generate::{SamplingParams, generate};
 use expertmesh_model::genmodel::{GenDtype, GenSpec, generate_checkpoint};
 use expertmesh_model::model::Model;
+use expertmesh_model::mtp::generate_mtp;
 use expertmesh_model::options::WeightArgs;
 use expertmesh_model::tokenizer::{ChatMessage, IncrementalDecoder, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -136,9 +137,22 @@ struct GenerateArgs {
     /// Print one JSON line instead of text.
     #[arg(long, env = "EXPERTMESH_JSON")]
     json: bool,
+    /// Speculative decoding with the checkpoint's MTP module (DeepSeek-V3's
+    /// `num_nextn_predict_layers`): offline generation only, so far.
+    #[arg(long, value_enum, conflicts_with = "router", env = "EXPERTMESH_SPECULATIVE")]
+    speculative: Option<Speculative>,
+    /// Draft tokens per step (only 1 is implemented).
+    #[arg(long, default_value_t = 1, requires = "speculative", env = "EXPERTMESH_NUM_SPECULATIVE_TOKENS")]
+    num_speculative_tokens: usize,
     /// Precision and quantization of the weights.
     #[command(flatten)]
     weights: WeightArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Speculative {
+    /// DeepSeek-V3's multi-token-prediction module drafts, the model verifies.
+    Mtp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -285,15 +299,38 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let stream = !a.json && tok.is_some();
     let mut decoder = IncrementalDecoder::default();
-    let g = generate(&model, &prompt_ids, a.max_tokens, params, a.ignore_eos, |t, _| {
+    let on_token = |t, _| {
         if let (true, Some(tok)) = (stream, &tok)
             && let Some(piece) = decoder.push(tok, t)
         {
             print!("{piece}");
             let _ = std::io::stdout().flush();
         }
-    })
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    };
+    let (g, spec) = if a.speculative.is_some() {
+        if a.num_speculative_tokens != 1 {
+            bail!(
+                "--num-speculative-tokens: only 1 draft token per step is implemented, got {}",
+                a.num_speculative_tokens
+            );
+        }
+        if !model.has_mtp() {
+            bail!("--speculative mtp: {} has no MTP module (num_nextn_predict_layers)", dir.display());
+        }
+        let (g, s) = generate_mtp(&model, &prompt_ids, a.max_tokens, params, a.ignore_eos, on_token)?;
+        (g, Some(s))
+    } else {
+        (generate(&model, &prompt_ids, a.max_tokens, params, a.ignore_eos, on_token)?, None)
+    };
+    if let Some(s) = spec {
+        eprintln!(
+            "[speculative mtp: {} of {} drafts accepted ({:.1}%), {:.2} tokens per step]",
+            s.accepted,
+            s.drafted,
+            100.0 * s.acceptance(),
+            g.token_ids.len() as f64 / (s.steps + 1) as f64
+        );
+    }
     let text = match &tok {
         Some(t) => t.decode(&g.token_ids, true)?,
         None => String::new(),

@@ -15,6 +15,7 @@ pub mod genmodel;
 pub mod kernels;
 pub mod model;
 pub mod moe;
+pub mod mtp;
 pub mod ops;
 pub mod options;
 pub mod perplexity;

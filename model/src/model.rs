@@ -18,7 +18,7 @@ enum Ffn {
     Moe { gate: Gate, shared: Option<Mlp> },
 }
 
-struct Layer {
+pub(crate) struct Layer {
     input_norm: Vec<f32>,
     post_norm: Vec<f32>,
     attn: Attention,
@@ -38,6 +38,8 @@ pub struct Model {
     executor: Arc<dyn ExpertExecutor>,
     /// Where every cache of this model takes its blocks.
     pool: KvPool,
+    /// DeepSeek-V3's MTP module, when the checkpoint carries one.
+    pub(crate) mtp: Option<crate::mtp::Mtp>,
 }
 
 /// One sequence's new tokens in a forward step.
@@ -189,12 +191,59 @@ pub fn load_expert(cfg: &ModelConfig, ws: &WeightStore, layer: usize, expert: us
     Ok(Mlp::with_quant(g, u, d, None, ws.quant_for(QuantTarget::Routed)))
 }
 
+/// Decoder layer `i` (`model.layers.{i}.`), with the FFN kind given (the
+/// MTP module's layer sits past `num_hidden_layers`).
+pub(crate) fn load_layer(cfg: &ModelConfig, ws: &WeightStore, i: usize, ffn_kind: FfnKind) -> Result<Layer> {
+    let h = cfg.hidden_size;
+    let p = format!("model.layers.{i}.");
+    let a = format!("{p}self_attn.");
+    let attn = attention(ws, cfg, &a)?;
+    let ffn = match ffn_kind {
+        FfnKind::Dense => Ffn::Dense(mlp(
+            ws,
+            &format!("{p}mlp."),
+            ["gate_proj", "up_proj", "down_proj"],
+            (h, cfg.intermediate_size),
+            QuantTarget::Dense,
+        )?),
+        FfnKind::Moe => {
+            let m = if cfg.arch == Arch::Mixtral { "block_sparse_moe" } else { "mlp" };
+            // Routing runs in f32 whatever the precision mode, as in transformers.
+            let mut weight = ws.gate_matrix(&format!("{p}{m}.gate.weight"), cfg.moe.n_routed_experts, h)?;
+            weight.set_precision(Precision::F32);
+            let gate = Gate {
+                weight,
+                correction_bias: ws
+                    .opt_vector(&format!("{p}{m}.gate.e_score_correction_bias"), cfg.moe.n_routed_experts)?,
+            };
+            let shared = match cfg.moe.n_shared_experts {
+                0 => None,
+                n => Some(mlp(
+                    ws,
+                    &format!("{p}mlp.shared_experts."),
+                    ["gate_proj", "up_proj", "down_proj"],
+                    (h, cfg.moe.moe_intermediate_size * n),
+                    QuantTarget::Shared,
+                )?),
+            };
+            Ffn::Moe { gate, shared }
+        }
+    };
+    Ok(Layer {
+        input_norm: ws.vector(&format!("{p}input_layernorm.weight"), h)?,
+        post_norm: ws.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
+        attn,
+        ffn,
+    })
+}
+
 impl Model {
     /// Loads config, dense weights and all routed experts into one process.
     pub fn load(dir: &Path, opts: impl Into<WeightArgs>, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
         let cfg = ModelConfig::from_dir(dir)?;
         let ws = WeightStore::for_model(dir, &cfg, opts)?;
-        let experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
+        let mut experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
+        crate::mtp::load_mtp_experts(&cfg, &ws, &mut experts)?;
         Model::load_dense(cfg, &ws, Arc::new(experts), progress)
     }
 
@@ -208,46 +257,7 @@ impl Model {
         let h = cfg.hidden_size;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}.");
-            let a = format!("{p}self_attn.");
-            let attn = attention(ws, &cfg, &a)?;
-            let ffn = match cfg.layer_ffn[i] {
-                FfnKind::Dense => Ffn::Dense(mlp(
-                    ws,
-                    &format!("{p}mlp."),
-                    ["gate_proj", "up_proj", "down_proj"],
-                    (h, cfg.intermediate_size),
-                    QuantTarget::Dense,
-                )?),
-                FfnKind::Moe => {
-                    let m = if cfg.arch == Arch::Mixtral { "block_sparse_moe" } else { "mlp" };
-                    // Routing runs in f32 whatever the precision mode, as in transformers.
-                    let mut weight = ws.gate_matrix(&format!("{p}{m}.gate.weight"), cfg.moe.n_routed_experts, h)?;
-                    weight.set_precision(Precision::F32);
-                    let gate = Gate {
-                        weight,
-                        correction_bias: ws
-                            .opt_vector(&format!("{p}{m}.gate.e_score_correction_bias"), cfg.moe.n_routed_experts)?,
-                    };
-                    let shared = match cfg.moe.n_shared_experts {
-                        0 => None,
-                        n => Some(mlp(
-                            ws,
-                            &format!("{p}mlp.shared_experts."),
-                            ["gate_proj", "up_proj", "down_proj"],
-                            (h, cfg.moe.moe_intermediate_size * n),
-                            QuantTarget::Shared,
-                        )?),
-                    };
-                    Ffn::Moe { gate, shared }
-                }
-            };
-            layers.push(Layer {
-                input_norm: ws.vector(&format!("{p}input_layernorm.weight"), h)?,
-                post_norm: ws.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
-                attn,
-                ffn,
-            });
+            layers.push(load_layer(&cfg, ws, i, cfg.layer_ffn[i])?);
             progress(i + 1, cfg.num_layers);
         }
         // Packed: it doubles as the LM head when the embeddings are tied.
@@ -262,6 +272,7 @@ impl Model {
             norm: ws.vector("model.norm.weight", h)?,
             rope: Rope::new(&cfg.rope),
             pool: KvPool::new(PoolConfig::default(), cfg.num_layers, row_width(&cfg))?,
+            mtp: crate::mtp::Mtp::load(&cfg, ws)?,
             cfg,
             embed,
             layers,
@@ -342,7 +353,7 @@ impl Model {
         }
         // Run the step on a pool worker: nested parallel loops then split by
         // work stealing instead of waking the pool for every matrix product.
-        let out = rayon::scope(|_| self.forward_unchecked(batch, mode));
+        let out = rayon::scope(|_| self.forward_unchecked(batch, mode, None));
         if out.is_err() {
             // An executor or numerical failure part-way must not leave
             // half-written caches behind.
@@ -388,17 +399,79 @@ impl Model {
         }
     }
 
-    fn forward_unchecked(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
+    /// One decoder layer over the step's rows `x`, in place: attention on
+    /// cache layer `cache_layer`, routed experts as layer `expert_layer`.
+    pub(crate) fn run_layer(
+        &self,
+        cache_layer: usize,
+        expert_layer: usize,
+        layer: &Layer,
+        x: &mut [f32],
+        tokens: usize,
+        seqs: &mut [SeqSlice<'_>],
+    ) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let mut hbuf = x.to_vec();
+        rms_norm(&mut hbuf, &layer.input_norm, self.cfg.rms_norm_eps);
+        let a = layer.attn.forward(cache_layer, &hbuf, tokens, seqs, &self.rope)?;
+        x.iter_mut().zip(&a).for_each(|(v, d)| *v += d);
+        hbuf.copy_from_slice(x);
+        rms_norm(&mut hbuf, &layer.post_norm, self.cfg.rms_norm_eps);
+        let y = match &layer.ffn {
+            Ffn::Dense(m) => m.forward(&hbuf, tokens),
+            Ffn::Moe { gate, shared } => {
+                let routing = gate.route(&self.cfg.moe, &hbuf, tokens);
+                // The shared expert runs while the routed experts are computed
+                // (or, with a remote executor, while the dispatch is in flight).
+                let batch = RoutedBatch { layer: expert_layer, hidden: &hbuf, hidden_size: h, routing: &routing };
+                let (routed, shared_out) =
+                    rayon::join(|| self.executor.execute(batch), || shared.as_ref().map(|m| m.forward(&hbuf, tokens)));
+                let routed = routed?;
+                if routed.len() != tokens * h {
+                    return Err(ModelError::Executor(format!(
+                        "executor returned {} values for {tokens} tokens of width {h}",
+                        routed.len()
+                    )));
+                }
+                match shared_out {
+                    Some(s) => s.iter().zip(&routed).map(|(a, b)| a + b).collect(),
+                    None => routed,
+                }
+            }
+        };
+        x.iter_mut().zip(&y).for_each(|(v, d)| *v += d);
+        Ok(())
+    }
+
+    /// The LM head over `n` final-normed rows.
+    pub(crate) fn head_logits(&self, rows: &[f32], n: usize) -> Vec<f32> {
+        let head: MatView<'_> = self.lm_head.as_ref().unwrap_or(&self.embed).view();
+        matmul(rows, n, head, self.cfg.vocab_size, self.cfg.hidden_size)
+    }
+
+    /// The embedding rows of `tokens`.
+    pub(crate) fn embed_rows(&self, tokens: impl Iterator<Item = u32>) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let mut x = Vec::new();
+        for t in tokens {
+            // Element-wise, so it works on the packed layout (one row per token is cheap).
+            let (emb, base) = (self.embed.view(), t as usize * h);
+            x.extend((0..h).map(|i| emb.get(base + i)));
+        }
+        x
+    }
+
+    /// With `hidden`, also returns there each sequence's final-norm hidden
+    /// states of every new row (what DeepSeek's MTP module reads).
+    pub(crate) fn forward_unchecked(
+        &self,
+        batch: &mut [SeqChunk<'_>],
+        mode: Logits,
+        hidden: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<Vec<f32>>> {
         let h = self.cfg.hidden_size;
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let mut x = Vec::with_capacity(tokens * h);
-        for s in batch.iter() {
-            for &t in s.tokens {
-                // Element-wise, so it works on the packed layout (one row per token is cheap).
-                let (emb, base) = (self.embed.view(), t as usize * h);
-                x.extend((0..h).map(|i| emb.get(base + i)));
-            }
-        }
+        let mut x = self.embed_rows(batch.iter().flat_map(|s| s.tokens.iter().copied()));
         let tokens_of: Vec<&[u32]> = batch.iter().map(|s| s.tokens).collect();
         let mut seqs = Vec::with_capacity(batch.len());
         let mut start = 0;
@@ -406,39 +479,8 @@ impl Model {
             seqs.push(SeqSlice { cache: &mut *s.cache, start, len: s.tokens.len() });
             start += s.tokens.len();
         }
-        let mut hbuf = vec![0f32; tokens * h];
         for (li, layer) in self.layers.iter().enumerate() {
-            hbuf.copy_from_slice(&x);
-            rms_norm(&mut hbuf, &layer.input_norm, self.cfg.rms_norm_eps);
-            let a = layer.attn.forward(li, &hbuf, tokens, &mut seqs, &self.rope)?;
-            x.iter_mut().zip(&a).for_each(|(v, d)| *v += d);
-            hbuf.copy_from_slice(&x);
-            rms_norm(&mut hbuf, &layer.post_norm, self.cfg.rms_norm_eps);
-            let y = match &layer.ffn {
-                Ffn::Dense(m) => m.forward(&hbuf, tokens),
-                Ffn::Moe { gate, shared } => {
-                    let routing = gate.route(&self.cfg.moe, &hbuf, tokens);
-                    // The shared expert runs while the routed experts are computed
-                    // (or, with a remote executor, while the dispatch is in flight).
-                    let batch = RoutedBatch { layer: li, hidden: &hbuf, hidden_size: h, routing: &routing };
-                    let (routed, shared_out) = rayon::join(
-                        || self.executor.execute(batch),
-                        || shared.as_ref().map(|m| m.forward(&hbuf, tokens)),
-                    );
-                    let routed = routed?;
-                    if routed.len() != tokens * h {
-                        return Err(ModelError::Executor(format!(
-                            "executor returned {} values for {tokens} tokens of width {h}",
-                            routed.len()
-                        )));
-                    }
-                    match shared_out {
-                        Some(s) => s.iter().zip(&routed).map(|(a, b)| a + b).collect(),
-                        None => routed,
-                    }
-                }
-            };
-            x.iter_mut().zip(&y).for_each(|(v, d)| *v += d);
+            self.run_layer(li, li, layer, &mut x, tokens, &mut seqs)?;
         }
         for (s, t) in seqs.iter_mut().zip(&tokens_of) {
             s.cache.advance(t);
@@ -448,14 +490,20 @@ impl Model {
             Logits::All => (0..tokens).collect(),
             Logits::Last => seqs.iter().map(|s| s.start + s.len - 1).collect(),
         };
+        let normed = hidden.is_some();
+        if let Some(out) = hidden {
+            rms_norm(&mut x, &self.norm, self.cfg.rms_norm_eps);
+            out.extend(seqs.iter().map(|s| x[s.start * h..(s.start + s.len) * h].to_vec()));
+        }
         let mut last = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
             last.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
-        rms_norm(&mut last, &self.norm, self.cfg.rms_norm_eps);
-        let head: MatView<'_> = self.lm_head.as_ref().unwrap_or(&self.embed).view();
+        if !normed {
+            rms_norm(&mut last, &self.norm, self.cfg.rms_norm_eps);
+        }
         let v = self.cfg.vocab_size;
-        let logits = matmul(&last, rows.len(), head, v, h);
+        let logits = self.head_logits(&last, rows.len());
         if let Some(i) = logits.iter().position(|l| !l.is_finite()) {
             return Err(ModelError::Numerical(format!(
                 "non-finite logit {} at vocab index {} (the checkpoint or an expert produced NaN/inf)",

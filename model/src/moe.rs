@@ -191,12 +191,22 @@ fn mask_groups(choice: &mut [f32], cfg: &MoeConfig, group_score: impl Fn(&[f32])
 /// Indices of the `k` largest values, largest first; ties go to the lower
 /// index. NaN sorts last.
 pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
     let key = |i: usize| {
         if v[i].is_nan() { f32::NEG_INFINITY } else { v[i] }
     };
-    idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
-    idx.truncate(k);
+    // A total order (ties by index), so selecting then sorting the first k
+    // gives exactly a full sort's prefix, without sorting a whole vocabulary
+    // for every sampled token.
+    let order = |a: &usize, b: &usize| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx
 }
 
@@ -416,6 +426,19 @@ impl ExpertBank for LocalExperts {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// Selecting then sorting gives a full sort's first k, NaN last and
+        /// ties to the lower index, for every k.
+        #[test]
+        fn top_k_is_a_full_sorts_prefix(v in prop::collection::vec(prop_oneof![Just(f32::NAN), Just(1.0f32), -4.0f32..4.0], 0..40), k in 0usize..45) {
+            let key = |i: usize| if v[i].is_nan() { f32::NEG_INFINITY } else { v[i] };
+            let mut all: Vec<usize> = (0..v.len()).collect();
+            all.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+            all.truncate(k);
+            prop_assert_eq!(top_k_indices(&v, k), all);
+        }
+    }
 
     fn cfg(method: TopkMethod, scoring: ScoringFunc, n: usize, groups: usize, tg: usize, k: usize) -> MoeConfig {
         MoeConfig {

@@ -453,3 +453,30 @@ fn a_bf16_kv_cache_stays_close_to_the_f32_one() {
         assert!(a.mean_kl > 0.0, "{case}: the bf16 cache changed nothing");
     }
 }
+
+/// MTP speculative decoding on the trained demo model: greedy output is
+/// token for token the plain greedy output (logprobs within 1e-4), over
+/// prompts where drafts are both accepted and rejected (so the KV cache is
+/// rolled back); the drafts are mostly right.
+#[test]
+fn mtp_speculation_keeps_greedy_output() {
+    use expertmesh_model::generate::{SamplingParams, generate};
+    use expertmesh_model::mtp::generate_mtp;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo");
+    let m = Model::load(&dir, Precision::F32, &mut |_, _| {}).unwrap();
+    assert!(m.has_mtp());
+    let tok = expertmesh_model::tokenizer::TextTokenizer::from_dir(&dir).unwrap();
+    let (mut drafted, mut accepted) = (0, 0);
+    for text in
+        ["The cursor is moved to", "When a buffer is", "<｜User｜>How do I delete a line?<｜Assistant｜><think>\n"]
+    {
+        let prompt = [vec![0], tok.encode(text).unwrap()].concat();
+        let plain = generate(&m, &prompt, 48, SamplingParams::default(), true, |_, _| {}).unwrap();
+        let (spec, s) = generate_mtp(&m, &prompt, 48, SamplingParams::default(), true, |_, _| {}).unwrap();
+        assert_eq!(spec.token_ids, plain.token_ids, "{text}");
+        assert!(max_diff(&spec.logprobs, &plain.logprobs) < 1e-4, "{text}");
+        (drafted, accepted) = (drafted + s.drafted, accepted + s.accepted);
+    }
+    eprintln!("MTP drafts accepted: {accepted} of {drafted}");
+    assert!(accepted > drafted / 2 && accepted < drafted, "{accepted} of {drafted}");
+}

@@ -195,6 +195,9 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// FP8 block size when the checkpoint is DeepSeek's native FP8 layout.
     pub fp8_block: Option<(usize, usize)>,
+    /// DeepSeek-V3's multi-token-prediction modules
+    /// (`num_nextn_predict_layers`), stored as layers `num_layers..`.
+    pub mtp_layers: usize,
 }
 
 mod fields;
@@ -325,6 +328,7 @@ impl ModelConfig {
             bos_token_id,
             eos_token_ids: f.token_ids("eos_token_id")?,
             fp8_block,
+            mtp_layers: if arch == Arch::DeepseekV3 { f.usize_or("num_nextn_predict_layers", 0)? } else { 0 },
         })
     }
 
