@@ -16,6 +16,16 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// The checkpoint a fixture scores: the fixture itself, or, for a committed
+/// model kept elsewhere (the trained demo model), the directory its
+/// `checkpoint` file names relative to the fixture.
+fn checkpoint(fixture: &Path) -> PathBuf {
+    match std::fs::read_to_string(fixture.join("checkpoint")) {
+        Ok(rel) => fixture.join(rel.trim()),
+        Err(_) => fixture.to_path_buf(),
+    }
+}
+
 /// A scratch directory removed on drop, even when the test fails.
 struct TempDir(PathBuf);
 impl TempDir {
@@ -58,10 +68,11 @@ fn generate_json_matches_transformers_on_every_fixture() {
         let dir = entry.unwrap().path();
         let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let ids: Vec<String> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+        let model = checkpoint(&dir);
         let out = run_json(&[
             "generate",
             "--model",
-            dir.to_str().unwrap(),
+            model.to_str().unwrap(),
             "--prompt-ids",
             &ids.join(","),
             "--max-tokens",
@@ -69,14 +80,20 @@ fn generate_json_matches_transformers_on_every_fixture() {
             "--ignore-eos",
             "--json",
         ]);
-        assert_eq!(out["token_ids"], r["greedy_ids"], "{}", dir.display());
+        // The first 8 of the reference's greedy tokens (the demo model's has 16).
+        let want: Vec<Value> = r["greedy_ids"].as_array().unwrap().iter().take(8).cloned().collect();
+        assert_eq!(out["token_ids"], Value::Array(want), "{}", dir.display());
         assert_eq!(out["prompt_token_ids"], r["prompt_ids"]);
         for (i, lp) in out["logprobs"].as_array().unwrap().iter().enumerate() {
             let logits: Vec<f64> =
                 r["greedy_logits"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             let tok = r["greedy_ids"][i].as_u64().unwrap() as usize;
             let want = log_softmax(&logits, tok);
-            assert!((lp.as_f64().unwrap() - want).abs() < 1e-5, "{}: logprob {i}", dir.display());
+            // The golden files' tolerance: 1e-5, relative to the largest
+            // logit when that exceeds 1 (the trained model's reach 20).
+            let tol = 1e-5 * logits.iter().fold(1f64, |m, v| m.max(v.abs()));
+            let got = lp.as_f64().unwrap();
+            assert!((got - want).abs() < tol, "{}: logprob {i}: {got} vs {want}", dir.display());
         }
         for k in ["load_s", "prefill_s", "decode_s"] {
             assert!(out["timing"][k].as_f64().unwrap() >= 0.0);

@@ -7,43 +7,10 @@
 
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
-use expertmesh_proto::v1::{GenerateRequest, SamplingParams, TokenIds};
-use std::collections::BTreeMap;
+use expertmesh_proto::v1::{GenerateRequest, TokenIds};
 
 mod common;
-use common::{Procs, fixture, http_get, http_post, reference, router, runtime};
-
-/// Every unlabelled `expertmesh_*` sample of a /metrics body.
-fn metrics(http: &str) -> BTreeMap<String, f64> {
-    let body = http_get(http, "/metrics").1;
-    body.lines()
-        .filter(|l| l.starts_with("expertmesh_") && !l.contains('{'))
-        .filter_map(|l| l.split_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?))))
-        .collect()
-}
-
-/// Greedy tokens and logprobs over gRPC, or, seeded, sampled at temperature 1.
-async fn grpc(addr: &str, prompt: &[u32], max_tokens: u32, seed: Option<u64>) -> (Vec<u32>, Vec<f32>) {
-    let mut c = GenerateServiceClient::connect(format!("http://{addr}")).await.unwrap();
-    let sampling = match seed {
-        Some(s) => SamplingParams { temperature: 1.0, seed: Some(s), ..Default::default() },
-        None => SamplingParams::default(),
-    };
-    let req = GenerateRequest {
-        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt.to_vec() })),
-        sampling: Some(sampling),
-        max_tokens,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let mut s = c.generate(req).await.unwrap().into_inner();
-    let (mut toks, mut lps) = (vec![], vec![]);
-    while let Some(m) = s.message().await.unwrap() {
-        toks.extend(m.token_ids);
-        lps.extend(m.logprobs);
-    }
-    (toks, lps)
-}
+use common::{Procs, fixture, grpc, http_post, metrics, reference, router, runtime};
 
 /// The same, greedy, over OpenAI `/v1/completions` with a token-id
 /// prompt: the chosen tokens' logprobs.

@@ -184,11 +184,16 @@ fn main() {
         let r: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference"))
                 .expect("json");
+        // A fixture of a model committed elsewhere names it in `checkpoint`.
+        let model = match std::fs::read_to_string(dir.join("checkpoint")) {
+            Ok(rel) => dir.join(rel.trim()),
+            Err(_) => dir.clone(),
+        };
         let prompt: Vec<u32> =
             r["prompt_ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
         let run = |dtype: Dtype| {
-            let cfg = ModelConfig::from_dir(&dir).expect("config");
-            let ws = WeightStore::for_model(&dir, &cfg, Precision::F32).expect("weights");
+            let cfg = ModelConfig::from_dir(&model).expect("config");
+            let ws = WeightStore::for_model(&model, &cfg, Precision::F32).expect("weights");
             let inner = InProcess::default();
             inner.add("n", Arc::new(load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {}).expect("experts")));
             let p = expertmesh_dataplane::placement::Placement::round_robin(&cfg, &[("n".into(), String::new())], 1)
@@ -204,7 +209,7 @@ fn main() {
         for dtype in [Dtype::Bf16, Dtype::Fp8E4m3] {
             let g = run(dtype);
             let d = g.logprobs.iter().zip(&base.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let hidden = ModelConfig::from_dir(&dir).expect("config").hidden_size;
+            let hidden = ModelConfig::from_dir(&model).expect("config").hidden_size;
             let bytes = codec::wire_bytes(&codec::encode(vec![0.5; hidden], hidden, dtype));
             let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             println!(

@@ -8,7 +8,7 @@ use expertmesh_model::generate::{SamplingParams, generate};
 use expertmesh_model::genmodel::{GenDtype, GenSpec, generate_checkpoint};
 use expertmesh_model::model::Model;
 use expertmesh_model::mtp::generate_mtp;
-use expertmesh_model::options::WeightArgs;
+use expertmesh_model::options::{SpeculativeArgs, WeightArgs};
 use expertmesh_model::tokenizer::{ChatMessage, IncrementalDecoder, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -137,22 +137,12 @@ struct GenerateArgs {
     /// Print one JSON line instead of text.
     #[arg(long, env = "EXPERTMESH_JSON")]
     json: bool,
-    /// Speculative decoding with the checkpoint's MTP module (DeepSeek-V3's
-    /// `num_nextn_predict_layers`): offline generation only, so far.
-    #[arg(long, value_enum, conflicts_with = "router", env = "EXPERTMESH_SPECULATIVE")]
-    speculative: Option<Speculative>,
-    /// Draft tokens per step (only 1 is implemented).
-    #[arg(long, default_value_t = 1, requires = "speculative", env = "EXPERTMESH_NUM_SPECULATIVE_TOKENS")]
-    num_speculative_tokens: usize,
+    /// Speculative decoding (offline here; a router takes the same flags).
+    #[command(flatten)]
+    spec: SpeculativeArgs,
     /// Precision and quantization of the weights.
     #[command(flatten)]
     weights: WeightArgs,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Speculative {
-    /// DeepSeek-V3's multi-token-prediction module drafts, the model verifies.
-    Mtp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -236,6 +226,10 @@ struct GenModelArgs {
     kv_lora_rank: Option<usize>,
     #[arg(long, env = "EXPERTMESH_MAX_POSITION_EMBEDDINGS")]
     max_position_embeddings: Option<usize>,
+    /// Add a (random) MTP module as DeepSeek-V3 stores it
+    /// (`num_nextn_predict_layers: 1`, layer `--layers`); deepseek-v3 only.
+    #[arg(long, env = "EXPERTMESH_MTP")]
+    mtp: bool,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -307,16 +301,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = std::io::stdout().flush();
         }
     };
-    let (g, spec) = if a.speculative.is_some() {
-        if a.num_speculative_tokens != 1 {
-            bail!(
-                "--num-speculative-tokens: only 1 draft token per step is implemented, got {}",
-                a.num_speculative_tokens
-            );
-        }
-        if !model.has_mtp() {
-            bail!("--speculative mtp: {} has no MTP module (num_nextn_predict_layers)", dir.display());
-        }
+    let mtp = a.spec.mtp(&model).map_err(|(flag, why)| anyhow::anyhow!("{flag}: {why} ({})", dir.display()))?;
+    let (g, spec) = if mtp {
         let (g, s) = generate_mtp(&model, &prompt_ids, a.max_tokens, params, a.ignore_eos, on_token)?;
         (g, Some(s))
     } else {
@@ -413,6 +399,10 @@ fn cmd_gen_model(a: GenModelArgs) -> Result<()> {
     if let Some(r) = a.q_lora_rank {
         s.q_lora_rank = (r > 0).then_some(r);
     }
+    if a.mtp && arch != Arch::DeepseekV3 {
+        bail!("--mtp: only deepseek-v3 checkpoints carry an MTP module");
+    }
+    s.mtp = a.mtp;
     for (flag, v) in [
         ("--hidden-size", s.hidden_size),
         ("--layers", s.num_layers),
@@ -449,6 +439,9 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 fn cmd_generate_remote(a: GenerateArgs) -> Result<()> {
     use expertmesh_proto::v1::generate_request::Prompt;
     let addr = a.router.clone().context("--router")?;
+    if a.spec.speculative.is_some() {
+        bail!("--speculative: a router speculates for every request; start it with --speculative mtp");
+    }
     let prompt = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => Prompt::TokenIds(expertmesh_proto::v1::TokenIds { ids: ids.clone() }),
         (None, Some(t)) => Prompt::Text(t.clone()),

@@ -46,6 +46,8 @@ pub struct GenSpec {
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
     pub max_position_embeddings: usize,
+    /// A DeepSeek-V3 MTP module after the last layer (random, like the rest).
+    pub mtp: bool,
 }
 
 impl GenSpec {
@@ -75,6 +77,7 @@ impl GenSpec {
             qk_rope_head_dim: 16,
             v_head_dim: 32,
             max_position_embeddings: 4096,
+            mtp: false,
         }
     }
 }
@@ -157,6 +160,7 @@ fn config_json(s: &GenSpec, vocab: usize) -> Value {
                 "scoring_func": if v3 { "sigmoid" } else { "softmax" },
                 "norm_topk_prob": v3, "routed_scaling_factor": if v3 { 2.5 } else { 1.0 },
                 "rope_theta": 10000.0, "rope_interleave": true,
+                "num_nextn_predict_layers": usize::from(v3 && s.mtp),
             })
         }
         Arch::Qwen3Moe => json!({
@@ -195,8 +199,17 @@ fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
     let h = s.hidden_size;
     let mut t: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![vocab, h])];
     let ds = matches!(s.arch, Arch::DeepseekV3 | Arch::DeepseekV2);
-    for l in 0..s.num_layers {
+    let mtp = s.mtp && s.arch == Arch::DeepseekV3;
+    for l in 0..s.num_layers + usize::from(mtp) {
         let p = format!("model.layers.{l}.");
+        if l == s.num_layers {
+            // DeepSeek's MTP module: its own norms and projection; its copies
+            // of the embeddings and head are added at the end.
+            for n in ["enorm", "hnorm", "shared_head.norm"] {
+                t.push((format!("{p}{n}.weight"), vec![h]));
+            }
+            t.push((format!("{p}eh_proj.weight"), vec![h, 2 * h]));
+        }
         let a = format!("{p}self_attn.");
         t.push((format!("{p}input_layernorm.weight"), vec![h]));
         t.push((format!("{p}post_attention_layernorm.weight"), vec![h]));
@@ -263,7 +276,24 @@ fn tensor_shapes(s: &GenSpec, vocab: usize) -> Vec<(String, Vec<usize>)> {
     if s.arch != Arch::Qwen2 {
         t.push(("lm_head.weight".into(), vec![vocab, h]));
     }
+    if mtp {
+        let p = format!("model.layers.{}.", s.num_layers);
+        t.push((format!("{p}embed_tokens.weight"), vec![vocab, h]));
+        t.push((format!("{p}shared_head.head.weight"), vec![vocab, h]));
+    }
     t
+}
+
+/// The tensor an MTP copy repeats (DeepSeek stores the embeddings and the
+/// head again in the module).
+fn copy_of(name: &str) -> Option<&'static str> {
+    if name.ends_with(".embed_tokens.weight") && name != "model.embed_tokens.weight" {
+        Some("model.embed_tokens.weight")
+    } else if name.ends_with("shared_head.head.weight") {
+        Some("lm_head.weight")
+    } else {
+        None
+    }
 }
 
 fn write_weights(s: &GenSpec, vocab: usize, out: &Path) -> Result<()> {
@@ -274,6 +304,11 @@ fn write_weights(s: &GenSpec, vocab: usize, out: &Path) -> Result<()> {
     let bound = std * 3f32.sqrt();
     let mut buffers: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = Vec::new();
     for (name, shape) in tensor_shapes(s, vocab) {
+        if let Some(src) = copy_of(&name).and_then(|c| buffers.iter().find(|b| b.0 == c)) {
+            let (dtype, bytes) = (src.2, src.3.clone());
+            buffers.push((name, shape, dtype, bytes));
+            continue;
+        }
         let n: usize = shape.iter().product();
         let is_norm = name.ends_with("norm.weight");
         let is_bias = name.ends_with("bias");

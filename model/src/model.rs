@@ -55,7 +55,25 @@ pub enum Logits {
     Last,
     /// Every new token (scoring, tests).
     All,
+    /// Each sequence's last k new tokens, or all of a shorter chunk (a
+    /// speculative step: the last token and the drafts after it).
+    Tail(usize),
 }
+
+impl Logits {
+    /// How many of a chunk of `len` new rows get logits.
+    fn rows(self, len: usize) -> usize {
+        match self {
+            Logits::All => len,
+            Logits::Last => 1,
+            Logits::Tail(k) => k.clamp(1, len),
+        }
+    }
+}
+
+/// Per sequence of a step: the logits rows asked, and with
+/// [`Model::forward_hidden`] the final-norm hidden state of every new row.
+pub type StepRows = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 /// Tensor names of one routed expert: `[gate, up, down]`.
 pub fn expert_tensor_names(cfg: &ModelConfig, layer: usize, expert: usize) -> [String; 3] {
@@ -242,8 +260,7 @@ impl Model {
     pub fn load(dir: &Path, opts: impl Into<WeightArgs>, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
         let cfg = ModelConfig::from_dir(dir)?;
         let ws = WeightStore::for_model(dir, &cfg, opts)?;
-        let mut experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
-        crate::mtp::load_mtp_experts(&cfg, &ws, &mut experts)?;
+        let experts = load_experts(&cfg, &ws, |_, _| true, &mut |_, _| {})?;
         Model::load_dense(cfg, &ws, Arc::new(experts), progress)
     }
 
@@ -340,6 +357,29 @@ impl Model {
     /// own cache and any number of new tokens), appending to their caches.
     /// Returns per sequence the logits rows requested by `mode`.
     pub fn forward(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
+        self.forward_into(batch, mode, None)
+    }
+
+    /// [`forward`](Self::forward) (or, with `overlap`,
+    /// [`forward_overlapped`](Self::forward_overlapped)) that also returns
+    /// every new row's final-norm hidden state, which DeepSeek's MTP module
+    /// reads.
+    pub fn forward_hidden(&self, batch: &mut [SeqChunk<'_>], mode: Logits, overlap: bool) -> Result<StepRows> {
+        let mut hidden = Vec::with_capacity(batch.len());
+        let logits = if overlap {
+            self.overlapped_into(batch, mode, Some(&mut hidden))?
+        } else {
+            self.forward_into(batch, mode, Some(&mut hidden))?
+        };
+        Ok((logits, hidden))
+    }
+
+    fn forward_into(
+        &self,
+        batch: &mut [SeqChunk<'_>],
+        mode: Logits,
+        hidden: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<Vec<f32>>> {
         for s in batch.iter() {
             self.validate(s.tokens, s.cache.len())?;
         }
@@ -353,7 +393,7 @@ impl Model {
         }
         // Run the step on a pool worker: nested parallel loops then split by
         // work stealing instead of waking the pool for every matrix product.
-        let out = rayon::scope(|_| self.forward_unchecked(batch, mode, None));
+        let out = rayon::scope(|_| self.forward_unchecked(batch, mode, hidden));
         if out.is_err() {
             // An executor or numerical failure part-way must not leave
             // half-written caches behind.
@@ -370,8 +410,17 @@ impl Model {
     /// other half computes attention. Every sequence's result is the same as
     /// in one batch. If either half fails, both are rolled back.
     pub fn forward_overlapped(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
+        self.overlapped_into(batch, mode, None)
+    }
+
+    fn overlapped_into(
+        &self,
+        batch: &mut [SeqChunk<'_>],
+        mode: Logits,
+        hidden: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<Vec<f32>>> {
         if batch.len() < 2 {
-            return self.forward(batch, mode);
+            return self.forward_into(batch, mode, hidden);
         }
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let (mut acc, mut mid) = (0, batch.len() - 1);
@@ -384,10 +433,18 @@ impl Model {
         }
         let before: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
         let (a, b) = batch.split_at_mut(mid);
-        let (ra, rb) = rayon::join(|| self.forward(a, mode), || self.forward(b, mode));
+        let want = hidden.is_some();
+        let (mut ha, mut hb) = (Vec::new(), Vec::new());
+        let (ra, rb) = rayon::join(
+            || self.forward_into(a, mode, want.then_some(&mut ha)),
+            || self.forward_into(b, mode, want.then_some(&mut hb)),
+        );
         match (ra, rb) {
             (Ok(mut x), Ok(y)) => {
                 x.extend(y);
+                if let Some(out) = hidden {
+                    out.extend(ha.into_iter().chain(hb));
+                }
                 Ok(x)
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -486,10 +543,7 @@ impl Model {
             s.cache.advance(t);
         }
         // Final norm and LM head only on the rows whose logits are wanted.
-        let rows: Vec<usize> = match mode {
-            Logits::All => (0..tokens).collect(),
-            Logits::Last => seqs.iter().map(|s| s.start + s.len - 1).collect(),
-        };
+        let rows: Vec<usize> = seqs.iter().flat_map(|s| s.start + s.len - mode.rows(s.len)..s.start + s.len).collect();
         let normed = hidden.is_some();
         if let Some(out) = hidden {
             rms_norm(&mut x, &self.norm, self.cfg.rms_norm_eps);
@@ -514,7 +568,7 @@ impl Model {
         let mut out = Vec::with_capacity(seqs.len());
         let mut off = 0;
         for s in &seqs {
-            let n = if mode == Logits::All { s.len } else { 1 };
+            let n = mode.rows(s.len);
             out.push(logits[off * v..(off + n) * v].to_vec());
             off += n;
         }

@@ -22,8 +22,7 @@ use crate::config::{FfnKind, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::generate::{FinishReason, Generation, Sampler, SamplingParams, check_request};
 use crate::kernels::matmul;
-use crate::model::{Layer, Logits, Model, SeqChunk, load_expert, load_layer};
-use crate::moe::ExpertBank;
+use crate::model::{Layer, Logits, Model, SeqChunk, load_layer};
 use crate::ops::{log_softmax_at, rms_norm};
 use crate::options::QuantTarget;
 use crate::tensor::Matrix;
@@ -46,12 +45,10 @@ fn mtp_index(cfg: &ModelConfig) -> Option<usize> {
     (cfg.mtp_layers > 0).then_some(cfg.num_layers)
 }
 
+/// The MTP layer's FFN: MoE when the layers before it are (its routed
+/// experts are then among [`ModelConfig::moe_layers`], placed like the rest).
 fn ffn_kind(cfg: &ModelConfig, layer: usize) -> FfnKind {
-    if cfg.moe.n_routed_experts > 0 && layer >= cfg.layer_ffn.iter().take_while(|k| **k == FfnKind::Dense).count() {
-        FfnKind::Moe
-    } else {
-        FfnKind::Dense
-    }
+    if cfg.moe_layers().any(|l| l == layer) { FfnKind::Moe } else { FfnKind::Dense }
 }
 
 impl Mtp {
@@ -74,18 +71,6 @@ impl Mtp {
     }
 }
 
-/// The MTP layer's routed experts, into an in-process bank (offline runs).
-pub(crate) fn load_mtp_experts(cfg: &ModelConfig, ws: &WeightStore, bank: &mut dyn ExpertBank) -> Result<()> {
-    let Some(n) = mtp_index(cfg) else { return Ok(()) };
-    if ffn_kind(cfg, n) != FfnKind::Moe || !ws.contains(&format!("model.layers.{n}.eh_proj.weight")) {
-        return Ok(());
-    }
-    for e in 0..cfg.moe.n_routed_experts {
-        bank.insert(n, e, load_expert(cfg, ws, n, e)?)?;
-    }
-    Ok(())
-}
-
 impl Model {
     /// Whether the checkpoint's MTP module is loaded.
     pub fn has_mtp(&self) -> bool {
@@ -101,58 +86,76 @@ impl Model {
         Ok(KvCache::new(self.config(), &self.mtp()?.pool))
     }
 
-    /// One sequence's forward that also returns the final-norm hidden
-    /// state of every new row: `(logits of the rows `mode` asks, hidden)`.
-    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache, mode: Logits) -> Result<(Vec<f32>, Vec<f32>)> {
-        self.validate(tokens, cache.len())?;
-        let before = cache.len();
-        cache.reserve(tokens.len())?;
-        let mut hidden = Vec::new();
-        let out = rayon::scope(|_| {
-            self.forward_unchecked(&mut [SeqChunk { tokens, cache: &mut *cache }], mode, Some(&mut hidden))
-        });
-        match out {
-            Ok(mut l) => Ok((l.pop().unwrap_or_default(), hidden.pop().unwrap_or_default())),
-            Err(e) => {
-                cache.truncate(before);
-                Err(e)
-            }
-        }
+    /// One sequence's [`Model::forward_hidden`]: `(logits of the rows
+    /// `mode` asks, hidden rows)`.
+    fn forward_one(&self, tokens: &[u32], cache: &mut KvCache, mode: Logits) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut l, mut h) = self.forward_hidden(&mut [SeqChunk { tokens, cache }], mode, false)?;
+        Ok((l.pop().unwrap_or_default(), h.pop().unwrap_or_default()))
     }
 
-    /// Appends MTP entries (main hidden rows `hidden`, the tokens after
-    /// them `next`) to `cache`; returns the logits guessing the token after
-    /// the last of `next`.
-    pub fn mtp_forward(&self, cache: &mut KvCache, hidden: &[f32], next: &[u32]) -> Result<Vec<f32>> {
-        let (m, h, n) = (self.mtp()?, self.config().hidden_size, next.len());
-        if n == 0 || hidden.len() != n * h {
-            return Err(ModelError::InvalidInput(format!("MTP: {} hidden values for {n} tokens", hidden.len())));
+    /// Appends each chunk's MTP entries (main hidden rows `hidden`, the
+    /// tokens after them `next`) to its cache, all in one pass through the
+    /// module; returns per chunk the logits guessing the token after the
+    /// last of its `next`. On failure no cache changes.
+    pub fn mtp_forward(&self, batch: &mut [MtpChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let (m, h) = (self.mtp()?, self.config().hidden_size);
+        for c in batch.iter() {
+            let n = c.next.len();
+            if n == 0 || c.hidden.len() != n * h {
+                return Err(ModelError::InvalidInput(format!("MTP: {} hidden values for {n} tokens", c.hidden.len())));
+            }
+            self.validate(c.next, c.cache.len())?;
         }
-        self.validate(next, cache.len())?;
-        let before = cache.len();
-        cache.reserve(n)?;
-        let eps = self.config().rms_norm_eps;
-        let mut e = self.embed_rows(next.iter().copied());
+        let before: Vec<usize> = batch.iter().map(|c| c.cache.len()).collect();
+        let out = self.mtp_unchecked(m, batch);
+        if out.is_err() {
+            for (c, len) in batch.iter_mut().zip(before) {
+                c.cache.truncate(len);
+            }
+        }
+        out
+    }
+
+    fn mtp_unchecked(&self, m: &Mtp, batch: &mut [MtpChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let (h, eps) = (self.config().hidden_size, self.config().rms_norm_eps);
+        for c in batch.iter_mut() {
+            c.cache.reserve(c.next.len())?;
+        }
+        let n: usize = batch.iter().map(|c| c.next.len()).sum();
+        let mut e = self.embed_rows(batch.iter().flat_map(|c| c.next.iter().copied()));
         rms_norm(&mut e, &m.enorm, eps);
-        let mut hn = hidden.to_vec();
+        let mut hn: Vec<f32> = batch.iter().flat_map(|c| c.hidden.iter().copied()).collect();
         rms_norm(&mut hn, &m.hnorm, eps);
         let cat: Vec<f32> =
             e.chunks_exact(h).zip(hn.chunks_exact(h)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
         let mut x = matmul(&cat, n, m.eh_proj.view(), h, 2 * h);
-        let layer_index = self.config().num_layers;
-        let out = rayon::scope(|_| {
-            let mut seqs = [SeqSlice { cache: &mut *cache, start: 0, len: n }];
-            self.run_layer(0, layer_index, &m.layer, &mut x, n, &mut seqs)
-        });
-        if let Err(err) = out {
-            cache.truncate(before);
-            return Err(err);
+        let nexts: Vec<&[u32]> = batch.iter().map(|c| c.next).collect();
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for c in batch.iter_mut() {
+            seqs.push(SeqSlice { cache: &mut *c.cache, start, len: c.next.len() });
+            start += c.next.len();
         }
-        cache.advance(next);
-        let mut last = x[(n - 1) * h..].to_vec();
+        let layer_index = self.config().num_layers;
+        rayon::scope(|_| self.run_layer(0, layer_index, &m.layer, &mut x, n, &mut seqs))?;
+        let mut last = Vec::with_capacity(nexts.len() * h);
+        for (s, next) in seqs.iter_mut().zip(&nexts) {
+            s.cache.advance(next);
+            last.extend_from_slice(&x[(s.start + s.len - 1) * h..(s.start + s.len) * h]);
+        }
         rms_norm(&mut last, &m.norm, eps);
-        Ok(self.head_logits(&last, 1))
+        let v = self.config().vocab_size;
+        Ok(self.head_logits(&last, nexts.len()).chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// One sequence's new entries for the MTP module.
+pub struct MtpChunk<'a> {
+    pub cache: &'a mut KvCache,
+    /// Main-model final-norm hidden rows, `next.len() × hidden`.
+    pub hidden: &'a [f32],
+    /// The token after each of those rows' positions.
+    pub next: &'a [u32],
 }
 
 /// What speculation did over one generation.
@@ -185,7 +188,7 @@ pub fn generate_mtp(
     let eos = model.config().eos_token_ids.clone();
     let (mut cache, mut mcache) = (model.new_cache(), model.new_mtp_cache()?);
     let t0 = Instant::now();
-    let (logits, mut hidden) = model.forward_hidden(prompt, &mut cache, Logits::Last)?;
+    let (logits, mut hidden) = model.forward_one(prompt, &mut cache, Logits::Last)?;
     let (mut out, mut lps, mut stats) = (Vec::new(), Vec::new(), SpecStats::default());
     let mut emit = |tok: u32, lp: f32, out: &mut Vec<u32>| {
         on_token(tok, lp);
@@ -200,10 +203,11 @@ pub fn generate_mtp(
     // MTP entries still to append: the hidden rows and the tokens after them.
     let mut next: Vec<u32> = prompt[1..].iter().copied().chain([tok]).collect();
     while !done {
-        let guess = model.mtp_forward(&mut mcache, &hidden, &next)?;
+        let mut chunk = [MtpChunk { cache: &mut mcache, hidden: &hidden, next: &next }];
+        let guess = model.mtp_forward(&mut chunk)?.pop().unwrap_or_default();
         let (draft, q) = sampler.draft(&guess);
         let before = cache.len();
-        let (rows, h2) = model.forward_hidden(&[tok, draft], &mut cache, Logits::All)?;
+        let (rows, h2) = model.forward_one(&[tok, draft], &mut cache, Logits::All)?;
         let vocab = model.config().vocab_size;
         let (first, second) = rows.split_at(vocab);
         stats.steps += 1;
@@ -230,4 +234,68 @@ pub fn generate_mtp(
     let g =
         Generation { token_ids: out, logprobs: lps, finish_reason, prefill_s, decode_s: t1.elapsed().as_secs_f64() };
     Ok((g, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+    use crate::generate::generate;
+    use crate::genmodel::{GenSpec, generate_checkpoint};
+    use crate::tensor::Precision;
+
+    /// A random DeepSeek-V3 checkpoint with an MTP module (2 layers + MTP).
+    fn random_mtp_model(tag: &str) -> Model {
+        let dir = std::env::temp_dir().join(format!("em-mtp-{tag}-{}", std::process::id()));
+        let mut spec = GenSpec::demo(Arch::DeepseekV3);
+        (spec.hidden_size, spec.num_layers, spec.mtp) = (64, 2, true);
+        generate_checkpoint(&spec, &dir).unwrap();
+        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        assert_eq!((cfg.mtp_layers, cfg.moe_layers().collect::<Vec<_>>()), (1, vec![1, 2]), "MTP experts are placed");
+        let m = Model::load(&dir, Precision::F32, &mut |_, _| {}).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        m
+    }
+
+    /// Random drafts are mostly rejected, so every step rolls the KV cache
+    /// back: greedy output must still be the model's own.
+    #[test]
+    fn rejected_drafts_roll_back_and_greedy_output_is_unchanged() {
+        let m = random_mtp_model("greedy");
+        assert!(m.has_mtp());
+        for prompt in [vec![0u32, 5, 9, 200], vec![0, 17], (0..40).collect()] {
+            let plain = generate(&m, &prompt, 24, SamplingParams::default(), true, |_, _| {}).unwrap();
+            let (spec, s) = generate_mtp(&m, &prompt, 24, SamplingParams::default(), true, |_, _| {}).unwrap();
+            assert_eq!(spec.token_ids, plain.token_ids, "{prompt:?}");
+            assert!(spec.logprobs.iter().zip(&plain.logprobs).all(|(a, b)| (a - b).abs() < 1e-4));
+            assert!(s.drafted > 0 && s.accepted < s.drafted, "{s:?}: some drafts are rejected");
+        }
+    }
+
+    /// Entries of several sequences in one pass equal each sequence alone.
+    #[test]
+    fn a_batched_mtp_pass_equals_one_pass_per_sequence() {
+        let m = random_mtp_model("batch");
+        let h = m.config().hidden_size;
+        let rows: Vec<f32> = (0..5 * h).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let (a_next, b_next) = ([3u32, 8, 1], [4u32, 4]);
+        let (mut ca, mut cb) = (m.new_mtp_cache().unwrap(), m.new_mtp_cache().unwrap());
+        let together = m
+            .mtp_forward(&mut [
+                MtpChunk { cache: &mut ca, hidden: &rows[..3 * h], next: &a_next },
+                MtpChunk { cache: &mut cb, hidden: &rows[3 * h..], next: &b_next },
+            ])
+            .unwrap();
+        assert_eq!((ca.len(), cb.len()), (3, 2));
+        let mut c = m.new_mtp_cache().unwrap();
+        let alone = m.mtp_forward(&mut [MtpChunk { cache: &mut c, hidden: &rows[3 * h..], next: &b_next }]).unwrap();
+        assert!(together[1].iter().zip(&alone[0]).all(|(x, y)| (x - y).abs() < 1e-4));
+        // A malformed chunk is refused and leaves the caches as they were.
+        let bad = m.mtp_forward(&mut [
+            MtpChunk { cache: &mut ca, hidden: &rows[..h], next: &a_next },
+            MtpChunk { cache: &mut cb, hidden: &rows[..h], next: &[1] },
+        ]);
+        assert!(bad.is_err());
+        assert_eq!((ca.len(), cb.len()), (3, 2));
+    }
 }

@@ -132,6 +132,46 @@ impl WeightArgs {
     }
 }
 
+/// The drafter of speculative decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Speculative {
+    /// DeepSeek-V3's multi-token-prediction module drafts, the model verifies.
+    Mtp,
+}
+
+/// Speculative decoding (offline `generate` and the router).
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpeculativeArgs {
+    /// Speculative decoding with the checkpoint's MTP module (DeepSeek-V3's
+    /// `num_nextn_predict_layers`): each step verifies one drafted token as
+    /// an extra position, so output is unchanged and accepted drafts save
+    /// a step each.
+    #[arg(long, value_enum, env = "EXPERTMESH_SPECULATIVE")]
+    pub speculative: Option<Speculative>,
+    /// Draft tokens per step (only 1 is implemented: DeepSeek ships one
+    /// MTP module).
+    #[arg(long, default_value_t = 1, requires = "speculative", env = "EXPERTMESH_NUM_SPECULATIVE_TOKENS")]
+    pub num_speculative_tokens: usize,
+}
+
+impl SpeculativeArgs {
+    /// Whether MTP speculation is asked for, checked against the model;
+    /// `Err((flag, why))` names the flag at fault.
+    pub fn mtp(&self, model: &crate::model::Model) -> Result<bool, (&'static str, String)> {
+        if self.speculative.is_none() {
+            return Ok(false);
+        }
+        if self.num_speculative_tokens != 1 {
+            let n = self.num_speculative_tokens;
+            return Err(("--num-speculative-tokens", format!("only 1 draft token per step is implemented, got {n}")));
+        }
+        if !model.has_mtp() {
+            return Err(("--speculative", "the checkpoint has no MTP module (num_nextn_predict_layers)".into()));
+        }
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

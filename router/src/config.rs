@@ -5,7 +5,7 @@ use crate::RouterError;
 use crate::generation::auth::ApiKey;
 use clap::{Parser, ValueEnum};
 use expertmesh_cluster::args::MemberArgs;
-use expertmesh_model::options::WeightArgs;
+use expertmesh_model::options::{SpeculativeArgs, WeightArgs};
 use expertmesh_plumbing::internal_tls::InternalTlsArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,6 +114,10 @@ pub struct Config {
     /// experts when they run in this process).
     #[command(flatten)]
     pub weights: WeightArgs,
+    /// Speculative decoding for every request (checked against the model
+    /// once it is loaded).
+    #[command(flatten)]
+    pub spec: SpeculativeArgs,
     /// etcd, cluster and lease: register this router and follow the
     /// coordinator's placement instead of a `--placement` file.
     #[command(flatten)]

@@ -273,6 +273,7 @@ pub async fn run(
     let experts = experts(&cfg, &model_cfg, internal_tls, dispatch_metrics).await?;
     let mut model = load_model(&cfg, &model_cfg, experts.executor.clone()).await?;
     kv_pool(&cfg, &mut model)?;
+    let speculative = cfg.spec.mtp(&model).map_err(|(flag, message)| RouterError::Config { flag, message })?;
     let (tx, rx) = mpsc::channel(cfg.max_queue);
     let placed = Arc::new(AtomicBool::new(etcd.is_none()));
     let engine = Engine {
@@ -281,6 +282,7 @@ pub async fn run(
             max_num_seqs: cfg.max_num_seqs,
             max_batch_tokens: cfg.max_batch_tokens,
             overlap: cfg.micro_batches == 2,
+            speculative,
         },
         metrics: metrics.clone(),
         rt: tokio::runtime::Handle::current(),

@@ -24,6 +24,17 @@ pub struct Metrics {
     pub invalid_placements: IntCounter,
     pub preemptions: IntCounter,
     pub prefix: PrefixMetrics,
+    pub spec: SpecMetrics,
+}
+
+/// Speculative decoding (`--speculative mtp`): acceptance is
+/// accepted / draft tokens, and tokens per verifying step is
+/// 1 + accepted / drafts.
+pub struct SpecMetrics {
+    /// Verifying steps (one per sequence and step that carried drafts).
+    pub drafts: IntCounter,
+    pub draft_tokens: IntCounter,
+    pub accepted_tokens: IntCounter,
 }
 
 /// The prefix cache's series, copied from the pool's own counters.
@@ -114,6 +125,20 @@ impl Metrics {
                 )?,
                 seen: Default::default(),
             },
+            spec: SpecMetrics {
+                drafts: IntCounter::new(
+                    "expertmesh_spec_decode_drafts_total",
+                    "Sequence steps that verified drafted tokens",
+                )?,
+                draft_tokens: IntCounter::new(
+                    "expertmesh_spec_decode_draft_tokens_total",
+                    "Tokens drafted by the MTP module and verified",
+                )?,
+                accepted_tokens: IntCounter::new(
+                    "expertmesh_spec_decode_accepted_tokens_total",
+                    "Drafted tokens the model accepted",
+                )?,
+            },
             invalid_placements: IntCounter::new(
                 "expertmesh_invalid_placements_total",
                 "Placements read from etcd that did not parse or fit the model (the last good one stayed)",
@@ -140,6 +165,9 @@ impl Metrics {
             Box::new(m.prefix.hit_ratio.clone()),
             Box::new(m.prefix.blocks.clone()),
             Box::new(m.prefix.evictions.clone()),
+            Box::new(m.spec.drafts.clone()),
+            Box::new(m.spec.draft_tokens.clone()),
+            Box::new(m.spec.accepted_tokens.clone()),
         ];
         for c in collectors {
             m.registry.register(c)?;

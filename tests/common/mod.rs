@@ -336,6 +336,39 @@ impl Traffic {
     }
 }
 
+/// Greedy tokens and logprobs over gRPC (EOS ignored), or, seeded,
+/// sampled at temperature 1.
+pub async fn grpc(addr: &str, prompt: &[u32], max_tokens: u32, seed: Option<u64>) -> (Vec<u32>, Vec<f32>) {
+    let mut c = GenerateServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let sampling = match seed {
+        Some(s) => SamplingParams { temperature: 1.0, seed: Some(s), ..Default::default() },
+        None => SamplingParams::default(),
+    };
+    let req = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt.to_vec() })),
+        sampling: Some(sampling),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut s = c.generate(req).await.unwrap().into_inner();
+    let (mut toks, mut lps) = (vec![], vec![]);
+    while let Some(m) = s.message().await.unwrap() {
+        toks.extend(m.token_ids);
+        lps.extend(m.logprobs);
+    }
+    (toks, lps)
+}
+
+/// Every unlabelled `expertmesh_*` sample of a router's /metrics body.
+pub fn metrics(http: &str) -> BTreeMap<String, f64> {
+    let body = http_get(http, "/metrics").1;
+    body.lines()
+        .filter(|l| l.starts_with("expertmesh_") && !l.contains('{'))
+        .filter_map(|l| l.split_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?))))
+        .collect()
+}
+
 pub async fn one(grpc: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<Vec<u32>, String> {
     let mut c = GenerateServiceClient::connect(format!("http://{grpc}")).await.map_err(|e| e.to_string())?;
     let req = GenerateRequest {

@@ -176,7 +176,7 @@ impl KvCache {
     /// Drops every position past `len` (and the blocks they alone used):
     /// undoes a forward step that failed part-way, so a failed step leaves
     /// the sequence as it was.
-    pub(crate) fn truncate(&mut self, len: usize) {
+    pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
         self.tokens.truncate(self.len);
         self.hashes.truncate(self.len >> self.shift);

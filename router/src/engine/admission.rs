@@ -10,6 +10,7 @@
 //! produced (which it does not send again), as vLLM's recompute preemption
 //! does. A request that could not fit even alone is refused at admission.
 
+use super::speculate::Spec;
 use super::{Batch, Engine, Seq, Submit};
 use expertmesh_model::ModelError;
 use expertmesh_model::generate::{Sampler, check_request};
@@ -27,6 +28,12 @@ impl Engine {
         if scoring { self.model.new_cache() } else { self.model.new_cache_for(tokens) }
     }
 
+    /// Speculation state for a sequence (re)starting with `cached`
+    /// positions, when speculation is on and it does not score its prompt.
+    fn spec_for(&self, cached: usize, scoring: bool) -> Option<Spec> {
+        (self.cfg.speculative && !scoring).then(|| Spec::new(&self.model, cached)).flatten()
+    }
+
     /// Admission while the batch and the block pool allow.
     pub(super) fn admit(&self, b: &mut Batch, rx: &mut mpsc::Receiver<Submit>) {
         while b.running.len() < self.cfg.max_num_seqs {
@@ -37,6 +44,7 @@ impl Engine {
                 }
                 if let Some(mut s) = b.preempted.pop_front() {
                     s.cache = self.cache_for(&s.tokens, s.prompt_logprobs.is_some());
+                    s.spec = self.spec_for(s.cache.len(), s.prompt_logprobs.is_some());
                     b.running.push(s);
                 }
                 continue;
@@ -82,8 +90,10 @@ impl Engine {
                     continue;
                 }
             };
+            let cache = self.cache_for(&s.prompt, s.prompt_logprobs.is_some());
             b.running.push(Seq {
-                cache: self.cache_for(&s.prompt, s.prompt_logprobs.is_some()),
+                spec: self.spec_for(cache.len(), s.prompt_logprobs.is_some()),
+                cache,
                 prompt_len: s.prompt.len(),
                 tokens: s.prompt,
                 generated: 0,
@@ -119,6 +129,7 @@ impl Engine {
                         self.metrics.preemptions.inc();
                         out[victim] = true;
                         b.running[victim].cache = self.model.new_cache();
+                        b.running[victim].spec = None;
                     }
                 }
             }

@@ -9,16 +9,19 @@
 //! away is dropped at the next step and its KV blocks freed. A prompt
 //! whose leading blocks are in the prefix cache computes only its tail.
 //! A request for prompt logprobs (scoring, perplexity through the API)
-//! computes its whole prompt and takes every prompt row's logits.
+//! computes its whole prompt and takes every prompt row's logits. With
+//! `--speculative mtp` decoding sequences also verify a drafted token each
+//! step ([`speculate`]).
 
 mod admission;
+mod speculate;
 
 use crate::generation::GenerationError;
 use crate::metrics::Metrics;
 use expertmesh_dataplane::trace;
 use expertmesh_model::ModelError;
 use expertmesh_model::cache::KvCache;
-use expertmesh_model::generate::{FinishReason, Sampler, SamplingParams, top_logprobs};
+use expertmesh_model::generate::{Dist, FinishReason, Sampler, SamplingParams, top_logprobs};
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -35,6 +38,8 @@ pub struct EngineConfig {
 
     /// Two concurrent micro-batches per step (`--micro-batches 2`).
     pub overlap: bool,
+    /// MTP speculative decoding (`--speculative mtp`; the model has the module).
+    pub speculative: bool,
 }
 
 /// What a request hears back, in order: tokens, then one `Finished` or `Failed`.
@@ -83,6 +88,11 @@ pub fn event_channel(max_tokens: usize) -> (mpsc::Sender<Event>, mpsc::Receiver<
     mpsc::channel(max_tokens + 3)
 }
 
+/// One planned sequence's step: its logits rows and its hidden rows (empty
+/// unless speculating).
+type Rows = (Vec<f32>, Vec<f32>);
+type StepResult = Result<Rows, ModelError>;
+
 struct Seq {
     /// The prompt, then every token generated so far.
     tokens: Vec<u32>,
@@ -103,17 +113,25 @@ struct Seq {
     arrived: Instant,
     last_token_at: Option<Instant>,
     trace_id: String,
+    /// MTP speculation, when on (not for requests that score their prompt).
+    spec: Option<speculate::Spec>,
 }
 
 impl Seq {
     /// Tokens to run before the next prediction: the prompt (or, after a
     /// preemption, everything) not yet cached, or the last sampled token.
     fn pending(&self) -> usize {
-        self.tokens.len() - self.cache.len()
+        // Saturating: a verifying step's cache holds the draft too.
+        self.tokens.len().saturating_sub(self.cache.len())
     }
 
     fn decoding(&self) -> bool {
         self.generated > 0 && self.pending() == 1
+    }
+
+    /// The draft to verify this step, if any (a decoding sequence only).
+    fn draft(&self) -> Option<u32> {
+        self.spec.as_ref().and_then(|sp| sp.draft.as_ref()).map(|d| d.0).filter(|_| self.decoding())
     }
 
     /// Still computing a prompt it must score: every row's logits are needed.
@@ -217,6 +235,9 @@ impl Engine {
             let results = self.traced_step(&mut b.running, &plan);
             let finished = self.emit(&mut b.running, &plan, results);
             b.retire(&finished);
+            if self.cfg.speculative {
+                self.speculate(&mut b.running);
+            }
             // Also after the step: when the batch empties, the loop blocks for
             // new work and the gauges must not keep showing the old batch.
             self.publish(b.running.len(), b.waiting(&rx));
@@ -272,12 +293,14 @@ impl Engine {
     fn plan(&self, running: &[Seq]) -> Vec<(usize, usize)> {
         let mut budget = self.cfg.max_batch_tokens.max(1);
         let mut plan = Vec::new();
-        for (i, _) in running.iter().enumerate().filter(|(_, s)| s.decoding()) {
+        for (i, s) in running.iter().enumerate().filter(|(_, s)| s.decoding()) {
             if budget == 0 {
                 break;
             }
-            plan.push((i, 1));
-            budget -= 1;
+            // The last token, and the draft after it when the budget allows.
+            let n = if s.draft().is_some() && budget >= 2 { 2 } else { 1 };
+            plan.push((i, n));
+            budget -= n;
         }
         for (i, s) in running.iter().enumerate().filter(|(_, s)| !s.decoding()) {
             if budget == 0 {
@@ -293,7 +316,7 @@ impl Engine {
     /// [`Self::step`] under the step's own trace id, which goes to the
     /// expert nodes with every dispatch; the log line joins it to the
     /// requests' ids.
-    fn traced_step(&self, running: &mut [Seq], plan: &[(usize, usize)]) -> Vec<Result<Vec<f32>, ModelError>> {
+    fn traced_step(&self, running: &mut [Seq], plan: &[(usize, usize)]) -> Vec<StepResult> {
         let step_trace = trace::new_id();
         trace::set_step(&step_trace);
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -308,17 +331,13 @@ impl Engine {
 
     /// Samples and streams each planned sequence's result; returns which
     /// sequences are done (finished, failed or abandoned).
-    fn emit(
-        &self,
-        running: &mut [Seq],
-        plan: &[(usize, usize)],
-        results: Vec<Result<Vec<f32>, ModelError>>,
-    ) -> Vec<bool> {
+    fn emit(&self, running: &mut [Seq], plan: &[(usize, usize)], results: Vec<StepResult>) -> Vec<bool> {
         let eos = &self.model.config().eos_token_ids;
         let mut finished = vec![false; running.len()];
         for ((i, n), res) in plan.iter().zip(results) {
             let s = &mut running[*i];
-            let logits = match res {
+            let draft = s.spec.as_mut().and_then(|sp| sp.draft.take());
+            let (logits, hidden) = match res {
                 Ok(l) => l,
                 Err(e) => {
                     self.metrics.errors.with_label_values(&[GenerationError::reason_of(&e)]).inc();
@@ -330,6 +349,12 @@ impl Engine {
                     continue;
                 }
             };
+            // The draft ran as the sequence's second position.
+            if let (true, Some(d)) = (s.cache.len() > s.tokens.len(), draft) {
+                finished[*i] = self.verify(s, &logits, &hidden, d, eos);
+                continue;
+            }
+            self.keep_rows(s, *n, &hidden);
             if *n > 1 || s.generated == 0 {
                 self.metrics.prompt_tokens.inc_by(*n as u64);
             }
@@ -380,6 +405,54 @@ impl Engine {
     /// Samples one token for `s` and sends it; true when `s` is done.
     fn sample(&self, s: &mut Seq, logits: &[f32], eos: &[u32]) -> bool {
         let (tok, logprob) = s.sampler.sample(logits);
+        self.send_token(s, tok, logprob, logits, eos)
+    }
+
+    /// Verifies `s`'s draft against the step's two rows (the last token's,
+    /// the draft's) and emits one token, or two when the draft holds; a
+    /// rejected draft's position leaves the cache. True when `s` is done.
+    fn verify(&self, s: &mut Seq, logits: &[f32], hidden: &[f32], (draft, q): (u32, Dist), eos: &[u32]) -> bool {
+        let (v, h) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        let rows = &logits[logits.len().saturating_sub(2 * v)..];
+        let (first, second) = rows.split_at(rows.len().saturating_sub(v));
+        let (tok, accepted) = s.sampler.verify(first, draft, &q);
+        let m = &self.metrics.spec;
+        m.drafts.inc();
+        m.draft_tokens.inc();
+        // Rows of the last token and (when it holds) the draft.
+        let first_pos = s.tokens.len() - 1;
+        if accepted {
+            m.accepted_tokens.inc();
+        } else {
+            s.cache.truncate(s.tokens.len());
+        }
+        let kept = if accepted { hidden.len() } else { h.min(hidden.len()) };
+        if let Some(sp) = s.spec.as_mut()
+            && !sp.push_rows(first_pos, &hidden[..kept], h)
+        {
+            s.spec = None;
+        }
+        let logprob = expertmesh_model::ops::log_softmax_at(first, tok as usize);
+        if self.send_token(s, tok, logprob, first, eos) {
+            return true;
+        }
+        accepted && self.sample(s, second, eos)
+    }
+
+    /// Hands a step's hidden rows (of its last `n` positions) to `s`'s
+    /// speculation state.
+    fn keep_rows(&self, s: &mut Seq, n: usize, hidden: &[f32]) {
+        let Some(sp) = s.spec.as_mut() else { return };
+        let first = s.cache.len() - n.min(s.cache.len());
+        if !sp.push_rows(first, hidden, self.model.config().hidden_size) {
+            tracing::debug!(trace_id = %s.trace_id, "speculation off: hidden rows out of step");
+            s.spec = None;
+        }
+    }
+
+    /// Sends token `tok` (`logits` is the row it came from); true when `s`
+    /// is done (it finished, or its client left).
+    fn send_token(&self, s: &mut Seq, tok: u32, logprob: f32, logits: &[f32], eos: &[u32]) -> bool {
         let now = Instant::now();
         match s.last_token_at {
             None => self.metrics.ttft.observe((now - s.arrived).as_secs_f64()),
@@ -419,39 +492,53 @@ impl Engine {
     /// One forward pass over the plan. If the batched pass fails, each
     /// sequence is retried alone (the caches were rolled back), so only the
     /// requests that hit the failure see it.
-    fn step(&self, running: &mut [Seq], plan: &[(usize, usize)]) -> Vec<Result<Vec<f32>, ModelError>> {
+    fn step(&self, running: &mut [Seq], plan: &[(usize, usize)]) -> Vec<StepResult> {
         self.model.begin_step();
         let inputs: Vec<Vec<u32>> = plan
             .iter()
             .map(|&(i, n)| {
                 let s = &running[i];
-                s.tokens[s.cache.len()..s.cache.len() + n].to_vec()
+                let (c, take) = (s.cache.len(), n.min(s.pending()));
+                // A decoding sequence's second position is its draft.
+                s.tokens[c..c + take].iter().copied().chain(s.draft().filter(|_| n > take)).collect()
             })
             .collect();
-        let mode = if plan.iter().any(|&(i, _)| running[i].scoring()) { Logits::All } else { Logits::Last };
+        let mode = match (plan.iter().any(|&(i, _)| running[i].scoring()), self.cfg.speculative) {
+            (true, _) => Logits::All,
+            // The last token's row and the draft's.
+            (false, true) => Logits::Tail(2),
+            (false, false) => Logits::Last,
+        };
         let mut by_index: Vec<Option<&mut Seq>> = running.iter_mut().map(Some).collect();
         let mut seqs: Vec<&mut Seq> = plan.iter().filter_map(|&(i, _)| by_index[i].take()).collect();
         let batched = {
             let mut chunks: Vec<SeqChunk<'_>> =
                 seqs.iter_mut().zip(&inputs).map(|(s, t)| SeqChunk { tokens: t, cache: &mut s.cache }).collect();
-            if self.cfg.overlap {
-                self.model.forward_overlapped(&mut chunks, mode)
-            } else {
-                self.model.forward(&mut chunks, mode)
-            }
+            self.forward(&mut chunks, mode, self.cfg.overlap)
         };
         match batched {
-            Ok(l) => l.into_iter().map(Ok).collect(),
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
             Err(_) if seqs.len() > 1 => seqs
                 .iter_mut()
                 .zip(&inputs)
                 .map(|(s, t)| {
-                    self.model
-                        .forward(&mut [SeqChunk { tokens: t, cache: &mut s.cache }], mode)
-                        .map(|mut v| v.remove(0))
+                    let mut one = [SeqChunk { tokens: t, cache: &mut s.cache }];
+                    self.forward(&mut one, mode, false).map(|mut v| v.remove(0))
                 })
                 .collect(),
             Err(e) => vec![Err(e)],
         }
+    }
+
+    /// One forward over `chunks`: per sequence its logits rows and, when
+    /// speculating, its hidden rows (else empty).
+    fn forward(&self, chunks: &mut [SeqChunk<'_>], mode: Logits, overlap: bool) -> Result<Vec<Rows>, ModelError> {
+        if self.cfg.speculative {
+            let (logits, hidden) = self.model.forward_hidden(chunks, mode, overlap)?;
+            return Ok(logits.into_iter().zip(hidden).collect());
+        }
+        let logits =
+            if overlap { self.model.forward_overlapped(chunks, mode)? } else { self.model.forward(chunks, mode)? };
+        Ok(logits.into_iter().map(|l| (l, Vec::new())).collect())
     }
 }

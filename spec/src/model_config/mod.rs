@@ -196,13 +196,15 @@ pub struct ModelConfig {
     /// FP8 block size when the checkpoint is DeepSeek's native FP8 layout.
     pub fp8_block: Option<(usize, usize)>,
     /// DeepSeek-V3's multi-token-prediction modules
-    /// (`num_nextn_predict_layers`), stored as layers `num_layers..`.
+    /// (`num_nextn_predict_layers`), stored as layers `num_layers..`; 0
+    /// when [`from_dir`](Self::from_dir) finds the checkpoint without them.
     pub mtp_layers: usize,
 }
 
 mod fields;
 mod moe;
 mod rope;
+mod tensors;
 
 use moe::{parse_moe, parse_quantization};
 use rope::parse_rope;
@@ -226,6 +228,11 @@ impl ModelConfig {
                     cfg.eos_token_ids = eos;
                 }
             }
+        }
+        // Configs saved by transformers declare the module but drop its weights.
+        if cfg.mtp_layers > 0 && !tensors::has_tensor(dir, &format!("model.layers.{}.eh_proj.weight", cfg.num_layers))?
+        {
+            cfg.mtp_layers = 0;
         }
         Ok(cfg)
     }
@@ -332,9 +339,12 @@ impl ModelConfig {
         })
     }
 
-    /// Indices of the layers whose FFN is a routed MoE.
+    /// Indices of the layers whose FFN is a routed MoE, the MTP module's
+    /// layer (`num_layers`, MoE as the layers before it) among them: its
+    /// experts are placed and dispatched like the others.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        self.layer_ffn.iter().enumerate().filter(|(_, k)| **k == FfnKind::Moe).map(|(i, _)| i)
+        let mtp = (self.mtp_layers > 0 && self.layer_ffn.last() == Some(&FfnKind::Moe)).then_some(self.num_layers);
+        self.layer_ffn.iter().enumerate().filter(|(_, k)| **k == FfnKind::Moe).map(|(i, _)| i).chain(mtp)
     }
 
     /// Softmax scale of the attention scores.
