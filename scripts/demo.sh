@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up and starts a local ExpertMesh cluster on a generated demo model
-# (no downloads): a router plus 2 expert nodes, each expert on both nodes.
+# Sets up and starts a local ExpertMesh cluster on the trained demo model
+# (model/demo, committed; no downloads): a router plus 2 expert nodes, each
+# expert on both nodes.
 # Stop it with Ctrl-C. Extra arguments go to `expertmesh up`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,8 @@
 //! (on the trained demo model, which accepts most drafts, and through a
 //! cluster on a random checkpoint, which rejects most, so the KV cache rolls
 //! back nearly every step); the limits hold exactly, a client that leaves
-//! frees its slot, and the drafts are counted.
+//! frees its slot, and the drafts are counted. Structured outputs (which do
+//! not speculate) share the batch and keep their output.
 
 use expertmesh_model::config::Arch;
 use expertmesh_model::genmodel::{GenSpec, generate_checkpoint};
@@ -12,6 +13,7 @@ use expertmesh_model::tokenizer::TextTokenizer;
 use expertmesh_proto::v1::generate_request::Prompt;
 use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
 use expertmesh_proto::v1::{GenerateRequest, TokenIds};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -185,4 +187,68 @@ fn speculation_keeps_the_limits_and_cancellation() {
     assert_eq!(rt.block_on(grpc(&addr, p, 12, None)).0.len(), 12);
     let (s1, s2) = (rt.block_on(grpc(&addr, p, 20, Some(7))), rt.block_on(grpc(&addr, p, 20, Some(7))));
     assert_eq!(s1, s2, "seeded sampling with speculation repeats");
+}
+
+/// Structured outputs in a batch with speculating sequences (guided ones
+/// do not speculate): the same text as a router without speculation,
+/// through OpenAI completions and Triton's generate extension, and the text
+/// obeys the grammar.
+#[test]
+fn structured_outputs_are_unchanged_by_speculation() {
+    let mut procs = Procs::default();
+    let (_, spec) = router(&mut procs, &demo(), &["--speculative", "mtp"]);
+    let (_, plain) = router(&mut procs, &demo(), &[]);
+    let schema = json!({"type": "object", "properties": {"word": {"type": "string", "maxLength": 10},
+                        "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+                        "required": ["word", "n"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}});
+    let asks = [
+        (
+            "/v1/completions",
+            json!({"prompt": "The cursor", "max_tokens": 60, "temperature": 0, "response_format": format}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Answer:", "max_tokens": 8, "temperature": 1, "seed": 5,
+                                   "guided_choice": ["yes", "no", "it depends"]}),
+        ),
+        (
+            "/v2/models/demo/generate",
+            json!({"text_input": "Date:", "max_tokens": 20,
+                                            "parameters": {"temperature": 0, "guided_regex": "[0-9]{4}-[0-9]{2}"}}),
+        ),
+        // Unconstrained, long: it speculates beside the others.
+        (
+            "/v1/completions",
+            json!({"prompt": "When a buffer is", "max_tokens": 64, "temperature": 0, "ignore_eos": true}),
+        ),
+    ];
+    let run = |http: &str| -> Vec<String> {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = asks
+                .iter()
+                .map(|(path, body)| {
+                    sc.spawn(move || {
+                        let h = [("Content-Type", "application/json")];
+                        let (status, text) = common::http_post(http, path, body.to_string().as_bytes(), &h);
+                        assert_eq!(status, 200, "{path}: {text}");
+                        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                        v["choices"][0]["text"].as_str().or(v["text_output"].as_str()).unwrap().to_string()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let (a, b) = (run(&spec), run(&plain));
+    assert_eq!(a, b);
+    let v: serde_json::Value = serde_json::from_str(&a[0]).unwrap();
+    assert!(v["word"].is_string() && v["n"].as_u64().is_some_and(|n| n <= 99), "{v}");
+    assert!(["yes", "no", "it depends"].contains(&a[1].as_str()), "{}", a[1]);
+    let d = a[2].as_bytes();
+    assert!(
+        d.len() == 7 && d[4] == b'-' && d.iter().enumerate().all(|(i, c)| i == 4 || c.is_ascii_digit()),
+        "{}",
+        a[2]
+    );
 }

@@ -48,6 +48,7 @@ use expertmesh_plumbing::listen::Listeners;
 use expertmesh_proto::v1::Dtype;
 use expertmesh_proto::v1::generate_service_server::GenerateServiceServer;
 use expertmesh_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
+use generation::guide::Guidance;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -223,6 +224,9 @@ fn state(
     placed: Arc<AtomicBool>,
 ) -> Result<RouterState, RouterError> {
     let model_name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // A model without a tokenizer serves token ids; a broken one is a
+    // start-up error naming the file.
+    let tokenizer = TextTokenizer::open(&cfg.model)?.map(Arc::new);
     let limits = Limits {
         max_model_len: cfg.max_model_len.unwrap_or(model_cfg.max_position_embeddings),
         max_tokens_limit: cfg.max_tokens_limit,
@@ -236,9 +240,14 @@ fn state(
         api_keys: Arc::new(cfg.api_key.iter().map(|k| k.0.trim().to_string()).collect()),
         reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
         log_prompts: cfg.log_prompts,
-        // A model without a tokenizer serves token ids; a broken one is a
-        // start-up error naming the file.
-        tokenizer: TextTokenizer::open(&cfg.model)?.map(Arc::new),
+        guidance: match &tokenizer {
+            Some(t) => Some(Arc::new(
+                Guidance::new(&cfg.model, t.clone(), model_cfg.vocab_size, &model_cfg.eos_token_ids)
+                    .map_err(|message| RouterError::Config { flag: "--model", message })?,
+            )),
+            None => None,
+        },
+        tokenizer,
         model_cfg,
         metrics,
         accepting: AtomicBool::new(false),

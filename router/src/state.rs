@@ -32,6 +32,8 @@ pub struct RouterState {
     /// `--log-prompts`.
     pub log_prompts: bool,
     pub tokenizer: Option<Arc<TextTokenizer>>,
+    /// Structured outputs (needs the tokenizer).
+    pub guidance: Option<Arc<crate::generation::guide::Guidance>>,
     pub metrics: Arc<Metrics>,
     /// Serving and not shutting down.
     pub accepting: AtomicBool,

@@ -64,7 +64,7 @@ fn translate(
     };
     body.remove("stream");
     fields.extend(body);
-    Ok(TextParams::parse(fields, "parameters")?.request(model, text, trace_id))
+    TextParams::parse(fields, "parameters")?.request(model, text, trace_id)
 }
 
 async fn begin(

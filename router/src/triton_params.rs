@@ -2,6 +2,7 @@
 //! `sampling_parameters` and request parameters, Triton's HTTP generate
 //! extension), with the names Triton's vLLM backend uses.
 
+use crate::generation::guide::Guided;
 use crate::generation::{GenerationError, GenerationRequest, Prompt, Sampling, Stop};
 
 #[derive(Debug, serde::Deserialize)]
@@ -9,6 +10,9 @@ pub struct TextParams {
     max_tokens: Option<i64>,
     #[serde(flatten)]
     sampling: Sampling,
+    /// vLLM's `guided_*` (and `response_format`), as Triton's vLLM backend takes them.
+    #[serde(flatten)]
+    guided: Guided,
     stop: Option<Stop>,
     ignore_eos: Option<bool>,
 }
@@ -21,14 +25,15 @@ impl TextParams {
     }
 
     /// The request for `text`; `max_tokens` defaults to 16, as vLLM's.
-    pub fn request(self, model: &str, text: String, trace_id: String) -> GenerationRequest {
-        GenerationRequest {
+    pub fn request(self, model: &str, text: String, trace_id: String) -> Result<GenerationRequest, GenerationError> {
+        Ok(GenerationRequest {
             model: Some(model.to_string()),
             sampling: self.sampling,
             max_tokens: Some(self.max_tokens.unwrap_or(16)),
             stop: Stop::into_vec(self.stop),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            guide: self.guided.guide()?,
             ..GenerationRequest::new(Prompt::Text(text), trace_id)
-        }
+        })
     }
 }

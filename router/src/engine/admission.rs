@@ -30,8 +30,8 @@ impl Engine {
 
     /// Speculation state for a sequence (re)starting with `cached`
     /// positions, when speculation is on and it does not score its prompt.
-    fn spec_for(&self, cached: usize, scoring: bool) -> Option<Spec> {
-        (self.cfg.speculative && !scoring).then(|| Spec::new(&self.model, cached)).flatten()
+    fn spec_for(&self, cached: usize, plain: bool) -> Option<Spec> {
+        (self.cfg.speculative && plain).then(|| Spec::new(&self.model, cached)).flatten()
     }
 
     /// Admission while the batch and the block pool allow.
@@ -44,7 +44,7 @@ impl Engine {
                 }
                 if let Some(mut s) = b.preempted.pop_front() {
                     s.cache = self.cache_for(&s.tokens, s.prompt_logprobs.is_some());
-                    s.spec = self.spec_for(s.cache.len(), s.prompt_logprobs.is_some());
+                    s.spec = self.spec_for(s.cache.len(), s.prompt_logprobs.is_none() && s.guide.is_none());
                     b.running.push(s);
                 }
                 continue;
@@ -92,7 +92,8 @@ impl Engine {
             };
             let cache = self.cache_for(&s.prompt, s.prompt_logprobs.is_some());
             b.running.push(Seq {
-                spec: self.spec_for(cache.len(), s.prompt_logprobs.is_some()),
+                spec: self.spec_for(cache.len(), s.prompt_logprobs.is_none() && s.guide.is_none()),
+                guide: s.guide.map(super::guided::Grammar::new),
                 cache,
                 prompt_len: s.prompt.len(),
                 tokens: s.prompt,

@@ -14,6 +14,7 @@
 //! step ([`speculate`]).
 
 mod admission;
+mod guided;
 mod speculate;
 
 use crate::generation::GenerationError;
@@ -23,6 +24,7 @@ use expertmesh_model::ModelError;
 use expertmesh_model::cache::KvCache;
 use expertmesh_model::generate::{Dist, FinishReason, Sampler, SamplingParams, top_logprobs};
 use expertmesh_model::model::{Logits, Model, SeqChunk};
+use llguidance::Matcher;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +83,8 @@ pub struct Submit {
     pub arrived: Instant,
     /// The request's trace id (see `expertmesh_dataplane::trace`).
     pub trace_id: String,
+    /// Structured output: masks every sampled token.
+    pub guide: Option<Matcher>,
 }
 
 /// A request's event channel, sized so the engine never waits on it.
@@ -113,8 +117,12 @@ struct Seq {
     arrived: Instant,
     last_token_at: Option<Instant>,
     trace_id: String,
-    /// MTP speculation, when on (not for requests that score their prompt).
+    /// MTP speculation, when on (not for requests that score their prompt
+    /// or follow a grammar).
     spec: Option<speculate::Spec>,
+    /// The grammar the output follows, and the mask of the next token
+    /// (computed while the step's forward pass runs).
+    guide: Option<guided::Grammar>,
 }
 
 impl Seq {
@@ -340,12 +348,7 @@ impl Engine {
             let (logits, hidden) = match res {
                 Ok(l) => l,
                 Err(e) => {
-                    self.metrics.errors.with_label_values(&[GenerationError::reason_of(&e)]).inc();
-                    tracing::warn!(trace_id = %s.trace_id, error = %e, "request failed");
-                    if s.events.try_send(Event::Failed(e)).is_err() {
-                        tracing::debug!(trace_id = %s.trace_id, "the client left before the failure");
-                    }
-                    finished[*i] = true;
+                    finished[*i] = self.failed(s, e);
                     continue;
                 }
             };
@@ -404,8 +407,29 @@ impl Engine {
 
     /// Samples one token for `s` and sends it; true when `s` is done.
     fn sample(&self, s: &mut Seq, logits: &[f32], eos: &[u32]) -> bool {
-        let (tok, logprob) = s.sampler.sample(logits);
-        self.send_token(s, tok, logprob, logits, eos)
+        let Some(g) = s.guide.as_mut() else {
+            let (tok, logprob) = s.sampler.sample(logits);
+            return self.send_token(s, tok, logprob, logits, eos);
+        };
+        let masked = match g.masked(logits) {
+            Ok(m) => m,
+            Err(e) => return self.failed(s, e),
+        };
+        let (tok, logprob) = s.sampler.sample(&masked);
+        if let Err(e) = g.advance(tok) {
+            return self.failed(s, e);
+        }
+        self.send_token(s, tok, logprob, &masked, eos)
+    }
+
+    /// Fails `s` with `e` (counted and sent); true: it is done.
+    fn failed(&self, s: &Seq, e: ModelError) -> bool {
+        self.metrics.errors.with_label_values(&[GenerationError::reason_of(&e)]).inc();
+        tracing::warn!(trace_id = %s.trace_id, error = %e, "request failed");
+        if s.events.try_send(Event::Failed(e)).is_err() {
+            tracing::debug!(trace_id = %s.trace_id, "the client left before the failure");
+        }
+        true
     }
 
     /// Verifies `s`'s draft against the step's two rows (the last token's,
@@ -468,7 +492,8 @@ impl Engine {
         if s.events.try_send(Event::Token { id: tok, logprob, top }).is_err() {
             return true;
         }
-        let stop = !s.ignore_eos && eos.contains(&tok);
+        // A complete grammar ends the output whatever the token.
+        let stop = (!s.ignore_eos && eos.contains(&tok)) || s.guide.as_ref().is_some_and(|g| g.complete());
         if !stop && s.generated < s.max_tokens {
             return false;
         }
@@ -512,9 +537,19 @@ impl Engine {
         let mut by_index: Vec<Option<&mut Seq>> = running.iter_mut().map(Some).collect();
         let mut seqs: Vec<&mut Seq> = plan.iter().filter_map(|&(i, _)| by_index[i].take()).collect();
         let batched = {
-            let mut chunks: Vec<SeqChunk<'_>> =
-                seqs.iter_mut().zip(&inputs).map(|(s, t)| SeqChunk { tokens: t, cache: &mut s.cache }).collect();
-            self.forward(&mut chunks, mode, self.cfg.overlap)
+            let (mut chunks, mut guides) = (Vec::with_capacity(seqs.len()), Vec::new());
+            for (s, t) in seqs.iter_mut().zip(&inputs) {
+                let Seq { cache, guide, .. } = &mut **s;
+                chunks.push(SeqChunk { tokens: t, cache });
+                guides.extend(guide.as_mut());
+            }
+            // Grammar masks beside the forward pass: they need only the
+            // tokens so far.
+            let (out, ()) = rayon::join(
+                || self.forward(&mut chunks, mode, self.cfg.overlap),
+                || guides.iter_mut().for_each(|g| g.prepare()),
+            );
+            out
         };
         match batched {
             Ok(rows) => rows.into_iter().map(Ok).collect(),

@@ -5,6 +5,8 @@
 //! else happens here, once:
 //!
 //! - [`auth`]: API keys (`--api-key`);
+//! - [`guide`]: structured outputs (JSON schemas, regular expressions,
+//!   choices, grammars), compiled by llguidance into per-request matchers;
 //! - [`request`]: the model name, prompt building (text, token ids, the chat
 //!   template), sampling, stop strings and every limit;
 //! - [`stream`]: queueing on the engine, `--request-timeout`, detokenized
@@ -14,6 +16,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod guide;
 pub mod request;
 pub mod stream;
 pub mod text;

@@ -92,6 +92,8 @@ pub struct GenerationRequest {
     /// Split DeepSeek-R1 reasoning from content (chat, with
     /// `--reasoning-parser deepseek_r1`).
     pub reasoning: bool,
+    /// What the output must match (structured outputs).
+    pub guide: Option<super::guide::Guide>,
     /// See `expertmesh_dataplane::trace`.
     pub trace_id: String,
 }
@@ -109,6 +111,7 @@ impl GenerationRequest {
             top_logprobs: 0,
             prompt_logprobs: None,
             reasoning: false,
+            guide: None,
             trace_id,
         }
     }

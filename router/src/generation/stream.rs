@@ -5,6 +5,7 @@
 //! experts) becomes a proper error status rather than a failed stream.
 
 use super::GenerationError;
+use super::guide::Guide;
 use super::request::{GenerationRequest, check_fields, check_limits, check_model, prompt_ids};
 use super::text::{ReasoningSplitter, StopMatcher};
 use crate::RouterState;
@@ -111,6 +112,10 @@ impl Generation {
 pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Generation, GenerationError> {
     let arrived = Instant::now();
     let (params, prompt, max_tokens) = check(st, &req).map_err(|e| st.refused(e))?;
+    let guide = match req.guide.clone() {
+        Some(g) => Some(compile(st, g).await.map_err(|e| st.refused(e))?),
+        None => None,
+    };
     crate::log_prompt(st, &req.trace_id, &prompt);
     let (events, mut rx) = event_channel(max_tokens);
     st.submit(Submit {
@@ -123,6 +128,7 @@ pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Gene
         events,
         arrived,
         trace_id: req.trace_id,
+        guide,
     })
     .map_err(|e| st.refused(e))?;
     let clock = Clock::new(arrived, st.limits.request_timeout);
@@ -145,6 +151,20 @@ pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Gene
     let (out, pieces) = mpsc::channel(64);
     tokio::spawn(relay(st.clone(), prompt.len(), first, rx, clock, text, out));
     Ok(Generation { prompt, prompt_scores, pieces })
+}
+
+/// A fresh matcher for `guide`, compiled (or taken from the cache) off the
+/// async runtime.
+async fn compile(st: &Arc<RouterState>, guide: Guide) -> Result<llguidance::Matcher, GenerationError> {
+    let Some(g) = st.guidance.clone() else {
+        return Err(GenerationError::invalid(
+            "response_format",
+            "this model has no tokenizer.json; structured outputs need one",
+        ));
+    };
+    tokio::task::spawn_blocking(move || g.matcher(&guide))
+        .await
+        .map_err(|e| GenerationError::Internal(format!("compiling the grammar: {e}")))?
 }
 
 /// The request checked: sampling, the prompt's ids and `max_tokens`.

@@ -62,7 +62,7 @@ impl KServeApi {
             let text = tensors::text_input(&req)?;
             let stream = tensors::stream_input(&req)?;
             let p = TextParams::parse(tensors::sampling(&req)?, "sampling parameters")?;
-            Ok((p.request(&req.model_name, text, trace_id), stream))
+            Ok((p.request(&req.model_name, text, trace_id)?, stream))
         };
         let (request, stream) = translate().map_err(|e| st.refused(e))?;
         let generation = generation::start(st, request).await?;

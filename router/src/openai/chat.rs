@@ -4,6 +4,7 @@
 
 use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse};
 use crate::RouterState;
+use crate::generation::guide::Guided;
 use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
 use axum::response::Response;
@@ -40,6 +41,9 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<i64>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// `response_format` and vLLM's `guided_*`.
+    #[serde(flatten)]
+    pub guided: Guided,
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
@@ -86,6 +90,7 @@ fn translate(st: &RouterState, req: ChatRequest, trace_id: String) -> Result<Gen
         }
         (_, n) => n.unwrap_or(0) as usize,
     };
+    let guide = req.guided.guide()?;
     Ok(GenerationRequest {
         model: req.model,
         sampling: req.sampling,
@@ -93,7 +98,10 @@ fn translate(st: &RouterState, req: ChatRequest, trace_id: String) -> Result<Gen
         stop: Stop::into_vec(req.stop),
         ignore_eos: req.ignore_eos,
         top_logprobs: top,
-        reasoning: st.reasoning_parser,
+        // A structured output is constrained from its first token, so it
+        // is not split (vLLM starts the grammar after `</think>` instead).
+        reasoning: st.reasoning_parser && guide.is_none(),
+        guide,
         ..GenerationRequest::new(Prompt::Chat(messages(req.messages)?), trace_id)
     })
 }

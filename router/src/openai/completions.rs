@@ -8,6 +8,7 @@
 use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse};
 use crate::RouterState;
 use crate::engine::Scored;
+use crate::generation::guide::Guided;
 use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
 use axum::response::Response;
@@ -32,6 +33,9 @@ pub struct CompletionRequest {
     pub max_tokens: Option<i64>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// `response_format` and vLLM's `guided_*`.
+    #[serde(flatten)]
+    pub guided: Guided,
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
@@ -71,6 +75,7 @@ fn translate(req: CompletionRequest, trace_id: String) -> Result<(GenerationRequ
         ignore_eos: req.ignore_eos,
         top_logprobs: logprobs.unwrap_or(0),
         prompt_logprobs: req.echo.then(|| logprobs.unwrap_or(0)),
+        guide: req.guided.guide()?,
         ..GenerationRequest::new(prompt(req.prompt)?, trace_id)
     };
     Ok((g, logprobs))
