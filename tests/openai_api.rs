@@ -37,7 +37,16 @@ fn the_openai_client_works_and_errors_have_their_statuses() {
     let (grpc, http) = router(
         &mut procs,
         &model,
-        &["--api-key", "key-1,key-2", "--reasoning-parser", "deepseek_r1", "--served-model-name", "demo"],
+        &[
+            "--api-key",
+            "key-1,key-2",
+            "--reasoning-parser",
+            "deepseek_r1",
+            "--tool-call-parser",
+            "deepseek_v3",
+            "--served-model-name",
+            "demo",
+        ],
     );
     let suite = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/openai_suite.py");
     let out = Command::new(python())

@@ -283,7 +283,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         (None, Some(text)) => {
             let tok = tok.as_ref().context("--prompt needs the checkpoint's tokenizer.json (or use --prompt-ids)")?;
             let text = if a.chat {
-                tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: text.clone() }], true)?
+                tok.apply_chat_template(&[ChatMessage::new("user", text.clone())], true)?
             } else {
                 text.clone()
             };

@@ -86,7 +86,25 @@ const BOS: &str = "<｜begin▁of▁sentence｜>";
 const EOS: &str = "<｜end▁of▁sentence｜>";
 const SPECIALS: [&str; 6] = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"];
 /// A DeepSeek-R1-style template: the assistant turn opens with `<think>`.
-const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}";
+/// With `tools`, a preamble lists them and says how to call one in
+/// DeepSeek-V3's markup; assistant calls and `tool` results are rendered in
+/// that markup too.
+const CHAT_TEMPLATE: &str = concat!(
+    "{{ bos_token }}",
+    "{% if tools %}## Tools\nCall a function by answering <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function",
+    "<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>\n",
+    "{% for t in tools %}### {{ t['function']['name'] }}\n{{ t['function']['description'] }}\n",
+    "Parameters: {{ t['function']['parameters'] | tojson }}\n{% endfor %}{% endif %}",
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}",
+    "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}",
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}",
+    "{% if m['tool_calls'] %}<｜tool▁calls▁begin｜>{% for c in m['tool_calls'] %}<｜tool▁call▁begin｜>",
+    "{{ c['type'] }}<｜tool▁sep｜>{{ c['function']['name'] }}\n```json\n{{ c['function']['arguments'] }}\n```",
+    "<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>{% endif %}<｜end▁of▁sentence｜>",
+    "{% elif m['role'] == 'tool' %}<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{{ m['content'] }}",
+    "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>{% endif %}{% endfor %}",
+    "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}",
+);
 const CORPUS: &str = include_str!("genmodel_corpus.txt");
 
 /// Writes a complete random checkpoint into `out`.
@@ -362,9 +380,7 @@ mod tests {
             let m = Model::load(&dir, crate::tensor::Precision::F32, &mut |_, _| {}).unwrap();
             let tok = TextTokenizer::from_dir(&dir).unwrap();
             assert_eq!(tok.vocab_size(), m.config().vocab_size);
-            let text = tok
-                .apply_chat_template(&[ChatMessage { role: "user".into(), content: "Hello there".into() }], true)
-                .unwrap();
+            let text = tok.apply_chat_template(&[ChatMessage::new("user", "Hello there")], true).unwrap();
             assert!(text.starts_with(BOS) && text.ends_with("<think>\n"), "{text}");
             let ids = tok.encode(&text).unwrap();
             assert_eq!(ids[0], 0, "BOS is a single special token");

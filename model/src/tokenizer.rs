@@ -6,10 +6,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One chat turn, as chat templates read it (OpenAI's fields).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls: `{id, type, function: {name, arguments}}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
+    }
 }
 
 pub struct TextTokenizer {
@@ -122,6 +135,18 @@ impl TextTokenizer {
     /// Renders the chat template as transformers' `apply_chat_template`
     /// (with `tokenize=False`) does.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`apply_chat_template`](Self::apply_chat_template) with the
+    /// request's `tools` (OpenAI's function definitions) for templates that
+    /// render them.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self
             .chat_template
             .as_deref()
@@ -137,6 +162,7 @@ impl TextTokenizer {
         let t = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
         t.render(minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

@@ -163,6 +163,11 @@ pub struct Config {
     /// Split reasoning from content in chat responses.
     #[arg(long, value_enum, env = "EXPERTMESH_REASONING_PARSER")]
     pub reasoning_parser: Option<ReasoningParser>,
+    /// Parse tool calls out of chat responses in this model's format
+    /// (`deepseek_v3`, `qwen3`); without it, requests with `tools` are
+    /// refused.
+    #[arg(long, value_enum, env = "EXPERTMESH_TOOL_CALL_PARSER")]
+    pub tool_call_parser: Option<crate::generation::tools::ToolParserKind>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

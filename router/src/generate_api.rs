@@ -27,9 +27,7 @@ type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
 fn translate(req: GenerateRequest, trace_id: String) -> Result<GenerationRequest, generation::GenerationError> {
     let prompt = match req.prompt {
         Some(WirePrompt::TokenIds(t)) => Prompt::TokenIds(t.ids),
-        Some(WirePrompt::Text(text)) if req.chat => {
-            Prompt::Chat(vec![ChatMessage { role: "user".into(), content: text }])
-        }
+        Some(WirePrompt::Text(text)) if req.chat => Prompt::Chat(vec![ChatMessage::new("user", text)]),
         Some(WirePrompt::Text(text)) => Prompt::Text(text),
         None => return Err(generation::GenerationError::invalid("prompt", "prompt is required (text or token_ids)")),
     };

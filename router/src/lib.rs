@@ -239,6 +239,7 @@ fn state(
         limits,
         api_keys: Arc::new(cfg.api_key.iter().map(|k| k.0.trim().to_string()).collect()),
         reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
+        tool_parser: cfg.tool_call_parser,
         log_prompts: cfg.log_prompts,
         guidance: match &tokenizer {
             Some(t) => Some(Arc::new(

@@ -29,6 +29,8 @@ pub struct RouterState {
     pub limits: Limits,
     pub api_keys: Arc<Vec<String>>,
     pub reasoning_parser: bool,
+    /// `--tool-call-parser`.
+    pub tool_parser: Option<crate::generation::tools::ToolParserKind>,
     /// `--log-prompts`.
     pub log_prompts: bool,
     pub tokenizer: Option<Arc<TextTokenizer>>,

@@ -208,4 +208,53 @@ e = raises("an invalid schema is 400", openai.BadRequestError, lambda: client.ch
 check("the 400 names the problem", "nonsense" in str(e), str(e))
 raises("a regex that does not parse is 400", openai.BadRequestError, lambda: client.completions.create(
     model=model, prompt="x", max_tokens=5, extra_body={"guided_regex": "[a-"}))
+
+# Tool calling (the router runs --tool-call-parser deepseek_v3; the
+# checkpoint's template renders the tools). `required` and a named
+# function force a valid call even from random weights.
+weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+           "days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"],
+           "additionalProperties": False}
+tools = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Forecast for a city", "parameters": weather}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}}},
+]
+ask = [{"role": "user", "content": "Weather in Oslo?"}]
+for seed in range(6):
+    r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=400, temperature=1.0, seed=seed)
+    c = r.choices[0]
+    check(f"tool_choice required seed {seed}", c.finish_reason == "tool_calls" and c.message.tool_calls, str(c))
+    for call in c.message.tool_calls:
+        args = json.loads(call.function.arguments)
+        check(f"  call {call.function.name}", call.type == "function" and call.id.startswith("call"))
+        if call.function.name == "get_weather":
+            jsonschema.validate(args, weather)
+        else:
+            check("  get_time", call.function.name == "get_time" and args == {}, str(args))
+named = {"type": "function", "function": {"name": "get_weather"}}
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=named, max_tokens=400, seed=1)
+calls = r.choices[0].message.tool_calls
+check("named tool_choice", [c.function.name for c in calls] == ["get_weather"] and r.choices[0].message.content is None)
+jsonschema.validate(json.loads(calls[0].function.arguments), weather)
+# Streamed: the call arrives as tool_calls deltas, then finish_reason tool_calls.
+chunks = list(client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=named,
+                                             max_tokens=400, seed=1, stream=True))
+deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+check("streamed tool call", [d.function.name for d in deltas] == ["get_weather"]
+      and deltas[0].function.arguments == calls[0].function.arguments, str(deltas))
+check("streamed finish", [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls")
+# The call and its result go back in: the template renders both.
+follow = ask + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": calls[0].id, "type": "function", "function": {"name": "get_weather", "arguments": calls[0].function.arguments}}]},
+    {"role": "tool", "tool_call_id": calls[0].id, "content": "{\"forecast\": \"rain\"}"},
+]
+r = client.chat.completions.create(model=model, messages=follow, tools=tools, max_tokens=8)
+check("tool result turn", r.choices[0].finish_reason in ("stop", "length", "tool_calls"))
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="none", max_tokens=8)
+check("tool_choice none", not r.choices[0].message.tool_calls)
+raises("an unknown named tool is 400", openai.BadRequestError, lambda: client.chat.completions.create(
+    model=model, messages=ask, tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}, max_tokens=5))
 print("ALL OK")

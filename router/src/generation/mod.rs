@@ -12,6 +12,8 @@
 //! - [`stream`]: queueing on the engine, `--request-timeout`, detokenized
 //!   streaming with stop strings and the reasoning split, stream-or-collect,
 //!   finish reasons and usage, and the request metrics;
+//! - [`tools`]: tool calls parsed out of the text (`--tool-call-parser`),
+//!   and the grammars that force a call (`tool_choice`);
 //! - [`error`]: why a request was refused, rendered by each API in its form.
 
 pub mod auth;
@@ -20,6 +22,7 @@ pub mod guide;
 pub mod request;
 pub mod stream;
 pub mod text;
+pub mod tools;
 
 pub use error::GenerationError;
 pub use request::{GenerationRequest, Prompt, Sampling, Stop};

@@ -94,6 +94,10 @@ pub struct GenerationRequest {
     pub reasoning: bool,
     /// What the output must match (structured outputs).
     pub guide: Option<super::guide::Guide>,
+    /// OpenAI's `tools`, for the chat template.
+    pub tools: Option<serde_json::Value>,
+    /// Parse tool calls out of the text in this format.
+    pub tool_parser: Option<super::tools::ToolParserKind>,
     /// See `expertmesh_dataplane::trace`.
     pub trace_id: String,
 }
@@ -112,6 +116,8 @@ impl GenerationRequest {
             prompt_logprobs: None,
             reasoning: false,
             guide: None,
+            tools: None,
+            tool_parser: None,
             trace_id,
         }
     }
@@ -125,8 +131,12 @@ pub fn check_model(st: &RouterState, model: Option<&str>) -> Result<(), Generati
     }
 }
 
-/// The prompt as token ids.
-pub fn prompt_ids(st: &RouterState, p: &Prompt) -> Result<Vec<u32>, GenerationError> {
+/// The prompt as token ids (a chat rendered with `tools`, if given).
+pub fn prompt_ids(
+    st: &RouterState,
+    p: &Prompt,
+    tools: Option<&serde_json::Value>,
+) -> Result<Vec<u32>, GenerationError> {
     let tok = || {
         st.tokenizer.as_ref().ok_or_else(|| {
             GenerationError::invalid("prompt", "this model has no tokenizer.json; send the prompt as token ids")
@@ -140,7 +150,7 @@ pub fn prompt_ids(st: &RouterState, p: &Prompt) -> Result<Vec<u32>, GenerationEr
                 return Err(GenerationError::invalid("messages", "messages must not be empty"));
             }
             let t = tok()?;
-            t.encode(&t.apply_chat_template(messages, true)?)?
+            t.encode(&t.apply_chat_template_with_tools(messages, tools, true)?)?
         }
     })
 }

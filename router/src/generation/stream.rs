@@ -8,6 +8,7 @@ use super::GenerationError;
 use super::guide::Guide;
 use super::request::{GenerationRequest, check_fields, check_limits, check_model, prompt_ids};
 use super::text::{ReasoningSplitter, StopMatcher};
+use super::tools::{ToolCall, ToolEvent, ToolParser};
 use crate::RouterState;
 use crate::engine::{Event, Scored, Submit, event_channel};
 use expertmesh_model::generate::FinishReason;
@@ -26,6 +27,8 @@ pub struct TokenOut {
     pub text: String,
     /// Reasoning text it completes (with the reasoning split on).
     pub reasoning: String,
+    /// Tool calls it completes (with a tool-call parser on).
+    pub calls: Vec<ToolCall>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +39,8 @@ pub enum Piece {
     Tail {
         text: String,
         reasoning: String,
+        /// Calls completed by the held-back text.
+        calls: Vec<ToolCall>,
     },
     Done {
         reason: FinishReason,
@@ -62,6 +67,7 @@ pub struct Completion {
     pub tokens: Vec<TokenOut>,
     pub text: String,
     pub reasoning: String,
+    pub tool_calls: Vec<ToolCall>,
     pub reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -76,16 +82,19 @@ impl Generation {
     /// Waits for the whole generation.
     pub async fn collect(mut self) -> Result<Completion, GenerationError> {
         let (mut tokens, mut text, mut reasoning) = (Vec::new(), String::new(), String::new());
+        let mut tool_calls = Vec::new();
         while let Some(p) = self.next().await {
             match p? {
                 Piece::Token(t) => {
                     text += &t.text;
                     reasoning += &t.reasoning;
+                    tool_calls.extend(t.calls.iter().cloned());
                     tokens.push(t);
                 }
-                Piece::Tail { text: t, reasoning: r } => {
+                Piece::Tail { text: t, reasoning: r, calls } => {
                     text += &t;
                     reasoning += &r;
+                    tool_calls.extend(calls);
                 }
                 Piece::Done { reason, prompt_tokens, completion_tokens } => {
                     let (prompt, prompt_scores) = (self.prompt, self.prompt_scores);
@@ -95,6 +104,7 @@ impl Generation {
                         tokens,
                         text,
                         reasoning,
+                        tool_calls,
                         reason,
                         prompt_tokens,
                         completion_tokens,
@@ -147,6 +157,7 @@ pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Gene
         decoder: IncrementalDecoder::default(),
         stops: StopMatcher::new(req.stop),
         splitter: req.reasoning.then(ReasoningSplitter::default),
+        tools: req.tool_parser.map(ToolParser::new),
     };
     let (out, pieces) = mpsc::channel(64);
     tokio::spawn(relay(st.clone(), prompt.len(), first, rx, clock, text, out));
@@ -174,7 +185,7 @@ fn check(
 ) -> Result<(expertmesh_model::generate::SamplingParams, Vec<u32>, usize), GenerationError> {
     check_model(st, req.model.as_deref())?;
     let params = check_fields(req)?;
-    let prompt = prompt_ids(st, &req.prompt)?;
+    let prompt = prompt_ids(st, &req.prompt, req.tools.as_ref())?;
     let max_tokens = check_limits(st, prompt.len(), req.max_tokens, req.prompt_logprobs.is_some())?;
     Ok((params, prompt, max_tokens))
 }
@@ -207,6 +218,7 @@ struct TextState {
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     splitter: Option<ReasoningSplitter>,
+    tools: Option<ToolParser>,
 }
 
 impl TextState {
@@ -218,22 +230,43 @@ impl TextState {
         }
     }
 
-    /// A token's text; `true` when it completed a stop string.
-    fn token(&mut self, id: u32) -> (String, String, bool) {
+    /// Content split into text and tool calls (with a parser on).
+    fn calls(&mut self, content: String, end: bool) -> (String, Vec<ToolCall>) {
+        let Some(p) = &mut self.tools else { return (content, vec![]) };
+        let mut events = p.push(&content);
+        if end {
+            events.extend(p.finish());
+        }
+        let (mut text, mut calls) = (String::new(), vec![]);
+        for e in events {
+            match e {
+                ToolEvent::Content(c) => text += &c,
+                ToolEvent::Call(c) => calls.push(c),
+            }
+        }
+        (text, calls)
+    }
+
+    /// A token's reasoning, text and calls; `true` when it completed a
+    /// stop string.
+    fn token(&mut self, id: u32) -> (String, String, Vec<ToolCall>, bool) {
         let raw = self.tok.as_ref().and_then(|t| self.decoder.push(t, id)).unwrap_or_default();
         let (text, hit) = self.stops.push(&raw);
         let (reasoning, content) = self.route(&text);
-        (reasoning, content, hit)
+        let (content, calls) = self.calls(content, false);
+        (reasoning, content, calls, hit)
     }
 
     /// Everything held back, once the generation has ended.
-    fn tail(&mut self, stopped: bool) -> (String, String) {
+    fn tail(&mut self, stopped: bool) -> (String, String, Vec<ToolCall>) {
         let held = if stopped { String::new() } else { self.stops.flush() };
         let (mut reasoning, content) = self.route(&held);
         if let Some(s) = &mut self.splitter {
             reasoning += &s.flush();
         }
-        (reasoning, content)
+        // A call cut off at the end is text.
+        let (content, calls) = self.calls(content, true);
+        (reasoning, content, calls)
     }
 }
 
@@ -258,8 +291,8 @@ async fn relay(
             Ok(Event::Failed(e)) => return end.fail(e.into()).await,
             Ok(Event::Token { id, logprob, top }) => {
                 generated += 1;
-                let (reasoning, content, hit) = text.token(id);
-                let t = Piece::Token(TokenOut { id, logprob, top, text: content, reasoning });
+                let (reasoning, content, calls, hit) = text.token(id);
+                let t = Piece::Token(TokenOut { id, logprob, top, text: content, reasoning, calls });
                 if out.send(Ok(t)).await.is_err() {
                     return;
                 }
@@ -293,9 +326,9 @@ impl Ending<'_> {
 
     /// The held-back tail, then `Done`; counts the success.
     async fn finish(&self, text: &mut TextState, stopped: bool, reason: FinishReason, generated: usize) {
-        let (reasoning, content) = text.tail(stopped);
-        if (!reasoning.is_empty() || !content.is_empty())
-            && self.out.send(Ok(Piece::Tail { text: content, reasoning })).await.is_err()
+        let (reasoning, content, calls) = text.tail(stopped);
+        if (!reasoning.is_empty() || !content.is_empty() || !calls.is_empty())
+            && self.out.send(Ok(Piece::Tail { text: content, reasoning, calls })).await.is_err()
         {
             return;
         }
@@ -303,6 +336,41 @@ impl Ending<'_> {
         let done = Piece::Done { reason, prompt_tokens: self.prompt_tokens, completion_tokens: generated };
         if self.out.send(Ok(done)).await.is_err() {
             tracing::debug!("the client left before the last piece");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::tools::ToolParserKind;
+
+    /// An R1 answer that thinks, then calls a tool, in pieces of every
+    /// size: reasoning, content and the call come apart.
+    #[test]
+    fn reasoning_content_and_tool_calls_stay_apart() {
+        let out = "Oslo is a city.</think>Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\":\"Oslo\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let chars: Vec<char> = out.chars().collect();
+        for n in [1, 2, 5, 13, chars.len()] {
+            let mut t = TextState {
+                tok: None,
+                decoder: IncrementalDecoder::default(),
+                stops: StopMatcher::new(vec![]),
+                splitter: Some(ReasoningSplitter::default()),
+                tools: Some(ToolParser::new(ToolParserKind::DeepseekV3)),
+            };
+            let (mut reasoning, mut content, mut calls) = (String::new(), String::new(), vec![]);
+            for piece in chars.chunks(n).map(|c| c.iter().collect::<String>()) {
+                let (r, c) = t.route(&piece);
+                let (c, k) = t.calls(c, false);
+                (reasoning, content) = (reasoning + &r, content + &c);
+                calls.extend(k);
+            }
+            let (r, c, k) = t.tail(false);
+            (reasoning, content) = (reasoning + &r, content + &c);
+            calls.extend(k);
+            assert_eq!((reasoning.as_str(), content.as_str()), ("Oslo is a city.", "Checking."), "pieces of {n}");
+            assert_eq!(calls, vec![ToolCall { name: "get_weather".into(), arguments: r#"{"city":"Oslo"}"#.into() }]);
         }
     }
 }

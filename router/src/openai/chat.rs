@@ -2,9 +2,11 @@
 //! template, streamed or not, with the DeepSeek-R1 reasoning split when the
 //! router runs `--reasoning-parser deepseek_r1`.
 
+use super::tools::{ToolChoice, ToolDef, call_json};
 use super::{ApiJson, Chunks, StreamOptions, async_stream, finish_str, now_secs, response_id, sse};
 use crate::RouterState;
 use crate::generation::guide::Guided;
+use crate::generation::tools::ToolCall;
 use crate::generation::{self, GenerationError, GenerationRequest, Piece, Prompt, Sampling, Stop, TokenOut};
 use axum::extract::State;
 use axum::response::Response;
@@ -31,6 +33,10 @@ pub struct Part {
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant turn's calls, as the API returned them.
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +61,10 @@ pub struct ChatRequest {
     pub return_token_ids: bool,
     #[serde(default)]
     pub ignore_eos: bool,
+    pub tools: Option<Vec<ToolDef>>,
+    pub tool_choice: Option<ToolChoice>,
+    /// Default true; false: at most one call.
+    pub parallel_tool_calls: Option<bool>,
 }
 
 fn messages(v: Vec<Message>) -> Result<Vec<ChatMessage>, GenerationError> {
@@ -75,7 +85,12 @@ fn messages(v: Vec<Message>) -> Result<Vec<ChatMessage>, GenerationError> {
                     .collect::<Result<Vec<_>, _>>()?
                     .join(""),
             };
-            Ok(ChatMessage { role: m.role, content })
+            Ok(ChatMessage {
+                role: m.role,
+                content,
+                tool_calls: m.tool_calls.unwrap_or_default(),
+                tool_call_id: m.tool_call_id,
+            })
         })
         .collect()
 }
@@ -90,7 +105,16 @@ fn translate(st: &RouterState, req: ChatRequest, trace_id: String) -> Result<Gen
         }
         (_, n) => n.unwrap_or(0) as usize,
     };
-    let guide = req.guided.guide()?;
+    let tools = super::tools::plan(st, req.tools, req.tool_choice, req.parallel_tool_calls.unwrap_or(true))?;
+    let guide = match (req.guided.guide()?, tools.guide) {
+        (Some(_), Some(_)) => {
+            return Err(GenerationError::invalid(
+                "tool_choice",
+                "tool_choice required or a named function constrains the output; drop response_format",
+            ));
+        }
+        (a, b) => a.or(b),
+    };
     Ok(GenerationRequest {
         model: req.model,
         sampling: req.sampling,
@@ -102,6 +126,8 @@ fn translate(st: &RouterState, req: ChatRequest, trace_id: String) -> Result<Gen
         // is not split (vLLM starts the grammar after `</think>` instead).
         reasoning: st.reasoning_parser && guide.is_none(),
         guide,
+        tools: tools.defs,
+        tool_parser: tools.parser,
         ..GenerationRequest::new(Prompt::Chat(messages(req.messages)?), trace_id)
     })
 }
@@ -125,8 +151,9 @@ pub async fn handle(
     super::respond(st, &headers, |st, trace_id| run(st, req, trace_id)).await
 }
 
-/// A delta with whatever reasoning and content the piece carries.
-fn delta(reasoning: &str, content: &str) -> Value {
+/// A delta with whatever reasoning, content and calls the piece carries;
+/// `calls` counts the calls streamed so far (their `index`).
+fn delta(reasoning: &str, content: &str, new_calls: &[ToolCall], calls: &mut usize) -> Value {
     let mut d = json!({});
     if !reasoning.is_empty() {
         d["reasoning_content"] = json!(reasoning);
@@ -134,7 +161,16 @@ fn delta(reasoning: &str, content: &str) -> Value {
     if !content.is_empty() {
         d["content"] = json!(content);
     }
+    if !new_calls.is_empty() {
+        d["tool_calls"] = new_calls.iter().enumerate().map(|(i, c)| call_json(c, Some(*calls + i))).collect();
+        *calls += new_calls.len();
+    }
     d
+}
+
+/// OpenAI's reason: `tool_calls` when the model called a tool.
+fn finish(reason: expertmesh_model::generate::FinishReason, called: bool) -> &'static str {
+    if called { "tool_calls" } else { finish_str(reason) }
 }
 
 async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result<Response, GenerationError> {
@@ -150,8 +186,14 @@ async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result
         if reasoning {
             message["reasoning_content"] = if c.reasoning.is_empty() { json!(null) } else { json!(c.reasoning) };
         }
-        let mut choice =
-            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish_str(c.reason)});
+        if !c.tool_calls.is_empty() {
+            message["tool_calls"] = c.tool_calls.iter().map(|t| call_json(t, None)).collect();
+            if c.text.is_empty() {
+                message["content"] = json!(null);
+            }
+        }
+        let reason = finish(c.reason, !c.tool_calls.is_empty());
+        let mut choice = json!({"index": 0, "message": message, "logprobs": null, "finish_reason": reason});
         if logprobs {
             choice["logprobs"] = json!({"content": c.tokens.iter().map(|t| logprob_entry(&st, t)).collect::<Vec<_>>()});
         }
@@ -169,12 +211,14 @@ async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result
             return;
         }
         let mut first = Some(std::mem::take(&mut g.prompt));
+        let mut calls = 0;
         while let Some(p) = g.next().await {
             let mut choice = json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": null});
             match p {
                 Ok(Piece::Token(t)) => {
-                    choice["delta"] = delta(&t.reasoning, &t.text);
-                    let empty = t.reasoning.is_empty() && t.text.is_empty() && !logprobs && !with_ids;
+                    choice["delta"] = delta(&t.reasoning, &t.text, &t.calls, &mut calls);
+                    let quiet = t.reasoning.is_empty() && t.text.is_empty() && t.calls.is_empty();
+                    let empty = quiet && !logprobs && !with_ids;
                     if logprobs {
                         choice["logprobs"] = json!({"content": [logprob_entry(&st, &t)]});
                     }
@@ -188,8 +232,11 @@ async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result
                         continue;
                     }
                 }
-                Ok(Piece::Tail { text, reasoning }) => choice["delta"] = delta(&reasoning, &text),
-                Ok(done @ Piece::Done { .. }) => {
+                Ok(Piece::Tail { text, reasoning, calls: new }) => {
+                    choice["delta"] = delta(&reasoning, &text, &new, &mut calls);
+                }
+                Ok(done @ Piece::Done { reason, .. }) => {
+                    choice["finish_reason"] = json!(finish(reason, calls > 0));
                     chunks.finish(&tx, choice, &done).await;
                     return;
                 }

@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod tools;
 
 use crate::RouterState;
 use crate::generation::{GenerationError, Piece};
@@ -139,7 +140,10 @@ impl<C: Fn(Value) -> Value> Chunks<C> {
     /// Returns false once the client is gone.
     pub async fn finish(&self, tx: &tokio::sync::mpsc::Sender<Value>, mut choice: Value, p: &Piece) -> bool {
         let Piece::Done { reason, prompt_tokens, completion_tokens } = p else { return true };
-        choice["finish_reason"] = json!(finish_str(*reason));
+        // The API may have set its own reason (chat's `tool_calls`).
+        if choice["finish_reason"].is_null() {
+            choice["finish_reason"] = json!(finish_str(*reason));
+        }
         if tx.send((self.chunk)(choice)).await.is_err() {
             return false;
         }
