@@ -240,3 +240,51 @@ fn random_json_bodies_never_break_the_http_handlers() {
     let (status, text) = http_post(&http, "/v1/completions", br#"{"prompt":[5,6],"max_tokens":2}"#, &[JSON]);
     assert_eq!(status, 200, "{text}");
 }
+
+/// Qwen3's `<tool_call>` format on a random Qwen3-MoE checkpoint: a
+/// required call is forced into the markup, parsed back into `tool_calls`
+/// (whole and streamed) with arguments that fit the schema.
+#[test]
+fn qwen3_tool_calls_are_forced_and_parsed() {
+    let dir = scratch("qwen3-tools");
+    let model = dir.0.join("model");
+    let out = common::command("expertmesh")
+        .args(["gen-model", "--arch", "qwen3-moe", "--hidden-size", "64", "--layers", "2"])
+        .args(["--out", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut procs = Procs::default();
+    let (_, http) = router(&mut procs, &model, &["--tool-call-parser", "qwen3"]);
+    let params = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                    "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+                                    "required": ["a", "b"], "additionalProperties": false});
+    for stream in [false, true] {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": "add 2 and 3"}], "max_tokens": 200,
+            "temperature": 1.0, "seed": 4, "stream": stream, "tool_choice": "required", "parallel_tool_calls": false,
+            "tools": [{"type": "function", "function": {"name": "add", "parameters": params}}]});
+        let (status, text) = http_post(&http, "/v1/chat/completions", body.to_string().as_bytes(), &[JSON]);
+        assert_eq!(status, 200, "{text}");
+        let (call, finish) = if stream {
+            let chunks: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|l| *l != "[DONE]")
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let calls: Vec<&serde_json::Value> =
+                chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().collect();
+            assert_eq!(calls.len(), 1, "{text}");
+            let finish = chunks.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str());
+            (calls[0].clone(), finish.map(str::to_string))
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let c = &v["choices"][0];
+            (c["message"]["tool_calls"][0].clone(), c["finish_reason"].as_str().map(str::to_string))
+        };
+        assert_eq!(finish.as_deref(), Some("tool_calls"), "{text}");
+        assert_eq!(call["function"]["name"], "add", "{text}");
+        let args: serde_json::Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(args["a"].as_u64().is_some_and(|a| a <= 9) && args["b"].as_u64().is_some_and(|b| b <= 9), "{args}");
+    }
+}

@@ -241,12 +241,13 @@ fn state(
         reasoning_parser: cfg.reasoning_parser == Some(ReasoningParser::DeepseekR1),
         tool_parser: cfg.tool_call_parser,
         log_prompts: cfg.log_prompts,
+        // A tokenizer llguidance cannot read costs structured outputs
+        // only: those requests are refused with the reason.
         guidance: match &tokenizer {
-            Some(t) => Some(Arc::new(
-                Guidance::new(&cfg.model, t.clone(), model_cfg.vocab_size, &model_cfg.eos_token_ids)
-                    .map_err(|message| RouterError::Config { flag: "--model", message })?,
-            )),
-            None => None,
+            Some(t) => Guidance::new(&cfg.model, t.clone(), model_cfg.vocab_size, &model_cfg.eos_token_ids)
+                .map(Arc::new)
+                .inspect_err(|e| tracing::warn!(error = %e, "structured outputs are off")),
+            None => Err("this model has no tokenizer.json".into()),
         },
         tokenizer,
         model_cfg,

@@ -34,8 +34,9 @@ pub struct RouterState {
     /// `--log-prompts`.
     pub log_prompts: bool,
     pub tokenizer: Option<Arc<TextTokenizer>>,
-    /// Structured outputs (needs the tokenizer).
-    pub guidance: Option<Arc<crate::generation::guide::Guidance>>,
+    /// Structured outputs, or why they are off (no tokenizer, or one
+    /// llguidance cannot read).
+    pub guidance: Result<Arc<crate::generation::guide::Guidance>, String>,
     pub metrics: Arc<Metrics>,
     /// Serving and not shutting down.
     pub accepting: AtomicBool,

@@ -167,11 +167,11 @@ pub async fn start(st: &Arc<RouterState>, req: GenerationRequest) -> Result<Gene
 /// A fresh matcher for `guide`, compiled (or taken from the cache) off the
 /// async runtime.
 async fn compile(st: &Arc<RouterState>, guide: Guide) -> Result<llguidance::Matcher, GenerationError> {
-    let Some(g) = st.guidance.clone() else {
-        return Err(GenerationError::invalid(
-            "response_format",
-            "this model has no tokenizer.json; structured outputs need one",
-        ));
+    let g = match &st.guidance {
+        Ok(g) => g.clone(),
+        Err(why) => {
+            return Err(GenerationError::invalid("response_format", format!("structured outputs are off: {why}")));
+        }
     };
     tokio::task::spawn_blocking(move || g.matcher(&guide))
         .await
