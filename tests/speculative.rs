@@ -4,8 +4,8 @@
 //! (on the trained demo model, which accepts most drafts, and through a
 //! cluster on a random checkpoint, which rejects most, so the KV cache rolls
 //! back nearly every step); the limits hold exactly, a client that leaves
-//! frees its slot, and the drafts are counted. Structured outputs (which do
-//! not speculate) share the batch and keep their output.
+//! frees its slot, and the drafts are counted. Structured outputs
+//! speculate too (drafts masked by their grammar) and keep their output.
 
 use expertmesh_model::config::Arch;
 use expertmesh_model::genmodel::{GenSpec, generate_checkpoint};
@@ -189,10 +189,11 @@ fn speculation_keeps_the_limits_and_cancellation() {
     assert_eq!(s1, s2, "seeded sampling with speculation repeats");
 }
 
-/// Structured outputs in a batch with speculating sequences (guided ones
-/// do not speculate): the same text as a router without speculation,
-/// through OpenAI completions and Triton's generate extension, and the text
-/// obeys the grammar.
+/// Structured outputs with speculation (their drafts masked by the
+/// grammar), beside an unconstrained speculating request: the same text
+/// as a router without speculation, through OpenAI completions and Triton's
+/// generate extension; the text obeys the grammar, and guided drafts are
+/// verified (counted).
 #[test]
 fn structured_outputs_are_unchanged_by_speculation() {
     let mut procs = Procs::default();
@@ -242,6 +243,14 @@ fn structured_outputs_are_unchanged_by_speculation() {
     };
     let (a, b) = (run(&spec), run(&plain));
     assert_eq!(a, b);
+    // The JSON request alone: its own drafts are verified, and it is the same.
+    let before = metrics(&spec)["expertmesh_spec_decode_draft_tokens_total"];
+    let h = [("Content-Type", "application/json")];
+    let (status, text) = common::http_post(&spec, asks[0].0, asks[0].1.to_string().as_bytes(), &h);
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["choices"][0]["text"].as_str(), Some(a[0].as_str()));
+    assert!(metrics(&spec)["expertmesh_spec_decode_draft_tokens_total"] > before, "a guided request speculates");
     let v: serde_json::Value = serde_json::from_str(&a[0]).unwrap();
     assert!(v["word"].is_string() && v["n"].as_u64().is_some_and(|n| n <= 99), "{v}");
     assert!(["yes", "no", "it depends"].contains(&a[1].as_str()), "{}", a[1]);

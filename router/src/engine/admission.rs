@@ -44,7 +44,7 @@ impl Engine {
                 }
                 if let Some(mut s) = b.preempted.pop_front() {
                     s.cache = self.cache_for(&s.tokens, s.prompt_logprobs.is_some());
-                    s.spec = self.spec_for(s.cache.len(), s.prompt_logprobs.is_none() && s.guide.is_none());
+                    s.spec = self.spec_for(s.cache.len(), s.prompt_logprobs.is_none());
                     b.running.push(s);
                 }
                 continue;
@@ -92,7 +92,7 @@ impl Engine {
             };
             let cache = self.cache_for(&s.prompt, s.prompt_logprobs.is_some());
             b.running.push(Seq {
-                spec: self.spec_for(cache.len(), s.prompt_logprobs.is_none() && s.guide.is_none()),
+                spec: self.spec_for(cache.len(), s.prompt_logprobs.is_none()),
                 guide: s.guide.map(super::guided::Grammar::new),
                 cache,
                 prompt_len: s.prompt.len(),

@@ -28,10 +28,12 @@ impl Grammar {
         }
     }
 
-    /// `logits` with every token the grammar forbids at −∞.
+    /// `logits` with every token the grammar forbids at −∞ (the mask is
+    /// kept until the grammar advances: a draft and its verification use
+    /// the same one).
     pub(super) fn masked(&mut self, logits: &[f32]) -> Result<Vec<f32>, ModelError> {
         self.prepare();
-        let mask = match self.mask.take() {
+        let mask = match self.mask.as_ref() {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(ModelError::InvalidInput(format!("structured output: {e}"))),
             None => return Err(ModelError::InvalidInput("structured output: no mask".into())),

@@ -117,8 +117,7 @@ struct Seq {
     arrived: Instant,
     last_token_at: Option<Instant>,
     trace_id: String,
-    /// MTP speculation, when on (not for requests that score their prompt
-    /// or follow a grammar).
+    /// MTP speculation, when on (not for requests that score their prompt).
     spec: Option<speculate::Spec>,
     /// The grammar the output follows, and the mask of the next token
     /// (computed while the step's forward pass runs).
@@ -434,12 +433,22 @@ impl Engine {
 
     /// Verifies `s`'s draft against the step's two rows (the last token's,
     /// the draft's) and emits one token, or two when the draft holds; a
-    /// rejected draft's position leaves the cache. True when `s` is done.
+    /// rejected draft's position leaves the cache. A grammar masks the
+    /// first row as it masked the draft (the same state), and advances only
+    /// over verified tokens, so it never rolls back. True when `s` is done.
     fn verify(&self, s: &mut Seq, logits: &[f32], hidden: &[f32], (draft, q): (u32, Dist), eos: &[u32]) -> bool {
         let (v, h) = (self.model.config().vocab_size, self.model.config().hidden_size);
         let rows = &logits[logits.len().saturating_sub(2 * v)..];
         let (first, second) = rows.split_at(rows.len().saturating_sub(v));
-        let (tok, accepted) = s.sampler.verify(first, draft, &q);
+        let first = match s.guide.as_mut().map(|g| g.masked(first)) {
+            None => first.to_vec(),
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return self.failed(s, e),
+        };
+        let (tok, accepted) = s.sampler.verify(&first, draft, &q);
+        if let Some(Err(e)) = s.guide.as_mut().map(|g| g.advance(tok)) {
+            return self.failed(s, e);
+        }
         let m = &self.metrics.spec;
         m.drafts.inc();
         m.draft_tokens.inc();
@@ -456,8 +465,8 @@ impl Engine {
         {
             s.spec = None;
         }
-        let logprob = expertmesh_model::ops::log_softmax_at(first, tok as usize);
-        if self.send_token(s, tok, logprob, first, eos) {
+        let logprob = expertmesh_model::ops::log_softmax_at(&first, tok as usize);
+        if self.send_token(s, tok, logprob, &first, eos) {
             return true;
         }
         accepted && self.sample(s, second, eos)

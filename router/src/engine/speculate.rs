@@ -10,7 +10,10 @@
 //! for greedy, distribution-preserving for sampling), emits one or two
 //! tokens, and drops the draft's position from the cache when it was
 //! rejected. Sequences in one batch accept different counts; the others
-//! decode as usual.
+//! decode as usual. A sequence under a grammar drafts from the MTP logits
+//! masked by the grammar's state after its last token, the same mask its
+//! verification applies to the first row, and its grammar advances only
+//! over verified tokens, so structured outputs speculate exactly too.
 //!
 //! The MTP cache starts at the position a request's prompt starts being
 //! computed: positions taken from the prefix cache have no hidden states,
@@ -121,8 +124,15 @@ impl Engine {
             && s.generated + 1 < s.max_tokens
             && s.tokens.len() < self.model.config().max_position_embeddings
             && s.tokens.len() == s.cache.len() + 1;
-        if newest_entered && room {
-            sp.draft = Some(s.sampler.draft(guess));
+        if !(newest_entered && room) {
+            return;
+        }
+        // A grammar masks the draft as it will mask the token it guesses.
+        match s.guide.as_mut().map(|g| g.masked(guess)) {
+            None => sp.draft = Some(s.sampler.draft(guess)),
+            Some(Ok(masked)) => sp.draft = Some(s.sampler.draft(&masked)),
+            // The sampling step reports a grammar error; no draft meanwhile.
+            Some(Err(_)) => {}
         }
     }
 }
