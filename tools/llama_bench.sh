@@ -7,6 +7,10 @@
 #
 #   tools/llama_bench.sh [MODEL_DIR] [THREADS]
 #
+# With AVX2_ONLY=1 both engines are held to AVX2+FMA on a CPU that has
+# AVX-512: llama.cpp is built without its AVX-512 paths (a build of its
+# own), and ExpertMesh runs with EXPERTMESH_NO_AVX512=1.
+#
 # A dev-time reference like transformers, never needed by the tests. It
 # builds llama.cpp (once, into target/llama.cpp) from the sources in
 # llama-cpp-python's PyPI sdist with Debian's cmake, and converts the
@@ -22,7 +26,14 @@ threads=${2:-2}
 version=0.3.36
 root=target/llama.cpp
 src=$root/llama_cpp_python-$version/vendor/llama.cpp
-bin=$src/build/bin
+build=$src/build
+ggml=(-DGGML_NATIVE=ON)
+if [ "${AVX2_ONLY:-0}" = 1 ]; then
+  build=$src/build-avx2
+  ggml=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF)
+  export EXPERTMESH_NO_AVX512=1
+fi
+bin=$build/bin
 py=${LLAMA_PYTHON:-target/llama-venv/bin/python}
 if [ ! -x "$py" ]; then
   python3 -m venv target/llama-venv >&2
@@ -31,12 +42,12 @@ if [ ! -x "$py" ]; then
 fi
 if [ ! -x "$bin/llama-bench" ]; then
   mkdir -p "$root"
-  "$py" -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
+  [ -d "$src" ] || "$py" -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
     "llama-cpp-python==$version" -d "$root" >&2
-  tar xzf "$root/llama_cpp_python-$version.tar.gz" -C "$root"
-  cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  [ -d "$src" ] || tar xzf "$root/llama_cpp_python-$version.tar.gz" -C "$root"
+  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release "${ggml[@]}" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-  cmake --build "$src/build" -j "$(nproc)" --target llama-bench llama-quantize >&2
+  cmake --build "$build" -j "$(nproc)" --target llama-bench llama-quantize >&2
 fi
 cargo build --release -q -p expertmesh-model --example quant_bench
 [ -f "$model/config.json" ] || target/release/expertmesh gen-model --preset bench --out "$model"
