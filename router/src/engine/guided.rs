@@ -21,22 +21,24 @@ impl Grammar {
         Grammar { matcher, mask: None }
     }
 
+    /// The next token's mask, computed unless it is known.
+    fn mask(&mut self) -> &Result<SimpleVob, String> {
+        let matcher = &mut self.matcher;
+        self.mask.get_or_insert_with(|| matcher.compute_mask().map_err(|e| e.to_string()))
+    }
+
     /// Computes the next token's mask unless it is known.
     pub(super) fn prepare(&mut self) {
-        if self.mask.is_none() {
-            self.mask = Some(self.matcher.compute_mask().map_err(|e| e.to_string()));
-        }
+        self.mask();
     }
 
     /// `logits` with every token the grammar forbids at −∞ (the mask is
     /// kept until the grammar advances: a draft and its verification use
     /// the same one).
     pub(super) fn masked(&mut self, logits: &[f32]) -> Result<Vec<f32>, ModelError> {
-        self.prepare();
-        let mask = match self.mask.as_ref() {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(ModelError::InvalidInput(format!("structured output: {e}"))),
-            None => return Err(ModelError::InvalidInput("structured output: no mask".into())),
+        let mask = match self.mask() {
+            Ok(m) => m,
+            Err(e) => return Err(ModelError::InvalidInput(format!("structured output: {e}"))),
         };
         if mask.num_set() == 0 {
             return Err(ModelError::InvalidInput("structured output: the grammar allows no token here".into()));

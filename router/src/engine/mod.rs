@@ -25,6 +25,7 @@ use expertmesh_model::cache::KvCache;
 use expertmesh_model::generate::{Dist, FinishReason, Sampler, SamplingParams, top_logprobs};
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use llguidance::Matcher;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,6 +135,19 @@ impl Seq {
 
     fn decoding(&self) -> bool {
         self.generated > 0 && self.pending() == 1
+    }
+
+    /// `row` as this sequence samples from it: masked by its grammar, if any.
+    fn guided<'a>(&mut self, row: &'a [f32]) -> Result<Cow<'a, [f32]>, ModelError> {
+        match self.guide.as_mut() {
+            None => Ok(Cow::Borrowed(row)),
+            Some(g) => g.masked(row).map(Cow::Owned),
+        }
+    }
+
+    /// Advances the grammar, if any, over the token chosen.
+    fn advance(&mut self, tok: u32) -> Result<(), ModelError> {
+        self.guide.as_mut().map_or(Ok(()), |g| g.advance(tok))
     }
 
     /// The draft to verify this step, if any (a decoding sequence only).
@@ -406,19 +420,15 @@ impl Engine {
 
     /// Samples one token for `s` and sends it; true when `s` is done.
     fn sample(&self, s: &mut Seq, logits: &[f32], eos: &[u32]) -> bool {
-        let Some(g) = s.guide.as_mut() else {
-            let (tok, logprob) = s.sampler.sample(logits);
-            return self.send_token(s, tok, logprob, logits, eos);
-        };
-        let masked = match g.masked(logits) {
-            Ok(m) => m,
+        let row = match s.guided(logits) {
+            Ok(r) => r,
             Err(e) => return self.failed(s, e),
         };
-        let (tok, logprob) = s.sampler.sample(&masked);
-        if let Err(e) = g.advance(tok) {
+        let (tok, logprob) = s.sampler.sample(&row);
+        if let Err(e) = s.advance(tok) {
             return self.failed(s, e);
         }
-        self.send_token(s, tok, logprob, &masked, eos)
+        self.send_token(s, tok, logprob, &row, eos)
     }
 
     /// Fails `s` with `e` (counted and sent); true: it is done.
@@ -440,13 +450,12 @@ impl Engine {
         let (v, h) = (self.model.config().vocab_size, self.model.config().hidden_size);
         let rows = &logits[logits.len().saturating_sub(2 * v)..];
         let (first, second) = rows.split_at(rows.len().saturating_sub(v));
-        let first = match s.guide.as_mut().map(|g| g.masked(first)) {
-            None => first.to_vec(),
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return self.failed(s, e),
+        let first = match s.guided(first) {
+            Ok(r) => r,
+            Err(e) => return self.failed(s, e),
         };
         let (tok, accepted) = s.sampler.verify(&first, draft, &q);
-        if let Some(Err(e)) = s.guide.as_mut().map(|g| g.advance(tok)) {
+        if let Err(e) = s.advance(tok) {
             return self.failed(s, e);
         }
         let m = &self.metrics.spec;
@@ -537,7 +546,8 @@ impl Engine {
                 s.tokens[c..c + take].iter().copied().chain(s.draft().filter(|_| n > take)).collect()
             })
             .collect();
-        let mode = match (plan.iter().any(|&(i, _)| running[i].scoring()), self.cfg.speculative) {
+        let verifying = plan.iter().any(|&(i, n)| n > running[i].pending());
+        let mode = match (plan.iter().any(|&(i, _)| running[i].scoring()), verifying) {
             (true, _) => Logits::All,
             // The last token's row and the draft's.
             (false, true) => Logits::Tail(2),

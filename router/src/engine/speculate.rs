@@ -127,12 +127,13 @@ impl Engine {
         if !(newest_entered && room) {
             return;
         }
-        // A grammar masks the draft as it will mask the token it guesses.
-        match s.guide.as_mut().map(|g| g.masked(guess)) {
-            None => sp.draft = Some(s.sampler.draft(guess)),
-            Some(Ok(masked)) => sp.draft = Some(s.sampler.draft(&masked)),
-            // The sampling step reports a grammar error; no draft meanwhile.
-            Some(Err(_)) => {}
+        // A grammar masks the draft as it will mask the token it guesses;
+        // on a grammar error the sampling step reports it, with no draft.
+        if let Ok(row) = s.guided(guess) {
+            let draft = s.sampler.draft(&row);
+            if let Some(sp) = s.spec.as_mut() {
+                sp.draft = Some(draft);
+            }
         }
     }
 }

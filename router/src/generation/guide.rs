@@ -116,7 +116,7 @@ fn regex_escape(s: &str) -> String {
 }
 
 /// Compact JSON unless the schema sets its own llguidance options.
-fn compact(mut schema: Value) -> Value {
+pub(crate) fn compact(mut schema: Value) -> Value {
     if let Some(o) = schema.as_object_mut() {
         o.entry("x-guidance").or_insert_with(|| json!({"whitespace_flexible": false}));
     }

@@ -194,12 +194,9 @@ fn qwen_call(body: &str) -> ToolEvent {
 pub fn call_grammar(kind: ToolParserKind, functions: &[(String, Value)], only: Option<&str>, parallel: bool) -> String {
     // A Lark string literal: JSON's quoting, which the dialect reads.
     let lit = |s: &str| Value::String(s.to_string()).to_string();
+    // Arguments are an object whatever `parameters` says; compact JSON.
     let compact = |schema: &Value| {
-        let mut s = if schema.is_object() { schema.clone() } else { serde_json::json!({"type": "object"}) };
-        if let Some(o) = s.as_object_mut() {
-            o.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
-        }
-        s
+        super::guide::compact(if schema.is_object() { schema.clone() } else { serde_json::json!({"type": "object"}) })
     };
     let mut rules = Vec::new();
     for (i, (name, params)) in functions.iter().filter(|(n, _)| only.is_none_or(|o| o == n)).enumerate() {
@@ -211,10 +208,9 @@ pub fn call_grammar(kind: ToolParserKind, functions: &[(String, Value)], only: O
                 compact(params)
             ),
             ToolParserKind::Qwen3 => {
-                let call = serde_json::json!({"type": "object",
+                let call = super::guide::compact(serde_json::json!({"type": "object",
                     "properties": {"name": {"const": name}, "arguments": compact(params)},
-                    "required": ["name", "arguments"], "additionalProperties": false,
-                    "x-guidance": {"whitespace_flexible": false}});
+                    "required": ["name", "arguments"], "additionalProperties": false}));
                 format!(
                     "fn_{i}: {} call_{i} {}\ncall_{i}: %json {call}",
                     lit(&format!("{QWEN_BEGIN}\n")),
