@@ -288,3 +288,32 @@ fn qwen3_tool_calls_are_forced_and_parsed() {
         assert!(args["a"].as_u64().is_some_and(|a| a <= 9) && args["b"].as_u64().is_some_and(|b| b <= 9), "{args}");
     }
 }
+
+/// Prompt scoring (`echo` + `logprobs`, `max_tokens: 0`, lm-eval's
+/// request) under chunked prefill: with a step budget of one token (what
+/// a prompt gets beside a batch of decodes that leave one) the 40-token
+/// prompt runs a token a step, and every token 1.. is still scored with
+/// transformers' log-probability, as in one chunk.
+#[test]
+fn a_prompt_scored_in_small_chunks_scores_every_token() {
+    let (prompt, _) = common::reference("llama3");
+    let want = common::reference_prompt_logprobs("llama3");
+    let mut procs = Procs::default();
+    let f32 = ["--precision", "f32"];
+    let (_, whole) = router(&mut procs, &common::fixture("llama3"), &f32);
+    let (_, chunked) =
+        router(&mut procs, &common::fixture("llama3"), &[&f32[..], &["--max-batch-tokens", "1"]].concat());
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1});
+    for http in [whole, chunked] {
+        let (status, text) = http_post(&http, "/v1/completions", body.to_string().as_bytes(), &[JSON]);
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let got = v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert_eq!(got.len(), prompt.len(), "{text}");
+        assert!(got[0].is_null(), "{text}");
+        for (t, (g, w)) in got.iter().zip(&want).enumerate().skip(1) {
+            let g = g.as_f64().unwrap_or_else(|| panic!("token {t} unscored: {text}"));
+            assert!((g - w).abs() < 1e-4, "token {t}: {g} vs transformers' {w}");
+        }
+    }
+}

@@ -27,6 +27,23 @@ pub fn reference(case: &str) -> (Vec<u32>, Vec<u32>) {
     (ids("prompt_ids"), ids("greedy_ids"))
 }
 
+/// transformers' log-probability of each prompt token given those before
+/// it (from the fixture's per-position logits); NaN for the first token.
+pub fn reference_prompt_logprobs(case: &str) -> Vec<f64> {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("reference.json")).unwrap()).unwrap();
+    let (prompt, _) = reference(case);
+    let rows = r["prompt_logits"].as_array().unwrap();
+    let mut out = vec![f64::NAN];
+    for (row, &tok) in rows.iter().zip(&prompt[1..]) {
+        let row: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        out.push(row[tok as usize] - lse);
+    }
+    out
+}
+
 /// A small multi-threaded runtime for test clients.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()

@@ -375,15 +375,13 @@ impl Engine {
                 self.metrics.prompt_tokens.inc_by(*n as u64);
             }
             let vocab = self.model.config().vocab_size;
-            let last = if logits.len() > vocab {
-                // A step that took every row (a sequence scoring its prompt).
-                if s.prompt_logprobs.is_some() {
-                    s.score(&logits, vocab);
-                }
-                &logits[logits.len() - vocab..]
-            } else {
-                &logits[..]
-            };
+            // The rows are the chunk's last positions: every position's in a
+            // step that takes all rows (some sequence scores its prompt),
+            // a one-token chunk's included.
+            if s.prompt_logprobs.is_some() {
+                s.score(&logits, vocab);
+            }
+            let last = &logits[logits.len() - vocab..];
             if s.pending() > 0 {
                 continue; // more prompt to go: these logits are not a prediction yet
             }
