@@ -10,7 +10,7 @@ use expertmesh_proto::v1::generate_service_client::GenerateServiceClient;
 use expertmesh_proto::v1::{GenerateRequest, TokenIds};
 
 mod common;
-use common::{Procs, fixture, grpc, http_post, metrics, reference, router, runtime};
+use common::{Procs, fixture, grpc, http_post, idle_metrics, reference, router, runtime};
 
 /// The same, greedy, over OpenAI `/v1/completions` with a token-id
 /// prompt: the chosen tokens' logprobs.
@@ -59,19 +59,19 @@ fn prefix_reuse_is_exact_across_requests_and_front_doors() {
         let (plain, plain_lp) = rt.block_on(grpc(&off, &prompt, n, None));
         assert_eq!((&warm, &plain), (&want, &want), "{case}");
         assert!(close(&warm_lp, &cold_lp) && close(&warm_lp, &plain_lp), "{case}: {warm_lp:?} {plain_lp:?}");
-        let m = metrics(&on_http);
+        let m = idle_metrics(&on_http);
         assert!(m["expertmesh_prefix_cache_hit_tokens_total"] > 0.0, "{case}: {m:?}");
         assert!(m["expertmesh_prefix_cache_blocks"] > 0.0, "{case}: {m:?}");
-        assert_eq!(metrics(&off_http)["expertmesh_prefix_cache_hit_tokens_total"], 0.0);
+        assert_eq!(idle_metrics(&off_http)["expertmesh_prefix_cache_hit_tokens_total"], 0.0);
         // Seeded sampling: the same draws with and without the cache.
         let s_on = rt.block_on(grpc(&on, &prompt, n, Some(7)));
         let s_off = rt.block_on(grpc(&off, &prompt, n, Some(7)));
         assert_eq!(s_on.0, s_off.0, "{case}: seeded sampling");
         // The HTTP door hits the blocks the gRPC requests left.
-        let hits = metrics(&on_http)["expertmesh_prefix_cache_hit_tokens_total"];
+        let hits = idle_metrics(&on_http)["expertmesh_prefix_cache_hit_tokens_total"];
         let lp = openai(&on_http, &prompt, n);
         assert!(lp.iter().zip(&plain_lp).all(|(a, b)| (a - *b as f64).abs() < 1e-5), "{case}: {lp:?}");
-        assert!(metrics(&on_http)["expertmesh_prefix_cache_hit_tokens_total"] > hits, "{case}");
+        assert!(idle_metrics(&on_http)["expertmesh_prefix_cache_hit_tokens_total"] > hits, "{case}");
     }
 }
 
@@ -87,11 +87,11 @@ fn a_tiny_budget_evicts_cached_blocks() {
     let other: Vec<u32> = prompt.iter().map(|t| (t + 1) % 256).collect();
     let n = want.len() as u32;
     assert_eq!(rt.block_on(grpc(&addr, &prompt, n, None)).0, want);
-    let m = metrics(&http);
+    let m = idle_metrics(&http);
     assert_eq!((m["expertmesh_prefix_cache_blocks"], m["expertmesh_kv_cache_usage_ratio"]), (2.0, 0.0), "{m:?}");
     rt.block_on(grpc(&addr, &other, n, None));
     // Three blocks wanted, two free: the oldest cached block goes.
-    assert!(metrics(&http)["expertmesh_prefix_cache_evictions_total"] >= 1.0);
+    assert!(idle_metrics(&http)["expertmesh_prefix_cache_evictions_total"] >= 1.0);
     assert_eq!(rt.block_on(grpc(&addr, &prompt, n, None)).0, want);
     // A request that could not fit even alone is refused, naming the budget.
     let e = rt.block_on(async {
@@ -138,7 +138,7 @@ fn preemption_under_a_tiny_budget_completes_every_request() {
         assert_eq!(toks, &want.0, "request {i}");
         assert!(close(lps, &want.1), "request {i}: {lps:?}");
     }
-    let m = metrics(&http);
+    let m = idle_metrics(&http);
     assert!(m["expertmesh_kv_preemptions_total"] > 0.0, "{m:?}");
     assert_eq!(m["expertmesh_kv_cache_usage_ratio"], 0.0, "every block back when idle: {m:?}");
 }
@@ -158,12 +158,12 @@ fn a_bf16_cache_holds_twice_the_blocks() {
     let n = want.len() as u32;
     assert_eq!(rt.block_on(grpc(&addr, &prompt, n, None)).0, want);
     rt.block_on(grpc(&addr, &other, n, None));
-    let m = metrics(&http);
+    let m = idle_metrics(&http);
     assert_eq!(
         (m["expertmesh_prefix_cache_blocks"], m["expertmesh_prefix_cache_evictions_total"]),
         (4.0, 0.0),
         "{m:?}"
     );
     assert_eq!(rt.block_on(grpc(&addr, &prompt, n, None)).0, want);
-    assert!(metrics(&http)["expertmesh_prefix_cache_hit_tokens_total"] >= 32.0);
+    assert!(idle_metrics(&http)["expertmesh_prefix_cache_hit_tokens_total"] >= 32.0);
 }

@@ -386,6 +386,22 @@ pub fn metrics(http: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// [`metrics`] once the router's engine is idle: a client has its last
+/// token just before the engine retires the request and publishes its
+/// gauges. The engine sets the request counts after the block pool's, so
+/// a scrape begun after one that saw them at zero sees the freed blocks.
+pub fn idle_metrics(http: &str) -> BTreeMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(http);
+        if m["expertmesh_requests_running"] == 0.0 && m["expertmesh_requests_waiting"] == 0.0 {
+            return metrics(http);
+        }
+        assert!(Instant::now() < deadline, "the router is still busy: {m:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub async fn one(grpc: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<Vec<u32>, String> {
     let mut c = GenerateServiceClient::connect(format!("http://{grpc}")).await.map_err(|e| e.to_string())?;
     let req = GenerateRequest {

@@ -66,11 +66,13 @@ impl Report {
     /// Rewrites everything from the children's current incarnations.
     pub fn write(&self, c: &Cluster<'_>, sup: &Supervisor) -> Result<()> {
         self.record.update(keys::encode(&supervisor_record(sup)));
-        if let Some(f) = &c.a.state_file {
-            write_atomically(f, &state(c, sup), "--state-file")?;
-        }
+        // The state file last: scripts take its appearance as "up", so the
+        // targets must already be there.
         if let Some(f) = &c.a.prometheus_targets {
             write_atomically(f, &targets(c, sup), "--prometheus-targets")?;
+        }
+        if let Some(f) = &c.a.state_file {
+            write_atomically(f, &state(c, sup), "--state-file")?;
         }
         Ok(())
     }

@@ -524,10 +524,12 @@ impl Engine {
         true
     }
 
+    /// The batch's gauges; the pool's first, so a scraper that sees the
+    /// request counts fall also sees the blocks they freed.
     fn publish(&self, running: usize, waiting: usize) {
-        self.metrics.requests_running.set(running as i64);
-        self.metrics.requests_waiting.set(waiting as i64);
         self.metrics.observe_kv_pool(self.model.kv_pool());
+        self.metrics.requests_waiting.set(waiting as i64);
+        self.metrics.requests_running.set(running as i64);
     }
 
     /// One forward pass over the plan. If the batched pass fails, each
