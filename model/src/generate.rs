@@ -6,6 +6,7 @@ use crate::moe::top_k_indices;
 use crate::ops::{log_softmax_at, softmax};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// How to pick each next token.
@@ -89,15 +90,19 @@ impl Sampler {
     fn draw(&mut self, cand: &[usize], probs: &[f32]) -> usize {
         let total: f32 = probs.iter().sum();
         let mut u = self.rng.random::<f32>() * total;
-        let mut pick = cand[cand.len() - 1];
-        for (i, q) in probs.iter().enumerate() {
-            if u < *q {
-                pick = cand[i];
-                break;
+        // Where rounding leaves u past every weight: the last candidate of
+        // nonzero weight, never one a grammar masked to zero.
+        let mut fallback = cand[0];
+        for (&c, &q) in cand.iter().zip(probs) {
+            if u < q {
+                return c;
+            }
+            if q > 0.0 {
+                fallback = c;
             }
             u -= q;
         }
-        pick
+        fallback
     }
 
     /// Picks a token; returns it with its log-probability under the raw
@@ -151,8 +156,14 @@ impl Sampler {
         if qd > 0.0 && self.rng.random::<f32>() < pd / qd {
             return (draft, true);
         }
+        // q looked up by token: both may span the whole vocabulary, where a
+        // search per token would be quadratic in it.
+        let q_of: HashMap<usize, f32> = q.0.iter().copied().collect();
         let residual: Vec<(usize, f32)> =
-            p.0.iter().map(|&(t, pt)| (t, (pt - q.prob(t)).max(0.0))).filter(|&(_, r)| r > 0.0).collect();
+            p.0.iter()
+                .map(|&(t, pt)| (t, (pt - q_of.get(&t).copied().unwrap_or(0.0)).max(0.0)))
+                .filter(|&(_, r)| r > 0.0)
+                .collect();
         let pick = if residual.is_empty() { self.draw_dist(&p) } else { self.draw_dist(&Dist(residual)) };
         (pick as u32, pick == draft as usize)
     }

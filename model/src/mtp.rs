@@ -90,7 +90,8 @@ impl Model {
     /// `mode` asks, hidden rows)`.
     fn forward_one(&self, tokens: &[u32], cache: &mut KvCache, mode: Logits) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut l, mut h) = self.forward_hidden(&mut [SeqChunk { tokens, cache }], mode, false)?;
-        Ok((l.pop().unwrap_or_default(), h.pop().unwrap_or_default()))
+        let missing = || ModelError::Executor("forward returned no sequence".into());
+        Ok((l.pop().ok_or_else(missing)?, h.pop().ok_or_else(missing)?))
     }
 
     /// Appends each chunk's MTP entries (main hidden rows `hidden`, the
@@ -204,7 +205,10 @@ pub fn generate_mtp(
     let mut next: Vec<u32> = prompt[1..].iter().copied().chain([tok]).collect();
     while !done {
         let mut chunk = [MtpChunk { cache: &mut mcache, hidden: &hidden, next: &next }];
-        let guess = model.mtp_forward(&mut chunk)?.pop().unwrap_or_default();
+        let guess = model
+            .mtp_forward(&mut chunk)?
+            .pop()
+            .ok_or_else(|| ModelError::Executor("the MTP pass returned no sequence".into()))?;
         let (draft, q) = sampler.draft(&guess);
         let before = cache.len();
         let (rows, h2) = model.forward_one(&[tok, draft], &mut cache, Logits::All)?;
