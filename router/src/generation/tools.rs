@@ -59,6 +59,9 @@ pub struct ToolParser {
     /// The open marker is still in `buf` as text (no call of the section
     /// has been emitted).
     opened: bool,
+    /// The section has given a well-formed call (else its end marker is
+    /// content too).
+    called: bool,
 }
 
 /// The longest suffix of `s` that is a proper prefix of `marker` (it may
@@ -72,7 +75,7 @@ fn partial_suffix(s: &str, marker: &str) -> usize {
 
 impl ToolParser {
     pub fn new(kind: ToolParserKind) -> Self {
-        ToolParser { kind, buf: String::new(), inside: false, opened: false }
+        ToolParser { kind, buf: String::new(), inside: false, opened: false, called: false }
     }
 
     /// Removes `buf[..at + marker]` and returns `buf[..at]` (byte offsets).
@@ -102,7 +105,7 @@ impl ToolParser {
                         if !content.is_empty() {
                             out.push(ToolEvent::Content(content));
                         }
-                        (self.inside, self.opened) = (true, true);
+                        (self.inside, self.opened, self.called) = (true, true, false);
                     }
                     None => {
                         let keep = partial_suffix(&self.buf, open);
@@ -136,13 +139,24 @@ impl ToolParser {
         let trimmed = self.buf.trim_start();
         if trimmed.starts_with(DS_CALLS_END) {
             let skip = self.buf.len() - trimmed.len() + DS_CALLS_END.len();
-            self.buf.drain(..skip);
+            let end: String = self.buf.drain(..skip).collect();
+            if !self.called {
+                let open = if self.opened { DS_CALLS_BEGIN } else { "" };
+                out.push(ToolEvent::Content(format!("{open}{end}")));
+            }
             self.inside = false;
             return true;
         }
         let Some(end) = self.buf.find(DS_CALL_END) else { return false };
         let call = self.take(end, DS_CALL_END.len());
-        out.push(deepseek_call(&call));
+        let mut event = deepseek_call(&call);
+        // A malformed first call is content with the section's marker.
+        match &mut event {
+            ToolEvent::Content(text) if self.opened => text.insert_str(0, DS_CALLS_BEGIN),
+            ToolEvent::Content(_) => {}
+            ToolEvent::Call(_) => self.called = true,
+        }
+        out.push(event);
         self.opened = false;
         true
     }
@@ -326,5 +340,15 @@ mod tests {
         assert_eq!(parse(ToolParserKind::DeepseekV3, unfinished, 5), vec![ToolEvent::Content(unfinished.into())]);
         let bad = "<tool_call>not json</tool_call>";
         assert_eq!(parse(ToolParserKind::Qwen3, bad, 4), vec![ToolEvent::Content(bad.into())]);
+        // A malformed first DeepSeek call keeps the section's marker.
+        let broken = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\nnot json<｜tool▁call▁end｜> <｜tool▁calls▁end｜>after";
+        let got: String = parse(ToolParserKind::DeepseekV3, broken, 7)
+            .into_iter()
+            .map(|e| match e {
+                ToolEvent::Content(t) => t,
+                ToolEvent::Call(c) => panic!("no call in {broken}: {c:?}"),
+            })
+            .collect();
+        assert_eq!(got, broken);
     }
 }

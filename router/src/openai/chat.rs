@@ -168,9 +168,13 @@ fn delta(reasoning: &str, content: &str, new_calls: &[ToolCall], calls: &mut usi
     d
 }
 
-/// OpenAI's reason: `tool_calls` when the model called a tool.
+/// OpenAI's reason: `tool_calls` when the model called a tool and stopped,
+/// `length` when it was cut off (a later call may be lost).
 fn finish(reason: expertmesh_model::generate::FinishReason, called: bool) -> &'static str {
-    if called { "tool_calls" } else { finish_str(reason) }
+    match reason {
+        expertmesh_model::generate::FinishReason::Stop if called => "tool_calls",
+        _ => finish_str(reason),
+    }
 }
 
 async fn run(st: Arc<RouterState>, req: ChatRequest, trace_id: String) -> Result<Response, GenerationError> {
