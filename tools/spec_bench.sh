@@ -19,7 +19,8 @@ for _ in $(seq "$ROUNDS"); do
     flags=(); [ $side = mtp ] && flags=(--speculative mtp)
     "$BIN/router" --model "$MODEL" --grpc $GRPC --http $HTTP --threads "$THREADS" "${flags[@]}" > /dev/null 2>&1 &
     pid=$!
-    until curl -sf "http://$HTTP/ready" > /dev/null; do sleep 0.2; done
+    for _ in $(seq 300); do curl -sf "http://$HTTP/ready" > /dev/null && break; kill -0 $pid || exit 1; sleep 0.2; done
+    curl -sf "http://$HTTP/ready" > /dev/null || { echo "router not ready after 60 s" >&2; exit 1; }
     for c in 1 16; do
       before=("$(counter draft_tokens)" "$(counter accepted_tokens)")
       tps=$("$BIN/expertmesh" bench --router $GRPC --json --concurrency $c --requests $((4 * c)) \

@@ -118,7 +118,9 @@ fn remote(
     let endpoint = format!("{}/v1/completions", url.trim_end_matches('/'));
     let score = |input: &[u32]| -> expertmesh_model::Result<Vec<f64>> {
         let body = json!({"prompt": input, "max_tokens": 0, "echo": true, "logprobs": 0});
-        let mut req = http.post(&endpoint).json(&body);
+        // A deadline far above any window's scoring time, so a hung router
+        // fails the run instead of stalling it.
+        let mut req = http.post(&endpoint).json(&body).timeout(std::time::Duration::from_secs(600));
         if let Some(k) = &a.api_key {
             req = req.bearer_auth(k);
         }
