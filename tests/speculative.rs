@@ -6,6 +6,7 @@
 //! back nearly every step); the limits hold exactly, a client that leaves
 //! frees its slot, and the drafts are counted. Structured outputs
 //! speculate too (drafts masked by their grammar) and keep their output.
+//! The MTP module's cache is counted in `--kv-cache-bytes`.
 
 use expertmesh_model::config::Arch;
 use expertmesh_model::genmodel::{GenSpec, generate_checkpoint};
@@ -260,4 +261,42 @@ fn structured_outputs_are_unchanged_by_speculation() {
         "{}",
         a[2]
     );
+}
+
+/// The MTP module's cache comes out of `--kv-cache-bytes` too: a budget of
+/// five blocks of the demo model's 4 layers holds 4 blocks when each block
+/// also has an MTP layer's rows, so a request needing 5 blocks is refused
+/// by the speculating router, naming the budget, and served by a plain one;
+/// a 4-block request speculates and keeps greedy output.
+#[test]
+fn the_mtp_cache_is_counted_in_the_kv_budget() {
+    let rt = runtime();
+    let mut procs = Procs::default();
+    let cfg = expertmesh_model::config::ModelConfig::from_dir(&demo()).unwrap();
+    let layer = expertmesh_model::cache::KvCache::layer_bytes_per_token(&cfg, Default::default());
+    let budget = (5 * 16 * layer * cfg.num_layers).to_string();
+    let flags = ["--kv-cache-bytes", budget.as_str(), "--no-prefix-cache"];
+    let (spec, spec_http) = router(&mut procs, &demo(), &[&flags[..], &["--speculative", "mtp"]].concat());
+    let (plain, _) = router(&mut procs, &demo(), &flags);
+    let p = prompts(&demo()).swap_remove(0);
+    let five = 80 - p.len() as u32; // prompt + max_tokens fill 5 blocks of 16
+    assert_eq!(rt.block_on(grpc(&plain, &p, five, None)).0.len(), five as usize);
+    let refused = rt.block_on(async {
+        let mut c = GenerateServiceClient::connect(format!("http://{spec}")).await.unwrap();
+        let req = GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds { ids: p.clone() })),
+            max_tokens: five,
+            ..Default::default()
+        };
+        match c.generate(req).await {
+            Err(e) => e,
+            Ok(s) => s.into_inner().message().await.unwrap_err(),
+        }
+    });
+    assert!(refused.message().contains("the budget holds 4"), "{refused:?}");
+    let four = 64 - p.len() as u32;
+    let one = std::slice::from_ref(&p);
+    let (a, b) = (run_all(&rt, &spec, one, |_| four), run_all(&rt, &plain, one, |_| four));
+    assert_same(&a, &b);
+    assert!(metrics(&spec_http)["expertmesh_spec_decode_drafts_total"] > 0.0);
 }

@@ -314,9 +314,14 @@ impl Model {
     }
 
     /// Replaces the block pool (size, budget, prefix sharing); caches made
-    /// before keep the old one.
+    /// before keep the old one. The MTP module's pool, when loaded, takes
+    /// the same block size, dtype and number of blocks (each a layer's, not
+    /// the model's), unshared: its positions have no prefix-cache entries.
     pub fn configure_kv_pool(&mut self, cfg: PoolConfig) -> Result<()> {
         self.pool = KvPool::new(cfg, self.cfg.num_layers, row_width(&self.cfg))?;
+        if let Some(mtp) = &mut self.mtp {
+            mtp.pool = KvPool::new(PoolConfig { prefix_cache: false, ..cfg }, 1, row_width(&self.cfg))?;
+        }
         Ok(())
     }
 

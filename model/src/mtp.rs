@@ -37,7 +37,7 @@ pub(crate) struct Mtp {
     layer: Layer,
     norm: Vec<f32>,
     /// One layer's blocks, for the module's attention.
-    pool: KvPool,
+    pub(crate) pool: KvPool,
 }
 
 /// The MTP layer's index (DeepSeek stores the first module there).

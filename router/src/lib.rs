@@ -183,12 +183,17 @@ async fn load_model(
 }
 
 /// The block pool: `--kv-cache-bytes` in blocks of `--kv-block-tokens`.
-fn kv_pool(cfg: &Config, model: &mut Model) -> Result<(), RouterError> {
+/// When speculating, the MTP module's one-layer pool takes as many blocks
+/// from the same budget (a sequence's MTP cache never holds more positions
+/// than its KV cache; only shared prefixes can exhaust it first, and then
+/// the sequences go on without speculation).
+fn kv_pool(cfg: &Config, model: &mut Model, speculative: bool) -> Result<(), RouterError> {
     let dtype = match cfg.kv_cache_dtype {
         KvCacheDtype::F32 => KvDtype::F32,
         KvCacheDtype::Bf16 => KvDtype::Bf16,
     };
-    let per_block = KvCache::bytes_per_token(model.config(), dtype) * cfg.kv_block_tokens;
+    let layers = model.config().num_layers + usize::from(speculative);
+    let per_block = KvCache::layer_bytes_per_token(model.config(), dtype) * layers * cfg.kv_block_tokens;
     let pool = PoolConfig {
         block_tokens: cfg.kv_block_tokens,
         capacity_blocks: Some(cfg.kv_cache_bytes / per_block.max(1)),
@@ -283,8 +288,8 @@ pub async fn run(
     };
     let experts = experts(&cfg, &model_cfg, internal_tls, dispatch_metrics).await?;
     let mut model = load_model(&cfg, &model_cfg, experts.executor.clone()).await?;
-    kv_pool(&cfg, &mut model)?;
     let speculative = cfg.spec.mtp(&model).map_err(|(flag, message)| RouterError::Config { flag, message })?;
+    kv_pool(&cfg, &mut model, speculative)?;
     let (tx, rx) = mpsc::channel(cfg.max_queue);
     let placed = Arc::new(AtomicBool::new(etcd.is_none()));
     let engine = Engine {

@@ -35,6 +35,9 @@ pub struct SpecMetrics {
     pub drafts: IntCounter,
     pub draft_tokens: IntCounter,
     pub accepted_tokens: IntCounter,
+    /// Sequences that went on without speculation after an MTP pass failed
+    /// (its cache pool ran short, say).
+    pub stopped: IntCounter,
 }
 
 /// The prefix cache's series, copied from the pool's own counters.
@@ -138,6 +141,10 @@ impl Metrics {
                     "expertmesh_spec_decode_accepted_tokens_total",
                     "Drafted tokens the model accepted",
                 )?,
+                stopped: IntCounter::new(
+                    "expertmesh_spec_decode_stopped_total",
+                    "Sequences that went on without speculation after an MTP pass failed (e.g. its KV blocks ran out)",
+                )?,
             },
             invalid_placements: IntCounter::new(
                 "expertmesh_invalid_placements_total",
@@ -168,6 +175,7 @@ impl Metrics {
             Box::new(m.spec.drafts.clone()),
             Box::new(m.spec.draft_tokens.clone()),
             Box::new(m.spec.accepted_tokens.clone()),
+            Box::new(m.spec.stopped.clone()),
         ];
         for c in collectors {
             m.registry.register(c)?;

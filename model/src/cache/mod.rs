@@ -170,7 +170,13 @@ impl KvCache {
     /// Bytes one more token costs over all layers, for KV-cache memory
     /// budgets.
     pub fn bytes_per_token(cfg: &ModelConfig, dtype: KvDtype) -> usize {
-        row_width(cfg) * cfg.num_layers * dtype.bytes()
+        Self::layer_bytes_per_token(cfg, dtype) * cfg.num_layers
+    }
+
+    /// Bytes one more token costs in one layer (the MTP module's cache has
+    /// one).
+    pub fn layer_bytes_per_token(cfg: &ModelConfig, dtype: KvDtype) -> usize {
+        row_width(cfg) * dtype.bytes()
     }
 
     /// Drops every position past `len` (and the blocks they alone used):

@@ -110,6 +110,7 @@ impl Engine {
                 for e in &entries {
                     running[e.seq].spec = None;
                 }
+                self.metrics.spec.stopped.inc_by(entries.len() as u64);
             }
         }
     }
