@@ -19,10 +19,14 @@ pub fn fixture(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(case)
 }
 
+/// A fixture's transformers reference, parsed.
+fn reference_json(case: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(case).join("reference.json")).unwrap()).unwrap()
+}
+
 /// `(prompt_ids, greedy_ids)` of a fixture's transformers reference.
 pub fn reference(case: &str) -> (Vec<u32>, Vec<u32>) {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("reference.json")).unwrap()).unwrap();
+    let r = reference_json(case);
     let ids = |k: &str| r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect::<Vec<_>>();
     (ids("prompt_ids"), ids("greedy_ids"))
 }
@@ -30,9 +34,8 @@ pub fn reference(case: &str) -> (Vec<u32>, Vec<u32>) {
 /// transformers' log-probability of each prompt token given those before
 /// it (from the fixture's per-position logits); NaN for the first token.
 pub fn reference_prompt_logprobs(case: &str) -> Vec<f64> {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("reference.json")).unwrap()).unwrap();
-    let (prompt, _) = reference(case);
+    let r = reference_json(case);
+    let prompt: Vec<u64> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     let rows = r["prompt_logits"].as_array().unwrap();
     let mut out = vec![f64::NAN];
     for (row, &tok) in rows.iter().zip(&prompt[1..]) {
