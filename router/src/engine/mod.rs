@@ -254,6 +254,9 @@ impl Engine {
             let plan = self.plan(&b.running);
             let plan = self.reserve(&mut b, plan);
             let results = self.traced_step(&mut b.running, &plan);
+            // Before any token goes out, so a client holding one sees its
+            // sequence's blocks in the gauges.
+            self.metrics.observe_kv_pool(self.model.kv_pool());
             let finished = self.emit(&mut b.running, &plan, results);
             b.retire(&finished);
             if self.cfg.speculative {
