@@ -72,6 +72,13 @@ fn prefix_reuse_is_exact_across_requests_and_front_doors() {
         let lp = openai(&on_http, &prompt, n);
         assert!(lp.iter().zip(&plain_lp).all(|(a, b)| (a - *b as f64).abs() < 1e-5), "{case}: {lp:?}");
         assert!(idle_metrics(&on_http)["expertmesh_prefix_cache_hit_tokens_total"] > hits, "{case}");
+        // A plain `echo` (no logprobs) needs no prompt scores, so it hits too.
+        let hits = idle_metrics(&on_http)["expertmesh_prefix_cache_hit_tokens_total"];
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": true});
+        let json = [("Content-Type", "application/json")];
+        let (status, text) = http_post(&on_http, "/v1/completions", body.to_string().as_bytes(), &json);
+        assert_eq!(status, 200, "{text}");
+        assert!(idle_metrics(&on_http)["expertmesh_prefix_cache_hit_tokens_total"] > hits, "{case}: echo");
     }
 }
 

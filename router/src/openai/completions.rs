@@ -74,7 +74,10 @@ fn translate(req: CompletionRequest, trace_id: String) -> Result<(GenerationRequ
         stop: Stop::into_vec(req.stop),
         ignore_eos: req.ignore_eos,
         top_logprobs: logprobs.unwrap_or(0),
-        prompt_logprobs: req.echo.then(|| logprobs.unwrap_or(0)),
+        // Only a scored echo needs the prompt's logits: a plain echo is the
+        // prompt's text, and scoring would bypass the prefix cache. An echo
+        // of `max_tokens: 0` is a scoring-only request either way.
+        prompt_logprobs: logprobs.or((req.max_tokens == Some(0)).then_some(0)).filter(|_| req.echo),
         guide: req.guided.guide()?,
         ..GenerationRequest::new(prompt(req.prompt)?, trace_id)
     };
@@ -220,4 +223,24 @@ async fn run(st: Arc<RouterState>, req: CompletionRequest, trace_id: String) -> 
         }
     });
     Ok(sse(stream, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scored(body: Value) -> Option<usize> {
+        let req: CompletionRequest = serde_json::from_value(body).unwrap();
+        translate(req, "t".into()).unwrap().0.prompt_logprobs
+    }
+
+    #[test]
+    fn only_an_echo_with_logprobs_scores_the_prompt() {
+        assert_eq!(scored(json!({"prompt": "a", "echo": true, "logprobs": 2})), Some(2));
+        assert_eq!(scored(json!({"prompt": "a", "echo": true, "logprobs": 0})), Some(0));
+        assert_eq!(scored(json!({"prompt": "a", "echo": true})), None);
+        assert_eq!(scored(json!({"prompt": "a", "logprobs": 2})), None);
+        assert_eq!(scored(json!({"prompt": "a", "echo": true, "max_tokens": 0})), Some(0));
+        assert_eq!(scored(json!({"prompt": "a", "max_tokens": 0})), None);
+    }
 }
