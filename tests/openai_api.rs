@@ -304,8 +304,25 @@ fn a_prompt_scored_in_small_chunks_scores_every_token() {
     let (_, chunked) =
         router(&mut procs, &common::fixture("llama3"), &[&f32[..], &["--max-batch-tokens", "1"]].concat());
     let body = serde_json::json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1});
+    let greedy = serde_json::json!({"prompt": &prompt[..20], "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let post =
+        |http: &str, b: &serde_json::Value| http_post(http, "/v1/completions", b.to_string().as_bytes(), &[JSON]);
+    let text_of = |(status, text): (u16, String)| {
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["choices"][0]["text"].clone()
+    };
     for http in [whole, chunked] {
-        let (status, text) = http_post(&http, "/v1/completions", body.to_string().as_bytes(), &[JSON]);
+        // Generations beside the scoring (steps shared or not) keep their
+        // tokens: each sequence gets its own logits rows.
+        let alone = text_of(post(&http, &greedy));
+        let (status, text) = std::thread::scope(|sc| {
+            let side: Vec<_> = (0..2).map(|_| sc.spawn(|| text_of(post(&http, &greedy)))).collect();
+            let scored = post(&http, &body);
+            for t in side {
+                assert_eq!(t.join().unwrap(), alone, "a generation beside a scored prompt");
+            }
+            scored
+        });
         assert_eq!(status, 200, "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let got = v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();

@@ -362,7 +362,7 @@ impl Model {
     /// own cache and any number of new tokens), appending to their caches.
     /// Returns per sequence the logits rows requested by `mode`.
     pub fn forward(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
-        self.forward_into(batch, mode, None)
+        self.forward_into(batch, &vec![mode; batch.len()], None)
     }
 
     /// [`forward`](Self::forward) (or, with `overlap`,
@@ -370,19 +370,38 @@ impl Model {
     /// every new row's final-norm hidden state, which DeepSeek's MTP module
     /// reads.
     pub fn forward_hidden(&self, batch: &mut [SeqChunk<'_>], mode: Logits, overlap: bool) -> Result<StepRows> {
-        let mut hidden = Vec::with_capacity(batch.len());
-        let logits = if overlap {
-            self.overlapped_into(batch, mode, Some(&mut hidden))?
-        } else {
-            self.forward_into(batch, mode, Some(&mut hidden))?
-        };
-        Ok((logits, hidden))
+        self.forward_each(batch, &vec![mode; batch.len()], overlap, true)
+    }
+
+    /// The general step: `modes[i]` is sequence i's logits rows (a scoring
+    /// prompt's every row need not cost its batch-mates their LM head on
+    /// every prefill row), `overlap` runs two micro-batches, and `hidden`
+    /// also returns every new row's final-norm hidden state (else empty).
+    pub fn forward_each(
+        &self,
+        batch: &mut [SeqChunk<'_>],
+        modes: &[Logits],
+        overlap: bool,
+        hidden: bool,
+    ) -> Result<StepRows> {
+        if modes.len() != batch.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} logits modes for {} sequences",
+                modes.len(),
+                batch.len()
+            )));
+        }
+        let mut rows = Vec::with_capacity(if hidden { batch.len() } else { 0 });
+        let out = hidden.then_some(&mut rows);
+        let logits =
+            if overlap { self.overlapped_into(batch, modes, out)? } else { self.forward_into(batch, modes, out)? };
+        Ok((logits, rows))
     }
 
     fn forward_into(
         &self,
         batch: &mut [SeqChunk<'_>],
-        mode: Logits,
+        modes: &[Logits],
         hidden: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<Vec<f32>>> {
         for s in batch.iter() {
@@ -398,7 +417,7 @@ impl Model {
         }
         // Run the step on a pool worker: nested parallel loops then split by
         // work stealing instead of waking the pool for every matrix product.
-        let out = rayon::scope(|_| self.forward_unchecked(batch, mode, hidden));
+        let out = rayon::scope(|_| self.forward_unchecked(batch, modes, hidden));
         if out.is_err() {
             // An executor or numerical failure part-way must not leave
             // half-written caches behind.
@@ -415,17 +434,17 @@ impl Model {
     /// other half computes attention. Every sequence's result is the same as
     /// in one batch. If either half fails, both are rolled back.
     pub fn forward_overlapped(&self, batch: &mut [SeqChunk<'_>], mode: Logits) -> Result<Vec<Vec<f32>>> {
-        self.overlapped_into(batch, mode, None)
+        self.overlapped_into(batch, &vec![mode; batch.len()], None)
     }
 
     fn overlapped_into(
         &self,
         batch: &mut [SeqChunk<'_>],
-        mode: Logits,
+        modes: &[Logits],
         hidden: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<Vec<f32>>> {
         if batch.len() < 2 {
-            return self.forward_into(batch, mode, hidden);
+            return self.forward_into(batch, modes, hidden);
         }
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let (mut acc, mut mid) = (0, batch.len() - 1);
@@ -438,11 +457,12 @@ impl Model {
         }
         let before: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
         let (a, b) = batch.split_at_mut(mid);
+        let (ma, mb) = modes.split_at(mid);
         let want = hidden.is_some();
         let (mut ha, mut hb) = (Vec::new(), Vec::new());
         let (ra, rb) = rayon::join(
-            || self.forward_into(a, mode, want.then_some(&mut ha)),
-            || self.forward_into(b, mode, want.then_some(&mut hb)),
+            || self.forward_into(a, ma, want.then_some(&mut ha)),
+            || self.forward_into(b, mb, want.then_some(&mut hb)),
         );
         match (ra, rb) {
             (Ok(mut x), Ok(y)) => {
@@ -528,7 +548,7 @@ impl Model {
     pub(crate) fn forward_unchecked(
         &self,
         batch: &mut [SeqChunk<'_>],
-        mode: Logits,
+        modes: &[Logits],
         hidden: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<Vec<f32>>> {
         let h = self.cfg.hidden_size;
@@ -548,7 +568,8 @@ impl Model {
             s.cache.advance(t);
         }
         // Final norm and LM head only on the rows whose logits are wanted.
-        let rows: Vec<usize> = seqs.iter().flat_map(|s| s.start + s.len - mode.rows(s.len)..s.start + s.len).collect();
+        let rows: Vec<usize> =
+            seqs.iter().zip(modes).flat_map(|(s, m)| s.start + s.len - m.rows(s.len)..s.start + s.len).collect();
         let normed = hidden.is_some();
         if let Some(out) = hidden {
             rms_norm(&mut x, &self.norm, self.cfg.rms_norm_eps);
@@ -572,8 +593,8 @@ impl Model {
         }
         let mut out = Vec::with_capacity(seqs.len());
         let mut off = 0;
-        for s in &seqs {
-            let n = mode.rows(s.len);
+        for (s, m) in seqs.iter().zip(modes) {
+            let n = m.rows(s.len);
             out.push(logits[off * v..(off + n) * v].to_vec());
             off += n;
         }

@@ -298,6 +298,34 @@ fn overlapped_micro_batches_match_one_batch() {
     }
 }
 
+/// Per-sequence logits modes, in one batch or two micro-batches, give each
+/// sequence its own rows: the same as a batch that asks every row of it.
+#[test]
+fn each_sequence_gets_the_logits_rows_it_asks() {
+    let (m, r) = load("deepseek_v3_yarn_bf16");
+    let v = m.config().vocab_size;
+    let prompts: Vec<&[u32]> = (0..4).map(|i| &r.prompt_ids[..(i + 3).min(r.prompt_ids.len())]).collect();
+    let modes = [Logits::All, Logits::Last, Logits::Tail(2), Logits::Last];
+    let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
+    let mut chunks: Vec<SeqChunk<'_>> =
+        caches.iter_mut().zip(&prompts).map(|(c, p)| SeqChunk { tokens: p, cache: c }).collect();
+    let all = m.forward(&mut chunks, Logits::All).unwrap();
+    for overlap in [false, true] {
+        let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
+        let mut chunks: Vec<SeqChunk<'_>> =
+            caches.iter_mut().zip(&prompts).map(|(c, p)| SeqChunk { tokens: p, cache: c }).collect();
+        let (out, hidden) = m.forward_each(&mut chunks, &modes, overlap, true).unwrap();
+        for (i, (o, p)) in out.iter().zip(&prompts).enumerate() {
+            let n = [p.len(), 1, 2, 1][i];
+            assert_eq!(o.len(), n * v, "sequence {i}, overlap {overlap}");
+            assert!(max_diff(o, &all[i][(p.len() - n) * v..]) < 1e-5, "sequence {i}, overlap {overlap}");
+            assert_eq!(hidden[i].len(), p.len() * m.config().hidden_size);
+        }
+        let e = m.forward_each(&mut chunks, &modes[..2], overlap, false).unwrap_err();
+        assert!(e.to_string().contains("2 logits modes for 4 sequences"), "{e}");
+    }
+}
+
 /// `--quantize` against the unquantized model, teacher-forced on 64
 /// tokens of each fixture (`examples/quant_accuracy.rs` prints the full
 /// table). The routed experts quantized, int8 keeps the greedy token

@@ -378,9 +378,8 @@ impl Engine {
                 self.metrics.prompt_tokens.inc_by(*n as u64);
             }
             let vocab = self.model.config().vocab_size;
-            // The rows are the chunk's last positions: every position's in a
-            // step that takes all rows (some sequence scores its prompt),
-            // a one-token chunk's included.
+            // A scoring sequence's rows are every position of its chunk, a
+            // one-token chunk's included.
             if s.prompt_logprobs.is_some() {
                 s.score(&logits, vocab);
             }
@@ -549,13 +548,17 @@ impl Engine {
                 s.tokens[c..c + take].iter().copied().chain(s.draft().filter(|_| n > take)).collect()
             })
             .collect();
-        let verifying = plan.iter().any(|&(i, n)| n > running[i].pending());
-        let mode = match (plan.iter().any(|&(i, _)| running[i].scoring()), verifying) {
-            (true, _) => Logits::All,
-            // The last token's row and the draft's.
-            (false, true) => Logits::Tail(2),
-            (false, false) => Logits::Last,
-        };
+        // Each sequence's own rows: a scored prompt's every row does not
+        // cost its batch-mates the LM head on all of theirs.
+        let modes: Vec<Logits> = plan
+            .iter()
+            .map(|&(i, n)| match &running[i] {
+                s if s.scoring() => Logits::All,
+                // The last token's row and the draft's.
+                s if n > s.pending() => Logits::Tail(2),
+                _ => Logits::Last,
+            })
+            .collect();
         let mut by_index: Vec<Option<&mut Seq>> = running.iter_mut().map(Some).collect();
         let mut seqs: Vec<&mut Seq> = plan.iter().filter_map(|&(i, _)| by_index[i].take()).collect();
         let batched = {
@@ -568,7 +571,7 @@ impl Engine {
             // Grammar masks beside the forward pass: they need only the
             // tokens so far.
             let (out, ()) = rayon::join(
-                || self.forward(&mut chunks, mode, self.cfg.overlap),
+                || self.forward(&mut chunks, &modes, self.cfg.overlap),
                 || guides.iter_mut().for_each(|g| g.prepare()),
             );
             out
@@ -578,9 +581,10 @@ impl Engine {
             Err(_) if seqs.len() > 1 => seqs
                 .iter_mut()
                 .zip(&inputs)
-                .map(|(s, t)| {
+                .zip(&modes)
+                .map(|((s, t), m)| {
                     let mut one = [SeqChunk { tokens: t, cache: &mut s.cache }];
-                    self.forward(&mut one, mode, false).map(|mut v| v.remove(0))
+                    self.forward(&mut one, std::slice::from_ref(m), false).map(|mut v| v.remove(0))
                 })
                 .collect(),
             Err(e) => vec![Err(e)],
@@ -589,13 +593,11 @@ impl Engine {
 
     /// One forward over `chunks`: per sequence its logits rows and, when
     /// speculating, its hidden rows (else empty).
-    fn forward(&self, chunks: &mut [SeqChunk<'_>], mode: Logits, overlap: bool) -> Result<Vec<Rows>, ModelError> {
-        if self.cfg.speculative {
-            let (logits, hidden) = self.model.forward_hidden(chunks, mode, overlap)?;
-            return Ok(logits.into_iter().zip(hidden).collect());
+    fn forward(&self, chunks: &mut [SeqChunk<'_>], modes: &[Logits], overlap: bool) -> Result<Vec<Rows>, ModelError> {
+        let (logits, hidden) = self.model.forward_each(chunks, modes, overlap, self.cfg.speculative)?;
+        if hidden.is_empty() {
+            return Ok(logits.into_iter().map(|l| (l, Vec::new())).collect());
         }
-        let logits =
-            if overlap { self.model.forward_overlapped(chunks, mode)? } else { self.model.forward(chunks, mode)? };
-        Ok(logits.into_iter().map(|l| (l, Vec::new())).collect())
+        Ok(logits.into_iter().zip(hidden).collect())
     }
 }
