@@ -230,6 +230,11 @@ struct GenModelArgs {
     /// (`num_nextn_predict_layers: 1`, layer `--layers`); deepseek-v3 only.
     #[arg(long, env = "EXPERTMESH_MTP")]
     mtp: bool,
+    /// A text file to train the tokenizer on instead of the built-in
+    /// corpus, for a vocabulary as large as `--vocab-size` asks (DeepSeek's
+    /// 129,280 needs tens of megabytes of text).
+    #[arg(long, env = "EXPERTMESH_TOKENIZER_CORPUS")]
+    tokenizer_corpus: Option<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -403,6 +408,7 @@ fn cmd_gen_model(a: GenModelArgs) -> Result<()> {
         bail!("--mtp: only deepseek-v3 checkpoints carry an MTP module");
     }
     s.mtp = a.mtp;
+    s.tokenizer_corpus = a.tokenizer_corpus;
     for (flag, v) in [
         ("--hidden-size", s.hidden_size),
         ("--layers", s.num_layers),

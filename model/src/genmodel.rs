@@ -48,6 +48,10 @@ pub struct GenSpec {
     pub max_position_embeddings: usize,
     /// A DeepSeek-V3 MTP module after the last layer (random, like the rest).
     pub mtp: bool,
+    /// Text to train the tokenizer on instead of the built-in corpus (which
+    /// holds a few thousand tokens' worth): a vocabulary as large as a
+    /// production model's (DeepSeek-V3's 129,280) needs a large text.
+    pub tokenizer_corpus: Option<std::path::PathBuf>,
 }
 
 impl GenSpec {
@@ -78,6 +82,7 @@ impl GenSpec {
             v_head_dim: 32,
             max_position_embeddings: 4096,
             mtp: false,
+            tokenizer_corpus: None,
         }
     }
 }
@@ -110,7 +115,7 @@ const CORPUS: &str = include_str!("genmodel_corpus.txt");
 /// Writes a complete random checkpoint into `out`.
 pub fn generate_checkpoint(spec: &GenSpec, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    let vocab = write_tokenizer(out, spec.vocab_size)?;
+    let vocab = write_tokenizer(out, spec.vocab_size, spec.tokenizer_corpus.as_deref())?;
     let config = config_json(spec, vocab);
     write_json(&out.join("config.json"), &config)?;
     write_json(
@@ -130,7 +135,7 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
 }
 
-fn write_tokenizer(out: &Path, max_vocab: usize) -> Result<usize> {
+fn write_tokenizer(out: &Path, max_vocab: usize, corpus: Option<&Path>) -> Result<usize> {
     use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::{AddedToken, NormalizerWrapper, PostProcessorWrapper, TokenizerBuilder};
@@ -148,7 +153,11 @@ fn write_tokenizer(out: &Path, max_vocab: usize) -> Result<usize> {
         .with_decoder(Some(ByteLevel::default()))
         .build()
         .map_err(err)?;
-    tok.train(&mut trainer, CORPUS.lines().map(str::to_string)).map_err(err)?;
+    let text = match corpus {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| ModelError::io(p, e))?,
+        None => CORPUS.to_string(),
+    };
+    tok.train(&mut trainer, text.lines().map(str::to_string)).map_err(err)?;
     let path = out.join("tokenizer.json");
     tok.save(&path, false).map_err(err)?;
     Ok(tok.get_vocab_size(true))
@@ -395,5 +404,25 @@ mod tests {
             assert_eq!(streamed, tok.decode(&ids, true).unwrap());
             std::fs::remove_dir_all(&dir).ok();
         }
+    }
+
+    /// A corpus of its own trains the tokenizer: its one word becomes a
+    /// single token; a missing file is an error that names it.
+    #[test]
+    fn a_corpus_file_trains_the_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("em-gen-corpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let corpus = dir.join("corpus.txt");
+        std::fs::write(&corpus, "quokkazyzzyva\n".repeat(50)).unwrap();
+        let mut spec = GenSpec::demo(Arch::Llama);
+        (spec.hidden_size, spec.num_layers, spec.tokenizer_corpus) = (64, 1, Some(corpus.clone()));
+        let out = dir.join("model");
+        generate_checkpoint(&spec, &out).unwrap();
+        let tok = TextTokenizer::from_dir(&out).unwrap();
+        assert_eq!(tok.encode("quokkazyzzyva").unwrap().len(), 1);
+        spec.tokenizer_corpus = Some(dir.join("absent.txt"));
+        let e = generate_checkpoint(&spec, &out).unwrap_err();
+        assert!(e.to_string().contains("absent.txt"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
