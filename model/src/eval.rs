@@ -3,8 +3,7 @@
 //! the golden tests), measured as llama.cpp's `perplexity --kl-divergence`
 //! reports it.
 
-use crate::moe::top_k_indices;
-use crate::ops::log_sum_exp;
+use crate::ops::{argmax, log_sum_exp};
 
 /// Agreement of `positions` next-token distributions with the reference.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -28,8 +27,8 @@ impl Agreement {
         for (r, o) in reference.chunks_exact(vocab).zip(other.chunks_exact(vocab)) {
             let (lr, lo) = (log_sum_exp(r), log_sum_exp(o));
             // The greedy sampler's own choice (NaN-safe, first of equals).
-            let best = top_k_indices(r, 1)[0];
-            a.top1_same += usize::from(top_k_indices(o, 1)[0] == best);
+            let best = argmax(r);
+            a.top1_same += usize::from(argmax(o) == best);
             let d = ((r[best] as f64 - lr) - (o[best] as f64 - lo)).abs();
             a.mean_abs_dlogprob += d;
             a.max_abs_dlogprob = a.max_abs_dlogprob.max(d);

@@ -3,7 +3,7 @@
 use crate::error::{ModelError, Result};
 use crate::model::{Logits, Model, SeqChunk};
 use crate::moe::top_k_indices;
-use crate::ops::{log_softmax_at, softmax};
+use crate::ops::{argmax, log_softmax_at, softmax};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -109,7 +109,7 @@ impl Sampler {
     /// logits (before temperature), as OpenAI-style APIs report it.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
         let tok = if self.greedy() {
-            top_k_indices(logits, 1)[0]
+            argmax(logits)
         } else {
             let (cand, probs) = self.candidates(logits);
             self.draw(&cand, &probs)
@@ -121,7 +121,7 @@ impl Sampler {
     /// (one-hot when greedy).
     pub fn distribution(&self, logits: &[f32]) -> Dist {
         if self.greedy() {
-            return Dist(vec![(top_k_indices(logits, 1)[0], 1.0)]);
+            return Dist(vec![(argmax(logits), 1.0)]);
         }
         let (cand, probs) = self.candidates(logits);
         let total: f32 = probs.iter().sum();
