@@ -22,34 +22,33 @@ impl Grammar {
     }
 
     /// The next token's mask, computed unless it is known.
-    fn mask(&mut self) -> &Result<SimpleVob, String> {
+    fn next_mask(&mut self) -> &Result<SimpleVob, String> {
         let matcher = &mut self.matcher;
         self.mask.get_or_insert_with(|| matcher.compute_mask().map_err(|e| e.to_string()))
     }
 
     /// Computes the next token's mask unless it is known.
     pub(super) fn prepare(&mut self) {
-        self.mask();
+        self.next_mask();
     }
 
-    /// `logits` with every token the grammar forbids at −∞ (the mask is
-    /// kept until the grammar advances: a draft and its verification use
-    /// the same one).
-    pub(super) fn masked(&mut self, logits: &[f32]) -> Result<Vec<f32>, ModelError> {
-        let mask = match self.mask() {
+    /// Sets every token the grammar forbids in `logits` to −∞, in place (the
+    /// mask is kept until the grammar advances: a draft and its
+    /// verification use the same one).
+    pub(super) fn mask(&mut self, logits: &mut [f32]) -> Result<(), ModelError> {
+        let mask = match self.next_mask() {
             Ok(m) => m,
             Err(e) => return Err(ModelError::InvalidInput(format!("structured output: {e}"))),
         };
         if mask.num_set() == 0 {
             return Err(ModelError::InvalidInput("structured output: the grammar allows no token here".into()));
         }
-        let mut out = logits.to_vec();
         mask.iter_unset_entries(|i| {
-            if let Some(l) = out.get_mut(i) {
+            if let Some(l) = logits.get_mut(i) {
                 *l = f32::NEG_INFINITY;
             }
         });
-        Ok(out)
+        Ok(())
     }
 
     /// Advances the grammar over the sampled `tok`.

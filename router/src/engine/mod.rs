@@ -25,7 +25,6 @@ use expertmesh_model::cache::KvCache;
 use expertmesh_model::generate::{Dist, FinishReason, Sampler, SamplingParams, top_logprobs};
 use expertmesh_model::model::{Logits, Model, SeqChunk};
 use llguidance::Matcher;
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,12 +136,10 @@ impl Seq {
         self.generated > 0 && self.pending() == 1
     }
 
-    /// `row` as this sequence samples from it: masked by its grammar, if any.
-    fn guided<'a>(&mut self, row: &'a [f32]) -> Result<Cow<'a, [f32]>, ModelError> {
-        match self.guide.as_mut() {
-            None => Ok(Cow::Borrowed(row)),
-            Some(g) => g.masked(row).map(Cow::Owned),
-        }
+    /// Makes `row` the distribution this sequence samples from: masked in
+    /// place by its grammar, if any (no copy of a vocabulary-wide row).
+    fn guided(&mut self, row: &mut [f32]) -> Result<(), ModelError> {
+        self.guide.as_mut().map_or(Ok(()), |g| g.mask(row))
     }
 
     /// Advances the grammar, if any, over the token chosen.
@@ -361,7 +358,7 @@ impl Engine {
         for ((i, n), res) in plan.iter().zip(results) {
             let s = &mut running[*i];
             let draft = s.spec.as_mut().and_then(|sp| sp.draft.take());
-            let (logits, hidden) = match res {
+            let (mut logits, hidden) = match res {
                 Ok(l) => l,
                 Err(e) => {
                     finished[*i] = self.failed(s, e);
@@ -370,7 +367,7 @@ impl Engine {
             };
             // The draft ran as the sequence's second position.
             if let (true, Some(d)) = (s.cache.len() > s.tokens.len(), draft) {
-                finished[*i] = self.verify(s, &logits, &hidden, d, eos);
+                finished[*i] = self.verify(s, &mut logits, &hidden, d, eos);
                 continue;
             }
             self.keep_rows(s, *n, &hidden);
@@ -383,7 +380,6 @@ impl Engine {
             if s.prompt_logprobs.is_some() {
                 s.score(&logits, vocab);
             }
-            let last = &logits[logits.len() - vocab..];
             if s.pending() > 0 {
                 continue; // more prompt to go: these logits are not a prediction yet
             }
@@ -393,7 +389,8 @@ impl Engine {
                     continue;
                 }
             }
-            finished[*i] = self.sample(s, last, eos);
+            let last = logits.len() - vocab;
+            finished[*i] = self.sample(s, &mut logits[last..], eos);
         }
         finished
     }
@@ -419,16 +416,15 @@ impl Engine {
     }
 
     /// Samples one token for `s` and sends it; true when `s` is done.
-    fn sample(&self, s: &mut Seq, logits: &[f32], eos: &[u32]) -> bool {
-        let row = match s.guided(logits) {
-            Ok(r) => r,
-            Err(e) => return self.failed(s, e),
-        };
-        let (tok, logprob) = s.sampler.sample(&row);
+    fn sample(&self, s: &mut Seq, row: &mut [f32], eos: &[u32]) -> bool {
+        if let Err(e) = s.guided(row) {
+            return self.failed(s, e);
+        }
+        let (tok, logprob) = s.sampler.sample(row);
         if let Err(e) = s.advance(tok) {
             return self.failed(s, e);
         }
-        self.send_token(s, tok, logprob, &row, eos)
+        self.send_token(s, tok, logprob, row, eos)
     }
 
     /// Fails `s` with `e` (counted and sent); true: it is done.
@@ -446,15 +442,15 @@ impl Engine {
     /// rejected draft's position leaves the cache. A grammar masks the
     /// first row as it masked the draft (the same state), and advances only
     /// over verified tokens, so it never rolls back. True when `s` is done.
-    fn verify(&self, s: &mut Seq, logits: &[f32], hidden: &[f32], (draft, q): (u32, Dist), eos: &[u32]) -> bool {
+    fn verify(&self, s: &mut Seq, logits: &mut [f32], hidden: &[f32], (draft, q): (u32, Dist), eos: &[u32]) -> bool {
         let (v, h) = (self.model.config().vocab_size, self.model.config().hidden_size);
-        let rows = &logits[logits.len().saturating_sub(2 * v)..];
-        let (first, second) = rows.split_at(rows.len().saturating_sub(v));
-        let first = match s.guided(first) {
-            Ok(r) => r,
-            Err(e) => return self.failed(s, e),
-        };
-        let (tok, accepted) = s.sampler.verify(&first, draft, &q);
+        let start = logits.len().saturating_sub(2 * v);
+        let rows = &mut logits[start..];
+        let (first, second) = rows.split_at_mut(rows.len().saturating_sub(v));
+        if let Err(e) = s.guided(first) {
+            return self.failed(s, e);
+        }
+        let (tok, accepted) = s.sampler.verify(first, draft, &q);
         if let Err(e) = s.advance(tok) {
             return self.failed(s, e);
         }
@@ -474,8 +470,8 @@ impl Engine {
         {
             s.spec = None;
         }
-        let logprob = expertmesh_model::ops::log_softmax_at(&first, tok as usize);
-        if self.send_token(s, tok, logprob, &first, eos) {
+        let logprob = expertmesh_model::ops::log_softmax_at(first, tok as usize);
+        if self.send_token(s, tok, logprob, first, eos) {
             return true;
         }
         accepted && self.sample(s, second, eos)

@@ -101,8 +101,8 @@ impl Engine {
         };
         match result {
             Ok(guesses) => {
-                for (e, guess) in entries.iter().zip(guesses) {
-                    self.take_draft(&mut running[e.seq], e.rows * h, &guess);
+                for (e, mut guess) in entries.iter().zip(guesses) {
+                    self.take_draft(&mut running[e.seq], e.rows * h, &mut guess);
                 }
             }
             Err(err) => {
@@ -117,7 +117,7 @@ impl Engine {
 
     /// Drops the entered rows and drafts when the sequence's newest token
     /// was entered and it has room for two more tokens.
-    fn take_draft(&self, s: &mut Seq, entered: usize, guess: &[f32]) {
+    fn take_draft(&self, s: &mut Seq, entered: usize, guess: &mut [f32]) {
         let Some(sp) = s.spec.as_mut() else { return };
         sp.hidden.drain(..entered);
         let newest_entered = sp.base + sp.cache.len() + 1 == s.tokens.len();
@@ -130,8 +130,8 @@ impl Engine {
         }
         // A grammar masks the draft as it will mask the token it guesses;
         // on a grammar error the sampling step reports it, with no draft.
-        if let Ok(row) = s.guided(guess) {
-            let draft = s.sampler.draft(&row);
+        if s.guided(guess).is_ok() {
+            let draft = s.sampler.draft(guess);
             if let Some(sp) = s.spec.as_mut() {
                 sp.draft = Some(draft);
             }
