@@ -80,40 +80,126 @@ pub fn softmax(x: &mut [f32]) {
 
 /// `log(sum(exp(x)))` in f64, so tiny probabilities keep precision.
 pub fn log_sum_exp(x: &[f32]) -> f64 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(x);
     if !max.is_finite() {
         return max as f64;
     }
-    // Every sampled token pays this over the whole vocabulary (129k rows at
-    // DeepSeek's): the exponentials go 16 at a time through the branch-free
-    // `exp`, which vectorises, and only the sums are in f64 (each term is at
-    // most 1, so a block's f32 sum is good to ~1e-6 relative).
-    let mut total = 0f64;
-    for c in x.chunks(16) {
-        let mut e = [0f32; 16];
-        for (o, &v) in e.iter_mut().zip(c) {
-            *o = exp(v - max);
-        }
-        total += e[..c.len()].iter().map(|&v| v as f64).sum::<f64>();
-    }
-    total.ln() + max as f64
-}
-
-/// The index of the largest value, the first of equals, NaN never chosen
-/// (index 0 when none is a number): greedy decoding's token in one pass.
-pub fn argmax(x: &[f32]) -> usize {
-    let mut best = (0, f32::NEG_INFINITY);
-    for (i, &v) in x.iter().enumerate() {
-        if v > best.1 {
-            best = (i, v);
-        }
-    }
-    best.0
+    exp_sum(x, max).ln() + max as f64
 }
 
 /// `log_softmax(x)[i]`.
 pub fn log_softmax_at(x: &[f32], i: usize) -> f32 {
     (x[i] as f64 - log_sum_exp(x)) as f32
+}
+
+/// The index of the largest value, the first of equals, NaN never chosen
+/// (index 0 when none is a number): greedy decoding's token.
+pub fn argmax(x: &[f32]) -> usize {
+    let max = max_of(x);
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    x.iter().position(|&v| v == max).unwrap_or(0)
+}
+
+// Every sampled token runs `max_of` and `exp_sum` over the whole vocabulary
+// (129k entries at DeepSeek's), so on x86-64 with AVX2 they are vector
+// loops: the portable ones call libm per element (`roundf` in `exp`).
+
+/// The largest value, NaN skipped (−∞ for none).
+fn max_of(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::avx2::available() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { simd::max_of(x) };
+    }
+    x.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// `Σ exp(x − shift)` for `shift` ≥ every entry: each term is at most 1,
+/// summed in f64.
+fn exp_sum(x: &[f32], shift: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::avx2::available() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { simd::exp_sum(x, shift) };
+    }
+    // Blocks of 16 so the exponentials vectorise; each block sums in f32
+    // (terms ≤ 1: good to ~1e-6 relative), the blocks in f64.
+    let mut total = 0f64;
+    for c in x.chunks(16) {
+        let mut e = [0f32; 16];
+        for (o, &v) in e.iter_mut().zip(c) {
+            *o = exp(v - shift);
+        }
+        total += e[..c.len()].iter().map(|&v| v as f64).sum::<f64>();
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2 available.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn max_of(x: &[f32]) -> f32 {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            // SAFETY: 8 floats; maxps keeps its second operand when the
+            // first is NaN, so NaN is skipped.
+            m = _mm256_max_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, m);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        lanes.iter().chain(chunks.remainder()).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    }
+
+    /// [`super::exp`] 8 lanes at a time (the same reduction and
+    /// polynomial; ties round to even), summed in f64.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sum(x: &[f32], shift: f32) -> f64 {
+        // Constants hoisted as values: a closure would not inherit this
+        // function's target features, and every `set1` would be a call.
+        let (sh, lo_x, hi_x, log2e) = (
+            _mm256_set1_ps(shift),
+            _mm256_set1_ps(-87.3),
+            _mm256_set1_ps(88.0),
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        );
+        let (ln2_hi, ln2_lo, one, bias) =
+            (_mm256_set1_ps(0.693_359_4), _mm256_set1_ps(-2.121_944_4e-4), _mm256_set1_ps(1.0), _mm256_set1_epi32(127));
+        let poly = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5f32]
+            .map(|k| _mm256_set1_ps(k));
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut chunks = x.chunks_exact(8);
+        for ch in &mut chunks {
+            // SAFETY: 8 floats.
+            let v = _mm256_sub_ps(unsafe { _mm256_loadu_ps(ch.as_ptr()) }, sh);
+            let v = _mm256_min_ps(_mm256_max_ps(v, lo_x), hi_x);
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(v, log2e));
+            let r = _mm256_fnmadd_ps(n, ln2_lo, _mm256_fnmadd_ps(n, ln2_hi, v));
+            let mut p = poly[0];
+            for k in &poly[1..] {
+                p = _mm256_fmadd_ps(p, r, *k);
+            }
+            let e = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+            let pow = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), bias));
+            let e = _mm256_mul_ps(e, _mm256_castsi256_ps(pow));
+            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+        }
+        let mut lanes = [0f64; 4];
+        // SAFETY: 4 doubles.
+        unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(lo, hi)) };
+        lanes.iter().sum::<f64>() + chunks.remainder().iter().map(|&v| super::exp(v - shift) as f64).sum::<f64>()
+    }
 }
 
 /// Rotary embedding tables, computed the way transformers does (f32 inverse

@@ -12,7 +12,7 @@
 //! them with torch on the same shapes.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 pub mod fp8;
 pub mod packed;
 pub mod quant;
