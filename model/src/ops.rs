@@ -50,20 +50,24 @@ fn swiglu_rows(gate_up: &[f32], inter: usize, out: &mut [f32]) {
 /// ln 2 and a degree-6 minimax polynomial, as in Cephes.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    // Beyond these bounds 2ⁿ leaves the normal range; results there only feed
-    // silu, where they round to 0 or x anyway.
-    let x = x.clamp(-87.3, 88.0);
+    let x = x.clamp(EXP_MIN, EXP_MAX);
     let n = (x * std::f32::consts::LOG2_E).round();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &k| p * r + k);
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+// `exp`'s constants, shared with its vector form. Beyond the bounds 2ⁿ
+// leaves the normal range; results there only feed silu, where they round
+// to 0 or x anyway, or a softmax's sum, where they are negligible.
+const EXP_MIN: f32 = -87.3;
+const EXP_MAX: f32 = 88.0;
+/// ln 2 split in two (Cody–Waite), so `x − n·ln 2` keeps its precision.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// The minimax polynomial's coefficients, highest degree first.
+const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 
 /// Numerically stable softmax in place.
 pub fn softmax(x: &mut [f32]) {
@@ -167,16 +171,16 @@ mod simd {
     pub unsafe fn exp_sum(x: &[f32], shift: f32) -> f64 {
         // Constants hoisted as values: a closure would not inherit this
         // function's target features, and every `set1` would be a call.
+        use super::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
         let (sh, lo_x, hi_x, log2e) = (
             _mm256_set1_ps(shift),
-            _mm256_set1_ps(-87.3),
-            _mm256_set1_ps(88.0),
+            _mm256_set1_ps(EXP_MIN),
+            _mm256_set1_ps(EXP_MAX),
             _mm256_set1_ps(std::f32::consts::LOG2_E),
         );
         let (ln2_hi, ln2_lo, one, bias) =
-            (_mm256_set1_ps(0.693_359_4), _mm256_set1_ps(-2.121_944_4e-4), _mm256_set1_ps(1.0), _mm256_set1_epi32(127));
-        let poly = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5f32]
-            .map(|k| _mm256_set1_ps(k));
+            (_mm256_set1_ps(LN2_HI), _mm256_set1_ps(LN2_LO), _mm256_set1_ps(1.0), _mm256_set1_epi32(127));
+        let poly = EXP_POLY.map(|k| _mm256_set1_ps(k));
         let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         let mut chunks = x.chunks_exact(8);
         for ch in &mut chunks {
